@@ -1,0 +1,186 @@
+//! Criterion benchmarks of the network: forward pass at batch 1, 8 and 32 with
+//! the fast NHWC convolution and with candle's `conv2d`, one training step,
+//! and preprocessing of a real 200x200 JPEG.
+//!
+//! Throughput is reported in pictures per second; effective GFLOP/s is that
+//! rate times `forward_flops` (printed first), and a short summary table with
+//! both is printed at the end. Run: `cargo bench --bench model`.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use candle_nn::Optimizer;
+use criterion::{BenchmarkId, Criterion, Throughput};
+use profile_classifier::model::{self, Cnn, ConvImpl, ModelMeta};
+use profile_classifier::preprocess::{Limits, Preprocessor};
+
+const SHIPPED: &str = "weights/gender-cnn.safetensors";
+
+/// The shipped model's metadata and tensors, or the default architecture
+/// with deterministic weights when no weights file is there.
+fn network() -> (ModelMeta, HashMap<String, Tensor>) {
+    if Path::new(SHIPPED).exists() {
+        return model::weights::load(Path::new(SHIPPED), &Device::Cpu)
+            .expect("shipped weights load");
+    }
+    let meta = ModelMeta {
+        labels: vec!["female".into(), "male".into()],
+        input_size: 64,
+        input_channels: 3,
+        mean: vec![0.5; 3],
+        std: vec![0.5; 3],
+        channels: vec![32, 64, 128, 128],
+        version: "bench".into(),
+        training: serde_json::Value::Null,
+        probe: vec![],
+    };
+    let tensors = model::tensor_shapes(&meta)
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|i| {
+                    ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1
+                        + if name.ends_with("var") { 1.0 } else { 0.0 }
+                })
+                .collect();
+            (name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
+        })
+        .collect();
+    (meta, tensors)
+}
+
+fn input(meta: &ModelMeta, batch: usize) -> Tensor {
+    let s = meta.input_size;
+    let v: Vec<f32> = (0..batch * s * s * 3)
+        .map(|i| ((i % 251) as f32 / 125.0) - 1.0)
+        .collect();
+    Tensor::from_vec(v, (batch, s, s, 3), &Device::Cpu).unwrap()
+}
+
+fn forward(c: &mut Criterion) {
+    let (meta, tensors) = network();
+    eprintln!(
+        "network: channels {:?}, input {}x{}, {:.1} MFLOP per picture",
+        meta.channels,
+        meta.input_size,
+        meta.input_size,
+        model::forward_flops(&meta) / 1e6
+    );
+    let mut group = c.benchmark_group("forward");
+    for imp in [ConvImpl::Fast, ConvImpl::Candle] {
+        let cls = Cnn::new(meta.clone(), &tensors, imp)
+            .unwrap()
+            .classifier(imp)
+            .unwrap();
+        for batch in [1, 8, 32] {
+            let x = input(&meta, batch);
+            group.throughput(Throughput::Elements(batch as u64));
+            group.bench_with_input(BenchmarkId::new(format!("{imp:?}"), batch), &x, |b, x| {
+                b.iter(|| black_box(cls.logits(x).unwrap()))
+            });
+        }
+    }
+    group.finish();
+}
+
+fn train_step(c: &mut Criterion) {
+    let (meta, tensors) = network();
+    let mut group = c.benchmark_group("train_step");
+    group.sample_size(10);
+    for imp in [ConvImpl::Fast, ConvImpl::Candle] {
+        let vars: Vec<Var> = tensors
+            .iter()
+            .filter(|(k, _)| !k.contains("running"))
+            .map(|(_, t)| Var::from_tensor(t).unwrap())
+            .collect();
+        let mut named = tensors.clone();
+        let trainable: Vec<_> = tensors
+            .keys()
+            .filter(|k| !k.contains("running"))
+            .cloned()
+            .collect();
+        for (k, v) in trainable.iter().zip(&vars) {
+            named.insert(k.clone(), v.as_tensor().clone());
+        }
+        let cnn = Cnn::new(meta.clone(), &named, imp).unwrap();
+        let mut opt = candle_nn::AdamW::new_lr(vars, 1e-4).unwrap();
+        let batch = 64;
+        let x = input(&meta, batch);
+        let y = Tensor::from_vec(
+            (0..batch as u32).map(|i| i % 2).collect::<Vec<_>>(),
+            batch,
+            &Device::Cpu,
+        )
+        .unwrap();
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_function(BenchmarkId::new(format!("{imp:?}"), batch), |b| {
+            b.iter(|| {
+                let loss =
+                    candle_nn::loss::cross_entropy(&cnn.forward(&x, true, None).unwrap(), &y)
+                        .unwrap();
+                opt.backward_step(&loss).unwrap();
+            })
+        });
+    }
+    group.finish();
+}
+
+fn preprocess(c: &mut Criterion) {
+    let dir = Path::new("tests/fixtures/faces");
+    let path = std::fs::read_dir(dir)
+        .expect("tests/fixtures/faces is missing")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "jpg"))
+        .expect("a JPEG in tests/fixtures/faces");
+    let bytes = std::fs::read(path).unwrap();
+    let (meta, _) = network();
+    let pre = Preprocessor::new(&meta, Limits::default());
+    let mut out = vec![0f32; pre.input_len()];
+    let mut group = c.benchmark_group("preprocess");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("jpeg_200x200", |b| {
+        b.iter(|| pre.run(black_box(&bytes), &mut out).unwrap())
+    });
+    group.finish();
+}
+
+/// A plain summary with both units, after criterion's own report.
+fn summary() {
+    let (meta, tensors) = network();
+    let flops = model::forward_flops(&meta);
+    println!("\n| conv | batch | pictures/s | GFLOP/s |\n| --- | ---: | ---: | ---: |");
+    for imp in [ConvImpl::Fast, ConvImpl::Candle] {
+        let cls = Cnn::new(meta.clone(), &tensors, imp)
+            .unwrap()
+            .classifier(imp)
+            .unwrap();
+        for batch in [1, 8, 32] {
+            let x = input(&meta, batch);
+            cls.logits(&x).unwrap();
+            let runs = (256 / batch).max(4);
+            let start = Instant::now();
+            for _ in 0..runs {
+                black_box(cls.logits(&x).unwrap());
+            }
+            let rate = (runs * batch) as f64 / start.elapsed().as_secs_f64();
+            println!(
+                "| {imp:?} | {batch} | {rate:.0} | {:.1} |",
+                rate * flops / 1e9
+            );
+        }
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    forward(&mut c);
+    train_step(&mut c);
+    preprocess(&mut c);
+    c.final_summary();
+    summary();
+}

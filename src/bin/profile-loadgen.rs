@@ -1,0 +1,95 @@
+//! `profile-loadgen`: publish a folder of pictures to the worker and report
+//! what came back. Flags only; the work is in `profile_classifier::loadgen`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use profile_classifier::loadgen::{self, Encoding, LoadConfig};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Publish a folder of profile pictures and measure the answers"
+)]
+struct Cli {
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Folder of <userid>.jpg files, optionally with profile.csv (userid,gender).
+    #[arg(long, default_value = "tests/fixtures/faces")]
+    dir: PathBuf,
+    /// Requests to send (default: one per picture; pictures repeat as needed).
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Most requests unanswered at once (closed loop).
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// Requests per second, open loop (default: as fast as the window allows).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Request encoding.
+    #[arg(long, value_enum, default_value_t = Encoding::Binary)]
+    encoding: Encoding,
+    /// Seconds to wait for the last answers after the last request.
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
+    /// Subject requests are published on.
+    #[arg(
+        long,
+        env = "PROFILE_REQUEST_SUBJECT",
+        default_value = "profiles.images"
+    )]
+    request_subject: String,
+    /// Subject results arrive on.
+    #[arg(
+        long,
+        env = "PROFILE_RESULT_SUBJECT",
+        default_value = "profiles.gender"
+    )]
+    result_subject: String,
+    /// Subject errors arrive on.
+    #[arg(long, env = "PROFILE_ERROR_SUBJECT", default_value = "profiles.errors")]
+    error_subject: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = LoadConfig {
+        nats_url: cli.nats_url,
+        dir: cli.dir,
+        request_subject: cli.request_subject,
+        result_subject: cli.result_subject,
+        error_subject: cli.error_subject,
+        requests: cli.requests,
+        window: cli.window,
+        rate: cli.rate,
+        encoding: cli.encoding,
+        timeout: Duration::from_secs_f64(cli.timeout.max(0.0)),
+        progress: std::io::stderr().is_terminal(),
+    };
+    match loadgen::run(&cfg).await {
+        Ok(report) => {
+            if cli.json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                print!("{report}");
+            }
+            if report.missing > 0 {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! `profile-trainer`: train, evaluate and try the gender CNN. Flags only; the
+//! work is in `profile_classifier::train`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use profile_classifier::config::parse_device;
+use profile_classifier::model::Classifier;
+use profile_classifier::preprocess::{Limits, Preprocessor};
+use profile_classifier::train::{self, TrainConfig, Validation};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Train, evaluate and try the profile-picture gender CNN"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train on a folder of <userid>.jpg plus profile.csv and write a weights file.
+    Train(TrainArgs),
+    /// Evaluate a weights file on a labelled folder.
+    Eval {
+        /// Weights file to evaluate.
+        #[arg(
+            long,
+            env = "PROFILE_WEIGHTS",
+            default_value = "weights/gender-cnn.safetensors"
+        )]
+        weights: PathBuf,
+        /// Folder of <userid>.jpg plus profile.csv.
+        #[arg(long)]
+        data: PathBuf,
+        /// Print one JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// Also write the report (JSON) to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Print the label and confidence of each picture.
+    Predict {
+        /// Weights file to use.
+        #[arg(
+            long,
+            env = "PROFILE_WEIGHTS",
+            default_value = "weights/gender-cnn.safetensors"
+        )]
+        weights: PathBuf,
+        /// Pictures to classify.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Training folder: <userid>.jpg files plus profile.csv (userid,gender[,...]).
+    #[arg(long)]
+    data: PathBuf,
+    /// Validation folder in the same layout.
+    #[arg(long, conflicts_with = "val_fraction")]
+    val: Option<PathBuf>,
+    /// Share of the training folder held out for validation (when no --val).
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Weights file to write (atomically).
+    #[arg(long, default_value = "weights/gender-cnn.safetensors")]
+    out: PathBuf,
+    /// Passes over the training data.
+    #[arg(long, default_value_t = 24)]
+    epochs: usize,
+    /// Pictures per optimiser step.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Peak learning rate (AdamW, one warm-up epoch, then cosine decay).
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 5e-2)]
+    weight_decay: f64,
+    /// Side of the square model input, in pixels.
+    #[arg(long, default_value_t = 64)]
+    input_size: usize,
+    /// Output channels of the conv blocks, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "32,64,128,128")]
+    channels: Vec<usize>,
+    /// Label names in output order, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "female,male")]
+    labels: Vec<String>,
+    /// Dropout before the linear layer.
+    #[arg(long, default_value_t = 0.3)]
+    dropout: f32,
+    /// Seed of every random choice; equal seeds give equal weights on CPU.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Also write the training report (JSON) to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Train(a) => {
+            let cfg = TrainConfig {
+                data: a.data,
+                validation: a
+                    .val
+                    .map_or(Validation::Fraction(a.val_fraction), Validation::Dir),
+                out: a.out,
+                epochs: a.epochs,
+                batch_size: a.batch_size,
+                lr: a.lr,
+                weight_decay: a.weight_decay,
+                input_size: a.input_size,
+                channels: a.channels,
+                labels: a.labels,
+                dropout: a.dropout,
+                seed: a.seed,
+                device: parse_device(&a.device)?,
+                progress: true,
+            };
+            let report = train::trainer::run(&cfg)?;
+            if let Some(path) = a.report {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+        Command::Eval {
+            weights,
+            data,
+            json,
+            out,
+            device,
+        } => {
+            let device = parse_device(&device)?;
+            let cls = Classifier::load(&weights, &device)?;
+            let pre = Preprocessor::new(cls.meta(), Limits::default());
+            let set = train::dataset::load(&data, &cls.meta().labels, &pre)?;
+            for s in &set.skipped {
+                eprintln!("skipped {}: {}", s.userid, s.reason);
+            }
+            anyhow::ensure!(!set.is_empty(), "no usable pictures in {}", data.display());
+            let probs = train::eval::predict_all(&cls, &set, 256)?;
+            let report = train::eval::evaluate(&cls.meta().labels, &set, &probs);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("model: {}  ({})", cls.meta().version, weights.display());
+                print!("{report}");
+            }
+            if let Some(path) = out {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+        Command::Predict { weights, images } => {
+            let cls = Classifier::load(&weights, &candle_core::Device::Cpu)?;
+            let pre = Preprocessor::new(cls.meta(), Limits::default());
+            let size = cls.meta().input_size;
+            let mut failed = false;
+            for path in images {
+                let mut input = vec![0f32; pre.input_len()];
+                let outcome = std::fs::read(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| pre.run(&bytes, &mut input).map_err(|e| e.to_string()));
+                match outcome {
+                    Ok(()) => {
+                        let x =
+                            candle_core::Tensor::from_vec(input, (1, size, size, 3), cls.device())?;
+                        let probs = cls.probabilities(&x)?.remove(0);
+                        let (best, p) = probs
+                            .iter()
+                            .enumerate()
+                            .fold((0, f32::MIN), |a, (i, &p)| if p > a.1 { (i, p) } else { a });
+                        println!("{}\t{}\t{p:.4}", path.display(), cls.meta().labels[best]);
+                    }
+                    Err(e) => {
+                        failed = true;
+                        println!("{}\terror\t{e}", path.display());
+                    }
+                }
+            }
+            anyhow::ensure!(!failed, "some pictures could not be classified");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! `profile-worker`: classify profile pictures from NATS. Flags and env vars
+//! only; the work is in `profile_classifier::worker`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use profile_classifier::batcher::{BatchConfig, Policy};
+use profile_classifier::config::parse_device;
+use profile_classifier::preprocess::Limits;
+use profile_classifier::worker::{self, Subjects, WorkerConfig};
+
+#[derive(Parser)]
+#[command(version, about = "Classify profile pictures streaming through NATS")]
+struct Cli {
+    /// NATS server URL(s), comma separated.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Connection name shown by the NATS server (default: profile-worker-<pid>).
+    #[arg(long, env = "PROFILE_CONNECTION_NAME")]
+    connection_name: Option<String>,
+    /// Subject the requests arrive on.
+    #[arg(
+        long,
+        env = "PROFILE_REQUEST_SUBJECT",
+        default_value = "profiles.images"
+    )]
+    request_subject: String,
+    /// Subject results are published on.
+    #[arg(
+        long,
+        env = "PROFILE_RESULT_SUBJECT",
+        default_value = "profiles.gender"
+    )]
+    result_subject: String,
+    /// Subject errors are published on.
+    #[arg(long, env = "PROFILE_ERROR_SUBJECT", default_value = "profiles.errors")]
+    error_subject: String,
+    /// Subject whose messages trigger a weights reload.
+    #[arg(
+        long,
+        env = "PROFILE_RELOAD_SUBJECT",
+        default_value = "profiles.control.reload"
+    )]
+    reload_subject: String,
+    /// Queue group shared by the workers.
+    #[arg(long, env = "PROFILE_QUEUE_GROUP", default_value = "profile-workers")]
+    queue_group: String,
+    /// Weights file (safetensors with metadata); watched for changes.
+    #[arg(
+        long,
+        env = "PROFILE_WEIGHTS",
+        default_value = "weights/gender-cnn.safetensors"
+    )]
+    weights: PathBuf,
+    /// Inference device: cpu, cuda or cuda:N (CUDA needs --features cuda).
+    #[arg(long, env = "PROFILE_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Largest batch per forward pass.
+    #[arg(long, env = "PROFILE_MAX_BATCH", default_value_t = 32)]
+    max_batch: usize,
+    /// Longest wait, in ms, after a batch's first picture.
+    #[arg(long, env = "PROFILE_MAX_WAIT_MS", default_value_t = 5)]
+    max_wait_ms: u64,
+    /// Batch policy: adaptive waits only while more pictures are being decoded; fixed always waits.
+    #[arg(long, env = "PROFILE_BATCH_POLICY", value_enum, default_value_t = Policy::Adaptive)]
+    batch_policy: Policy,
+    /// Pictures decoded in parallel (default: number of cores).
+    #[arg(long, env = "PROFILE_DECODE_THREADS")]
+    decode_threads: Option<usize>,
+    /// Largest encoded picture, in bytes.
+    #[arg(long, env = "PROFILE_MAX_IMAGE_BYTES", default_value_t = 8 * 1024 * 1024)]
+    max_image_bytes: usize,
+    /// Largest decoded picture, in pixels.
+    #[arg(long, env = "PROFILE_MAX_PIXELS", default_value_t = 40_000_000)]
+    max_pixels: u64,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "PROFILE_METRICS_ADDR", default_value = "0.0.0.0:9464")]
+    metrics_addr: SocketAddr,
+    /// Seconds to finish in-flight requests after SIGTERM/SIGINT.
+    #[arg(long, env = "PROFILE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    shutdown_timeout: u64,
+    /// Seconds between checks of the weights file for changes (0: off).
+    #[arg(long, env = "PROFILE_WATCH_INTERVAL", default_value_t = 1.0)]
+    watch_interval: f64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cfg = WorkerConfig {
+        nats_url: cli.nats_url,
+        connection_name: cli
+            .connection_name
+            .unwrap_or_else(|| format!("profile-worker-{}", std::process::id())),
+        subjects: Subjects {
+            requests: cli.request_subject,
+            results: cli.result_subject,
+            errors: cli.error_subject,
+            reload: cli.reload_subject,
+            queue_group: cli.queue_group,
+        },
+        weights: cli.weights,
+        device: parse_device(&cli.device)?,
+        batch: BatchConfig {
+            max_batch: cli.max_batch.max(1),
+            max_wait: Duration::from_millis(cli.max_wait_ms),
+            policy: cli.batch_policy,
+        },
+        limits: Limits {
+            max_bytes: cli.max_image_bytes,
+            max_pixels: cli.max_pixels,
+        },
+        decode_threads: cli.decode_threads.unwrap_or(cores).max(1),
+        metrics_addr: cli.metrics_addr,
+        shutdown_timeout: Duration::from_secs(cli.shutdown_timeout),
+        watch_interval: Duration::from_secs_f64(cli.watch_interval.max(0.0)),
+    };
+    let running = worker::start(cfg).await?;
+    shutdown_signal().await;
+    running.stop();
+    running.wait().await
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,267 @@
+//! The Prometheus metric set of PROTOCOL §6, registered in one registry that
+//! is handed to the stages that record into it, and the HTTP endpoints
+//! `/metrics`, `/healthz` and `/readyz`.
+//!
+//! No global counters: whoever records holds a [`Metrics`] (cheap to clone).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::protocol::ErrorCode;
+
+/// Every metric the worker exports, prefix `profile_worker_`.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests received (parsed or not).
+    pub requests: IntCounter,
+    /// Results published, by label.
+    pub results: IntCounterVec,
+    /// Error replies published, by PROTOCOL §3 code.
+    pub errors: IntCounterVec,
+    /// Pictures per forward pass.
+    pub batch_size: Histogram,
+    /// Seconds per forward pass (one observation per batch).
+    pub inference_seconds: Histogram,
+    /// Seconds to decode and preprocess one picture.
+    pub decode_seconds: Histogram,
+    /// Seconds from receipt to publication of the answer.
+    pub latency_seconds: Histogram,
+    /// Requests received and not yet answered.
+    pub in_flight: IntGauge,
+    /// Always 1, labelled with the model version and device in use.
+    pub model_info: IntGaugeVec,
+    /// Weight reloads by outcome (`ok`, `rejected`).
+    pub model_reloads: IntCounterVec,
+    /// JetStream requests given up after their last delivery.
+    pub dead_letters: IntCounter,
+}
+
+fn buckets(start: f64, factor: f64, count: usize) -> Vec<f64> {
+    prometheus::exponential_buckets(start, factor, count).unwrap_or_default()
+}
+
+impl Metrics {
+    /// Creates and registers the metric set.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let opts = |name: &str, help: &str| Opts::new(name, help).namespace("profile_worker");
+        let hist = |name: &str, help: &str, b: Vec<f64>| {
+            Histogram::with_opts(
+                HistogramOpts::new(name, help)
+                    .namespace("profile_worker")
+                    .buckets(b),
+            )
+            .expect("valid histogram")
+        };
+        let m = Self {
+            requests: IntCounter::with_opts(opts("requests_total", "Requests received."))
+                .expect("valid"),
+            results: IntCounterVec::new(
+                opts("results_total", "Results published, by label."),
+                &["label"],
+            )
+            .expect("valid"),
+            errors: IntCounterVec::new(
+                opts("errors_total", "Error replies published, by code."),
+                &["error"],
+            )
+            .expect("valid"),
+            batch_size: hist(
+                "batch_size",
+                "Pictures per forward pass.",
+                vec![
+                    1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0,
+                ],
+            ),
+            inference_seconds: hist(
+                "inference_seconds",
+                "Seconds per forward pass, one observation per batch.",
+                buckets(0.0005, 2.0, 14),
+            ),
+            decode_seconds: hist(
+                "decode_seconds",
+                "Seconds to decode and preprocess one picture.",
+                buckets(0.0001, 2.0, 14),
+            ),
+            latency_seconds: hist(
+                "latency_seconds",
+                "Seconds from receiving a request to publishing its answer.",
+                buckets(0.0005, 2.0, 16),
+            ),
+            in_flight: IntGauge::with_opts(opts(
+                "in_flight",
+                "Requests received and not yet answered.",
+            ))
+            .expect("valid"),
+            model_info: IntGaugeVec::new(
+                opts("model_info", "The model in use (always 1)."),
+                &["model", "device"],
+            )
+            .expect("valid"),
+            model_reloads: IntCounterVec::new(
+                opts("model_reloads_total", "Weight reloads, by outcome."),
+                &["outcome"],
+            )
+            .expect("valid"),
+            dead_letters: IntCounter::with_opts(opts(
+                "dead_letters_total",
+                "JetStream requests published to the dead-letter subject.",
+            ))
+            .expect("valid"),
+            registry,
+        };
+        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
+            Box::new(m.requests.clone()),
+            Box::new(m.results.clone()),
+            Box::new(m.errors.clone()),
+            Box::new(m.batch_size.clone()),
+            Box::new(m.inference_seconds.clone()),
+            Box::new(m.decode_seconds.clone()),
+            Box::new(m.latency_seconds.clone()),
+            Box::new(m.in_flight.clone()),
+            Box::new(m.model_info.clone()),
+            Box::new(m.model_reloads.clone()),
+            Box::new(m.dead_letters.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        // Export every error code and reload outcome from the start, at zero.
+        for code in ErrorCode::ALL {
+            m.errors.with_label_values(&[code.as_str()]);
+        }
+        for outcome in ["ok", "rejected"] {
+            m.model_reloads.with_label_values(&[outcome]);
+        }
+        m
+    }
+
+    /// Counts an error reply.
+    pub fn error(&self, code: ErrorCode) {
+        self.errors.with_label_values(&[code.as_str()]).inc();
+    }
+
+    /// Points `model_info` at a new model (and drops the old series).
+    pub fn set_model(&self, model: &str, device: &str) {
+        self.model_info.reset();
+        self.model_info.with_label_values(&[model, device]).set(1);
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What `/readyz` reports: connected to NATS and a model loaded.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    /// The NATS connection is up.
+    pub connected: AtomicBool,
+    /// A model is loaded and serving.
+    pub model_loaded: AtomicBool,
+}
+
+impl Readiness {
+    fn ready(&self) -> bool {
+        self.connected.load(Ordering::Relaxed) && self.model_loaded.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Metrics,
+    ready: Arc<Readiness>,
+}
+
+/// The router serving `/metrics`, `/healthz` and `/readyz`.
+pub fn router(metrics: Metrics, ready: Arc<Readiness>) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(|State(s): State<HttpState>| async move {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    s.metrics.render(),
+                )
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State(s): State<HttpState>| async move {
+                if s.ready.ready() {
+                    (StatusCode::OK, "ready\n").into_response()
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+                }
+            }),
+        )
+        .with_state(HttpState { metrics, ready })
+}
+
+/// Binds `addr` and serves the endpoints until the task is dropped. Returns
+/// the bound address (useful with port 0).
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Metrics,
+    ready: Arc<Readiness>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = router(metrics, ready);
+    let handle = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("metrics server stopped: {e}");
+        }
+    });
+    Ok((bound, handle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_protocol_metric_is_exported() {
+        let m = Metrics::new();
+        m.set_model("m/1", "cpu");
+        m.results.with_label_values(&["female"]).inc();
+        m.batch_size.observe(3.0);
+        let text = m.render();
+        for name in [
+            "profile_worker_requests_total",
+            "profile_worker_results_total{label=\"female\"}",
+            "profile_worker_errors_total{error=\"bad_json\"} 0",
+            "profile_worker_batch_size_bucket",
+            "profile_worker_inference_seconds_bucket",
+            "profile_worker_decode_seconds_bucket",
+            "profile_worker_latency_seconds_bucket",
+            "profile_worker_in_flight",
+            "profile_worker_model_info{device=\"cpu\",model=\"m/1\"} 1",
+            "profile_worker_model_reloads_total{outcome=\"rejected\"} 0",
+        ] {
+            assert!(text.contains(name), "missing {name}");
+        }
+    }
+}

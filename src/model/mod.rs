@@ -1,0 +1,586 @@
+//! The network, defined once and shared by the trainer and the worker.
+//!
+//! A stack of conv blocks (3x3 conv without bias, batch norm, 2x2 max-pool,
+//! ReLU), global average pooling, dropout (training only) and a linear layer
+//! with one output per label. Inputs are NHWC `[B, H, W, 3]` tensors already
+//! normalised as the metadata says (see [`crate::preprocess`]).
+//!
+//! [`Cnn`] is the trainable form (batch statistics, running averages);
+//! [`Classifier`] is the inference form with batch norm folded into the conv
+//! weights. Both run either the fast NHWC im2col convolution of [`conv`] or
+//! candle's own `conv2d` ([`ConvImpl`]), which must agree to 1e-4.
+//!
+//! This module knows nothing of files (see [`weights`]), NATS or images.
+
+pub mod conv;
+pub mod weights;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{D, DType, Device, Tensor, Var};
+pub use weights::{ModelMeta, WeightsError};
+
+/// Batch-norm epsilon.
+const BN_EPS: f64 = 1e-5;
+/// Weight of the newest batch in the running statistics.
+const BN_MOMENTUM: f64 = 0.1;
+/// Number of pictures in the probe batch stored in the metadata.
+pub const PROBE_BATCH: usize = 4;
+/// Largest difference allowed between stored and recomputed probe outputs.
+pub const PROBE_TOLERANCE: f32 = 1e-3;
+
+/// Which convolution the network runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConvImpl {
+    /// NHWC im2col + matmul custom ops (CPU only); the default on CPU.
+    #[default]
+    Fast,
+    /// candle's `conv2d` and max reductions in NCHW: the reference, and the path
+    /// used on CUDA.
+    Candle,
+}
+
+impl ConvImpl {
+    /// The implementation to use on `device`: fast on CPU, candle's elsewhere.
+    pub fn for_device(device: &Device) -> Self {
+        if device.is_cpu() {
+            Self::Fast
+        } else {
+            Self::Candle
+        }
+    }
+}
+
+/// Errors raised when building a model from a weights file.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The file itself could not be read.
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    /// The tensors do not fit the architecture in the metadata, or the probe
+    /// batch does not reproduce.
+    #[error("{0}")]
+    Invalid(String),
+    /// A tensor operation failed.
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Floating-point operations of one forward pass per picture (multiply-adds
+/// count two), convolutions and the linear layer only.
+pub fn forward_flops(meta: &ModelMeta) -> f64 {
+    let mut side = meta.input_size;
+    let mut cin = meta.input_channels;
+    let mut flops = 0.0;
+    for &cout in &meta.channels {
+        flops += 2.0 * (side * side * cout * cin * 9) as f64;
+        side /= 2;
+        cin = cout;
+    }
+    flops + 2.0 * (cin * meta.labels.len()) as f64
+}
+
+/// The names and shapes of every tensor the architecture in `meta` needs.
+pub fn tensor_shapes(meta: &ModelMeta) -> BTreeMap<String, Vec<usize>> {
+    let mut shapes = BTreeMap::new();
+    let mut cin = meta.input_channels;
+    for (i, &cout) in meta.channels.iter().enumerate() {
+        shapes.insert(format!("blocks.{i}.conv.weight"), vec![cout, cin, 3, 3]);
+        for p in ["weight", "bias", "running_mean", "running_var"] {
+            shapes.insert(format!("blocks.{i}.bn.{p}"), vec![cout]);
+        }
+        cin = cout;
+    }
+    shapes.insert("fc.weight".into(), vec![meta.labels.len(), cin]);
+    shapes.insert("fc.bias".into(), vec![meta.labels.len()]);
+    shapes
+}
+
+/// A deterministic synthetic batch `[PROBE_BATCH, S, S, 3]` whose outputs the
+/// trainer stores in the metadata, so a loader can check the tensors it read
+/// compute what the trainer computed.
+pub fn probe_input(meta: &ModelMeta, device: &Device) -> candle_core::Result<Tensor> {
+    let s = meta.input_size;
+    let c = meta.input_channels;
+    let mut v = Vec::with_capacity(PROBE_BATCH * s * s * c);
+    for n in 0..PROBE_BATCH {
+        for y in 0..s {
+            for x in 0..s {
+                for ch in 0..c {
+                    let t =
+                        0.37 * ((y + 1) * (n + 1)) as f32 / s as f32 + 0.11 * (x * (ch + 1)) as f32;
+                    v.push(t.sin() * 1.5);
+                }
+            }
+        }
+    }
+    Tensor::from_vec(v, (PROBE_BATCH, s, s, c), device)
+}
+
+/// One conv block's parameters in the trainable form.
+struct Block {
+    conv: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    running_mean: Var,
+    running_var: Var,
+}
+
+/// The trainable network: parameters as tensors (variables when training)
+/// and batch-norm running statistics.
+pub struct Cnn {
+    meta: ModelMeta,
+    blocks: Vec<Block>,
+    fc_w: Tensor,
+    fc_b: Tensor,
+    conv_impl: ConvImpl,
+}
+
+fn check_shapes(meta: &ModelMeta, tensors: &HashMap<String, Tensor>) -> Result<(), ModelError> {
+    for (name, shape) in tensor_shapes(meta) {
+        let t = tensors
+            .get(&name)
+            .ok_or_else(|| ModelError::Invalid(format!("missing tensor `{name}`")))?;
+        if t.dims() != shape.as_slice() {
+            return Err(ModelError::Invalid(format!(
+                "tensor `{name}` has shape {:?}, the architecture needs {shape:?}",
+                t.dims()
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Cnn {
+    /// Builds the network from named tensors (as read by [`weights::load`] or
+    /// made by the trainer). Tensors that are [`Var`]s stay trainable.
+    pub fn new(
+        meta: ModelMeta,
+        tensors: &HashMap<String, Tensor>,
+        conv_impl: ConvImpl,
+    ) -> Result<Self, ModelError> {
+        meta.validate().map_err(ModelError::Invalid)?;
+        check_shapes(&meta, tensors)?;
+        let get = |n: &str| tensors[n].clone();
+        let blocks = (0..meta.channels.len())
+            .map(|i| {
+                Ok(Block {
+                    conv: get(&format!("blocks.{i}.conv.weight")),
+                    gamma: get(&format!("blocks.{i}.bn.weight")),
+                    beta: get(&format!("blocks.{i}.bn.bias")),
+                    running_mean: Var::from_tensor(&get(&format!("blocks.{i}.bn.running_mean")))?,
+                    running_var: Var::from_tensor(&get(&format!("blocks.{i}.bn.running_var")))?,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            fc_w: get("fc.weight"),
+            fc_b: get("fc.bias"),
+            meta,
+            blocks,
+            conv_impl,
+        })
+    }
+
+    /// The metadata this network was built from.
+    pub fn meta(&self) -> &ModelMeta {
+        &self.meta
+    }
+
+    /// Replaces the metadata (the trainer fills in version, training summary
+    /// and probe once training ends).
+    pub fn set_meta(&mut self, meta: ModelMeta) {
+        self.meta = meta;
+    }
+
+    /// Every tensor under its file name, running statistics included.
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        let mut out = BTreeMap::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            out.insert(format!("blocks.{i}.conv.weight"), b.conv.clone());
+            out.insert(format!("blocks.{i}.bn.weight"), b.gamma.clone());
+            out.insert(format!("blocks.{i}.bn.bias"), b.beta.clone());
+            out.insert(
+                format!("blocks.{i}.bn.running_mean"),
+                b.running_mean.as_tensor().clone(),
+            );
+            out.insert(
+                format!("blocks.{i}.bn.running_var"),
+                b.running_var.as_tensor().clone(),
+            );
+        }
+        out.insert("fc.weight".into(), self.fc_w.clone());
+        out.insert("fc.bias".into(), self.fc_b.clone());
+        out
+    }
+
+    /// Logits `[B, labels]` for an NHWC batch. With `train`, batch norm uses
+    /// (and updates the running averages from) the batch statistics, and
+    /// `dropout_mask` (already scaled by 1/(1-p)) multiplies the pooled features.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+        dropout_mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let mut x = match self.conv_impl {
+            ConvImpl::Fast => x.clone(),
+            ConvImpl::Candle => x.permute((0, 3, 1, 2))?,
+        };
+        for block in &self.blocks {
+            x = self.block(&x, block, train)?;
+        }
+        let pooled = match self.conv_impl {
+            ConvImpl::Fast => x.mean(1)?.mean(1)?,
+            ConvImpl::Candle => x.mean(D::Minus1)?.mean(D::Minus1)?,
+        };
+        let pooled = match dropout_mask {
+            Some(mask) if train => pooled.mul(mask)?,
+            _ => pooled,
+        };
+        pooled.matmul(&self.fc_w.t()?)?.broadcast_add(&self.fc_b)
+    }
+
+    fn block(&self, x: &Tensor, b: &Block, train: bool) -> candle_core::Result<Tensor> {
+        let cout = b.conv.dim(0)?;
+        let y = match self.conv_impl {
+            ConvImpl::Fast => conv::conv3x3_nhwc(x, &conv::weight_matrix(&b.conv)?)?,
+            ConvImpl::Candle => x.conv2d(&b.conv, 1, 1, 1, 1)?,
+        };
+        let (scale, shift) = if train {
+            let (mean, var) = match self.conv_impl {
+                ConvImpl::Fast => {
+                    // Sums over the rows of [N, C] as a matmul by a row of 1/N:
+                    // far faster than a strided reduction, and differentiable.
+                    let rows = y.elem_count() / cout;
+                    let flat = y.reshape((rows, cout))?;
+                    let avg = Tensor::full(1f32 / rows as f32, (1, rows), y.device())?;
+                    let mean = avg.matmul(&flat)?.squeeze(0)?;
+                    let sq = avg.matmul(&flat.sqr()?)?.squeeze(0)?;
+                    (mean.clone(), (sq - mean.sqr()?)?.relu()?)
+                }
+                ConvImpl::Candle => {
+                    let mean = y.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+                    let var = y
+                        .broadcast_sub(&mean)?
+                        .sqr()?
+                        .mean_keepdim(0)?
+                        .mean_keepdim(2)?
+                        .mean_keepdim(3)?;
+                    (mean.flatten_all()?, var.flatten_all()?)
+                }
+            };
+            let n = (y.elem_count() / cout) as f64;
+            let unbiased = (var.detach() * (n / (n - 1.0).max(1.0)))?;
+            b.running_mean.set(
+                &((b.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))?
+                    + (mean.detach() * BN_MOMENTUM)?)?,
+            )?;
+            b.running_var.set(
+                &((b.running_var.as_tensor() * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?,
+            )?;
+            bn_affine(&b.gamma, &b.beta, &mean, &var)?
+        } else {
+            bn_affine(
+                &b.gamma,
+                &b.beta,
+                b.running_mean.as_tensor(),
+                b.running_var.as_tensor(),
+            )?
+        };
+        match self.conv_impl {
+            ConvImpl::Fast => {
+                let y = y.broadcast_mul(&scale)?.broadcast_add(&shift)?;
+                conv::max_pool2x2_nhwc(&y)?.relu()
+            }
+            ConvImpl::Candle => {
+                let shape = (1, cout, 1, 1);
+                let y = y
+                    .broadcast_mul(&scale.reshape(shape)?)?
+                    .broadcast_add(&shift.reshape(shape)?)?;
+                max_pool2x2_nchw(&y)?.relu()
+            }
+        }
+    }
+
+    /// The inference form of this network, batch norm folded into the convs.
+    pub fn classifier(&self, conv_impl: ConvImpl) -> candle_core::Result<Classifier> {
+        let mut convs = Vec::with_capacity(self.blocks.len());
+        for b in &self.blocks {
+            let (scale, shift) = bn_affine(
+                &b.gamma,
+                &b.beta,
+                b.running_mean.as_tensor(),
+                b.running_var.as_tensor(),
+            )?;
+            let w = b.conv.detach().broadcast_mul(&scale.detach().reshape((
+                scale.dim(0)?,
+                1,
+                1,
+                1,
+            ))?)?;
+            let weight = match conv_impl {
+                ConvImpl::Fast => conv::weight_matrix(&w)?.contiguous()?,
+                ConvImpl::Candle => w.contiguous()?,
+            };
+            convs.push((weight, shift.detach()));
+        }
+        Ok(Classifier {
+            meta: self.meta.clone(),
+            convs,
+            fc_w: self.fc_w.detach().t()?.contiguous()?,
+            fc_b: self.fc_b.detach(),
+            conv_impl,
+        })
+    }
+}
+
+/// 2x2 max-pool of an NCHW tensor with even sides, as two max reductions.
+/// (candle's `max_pool2d` backward scales each gradient by the window's
+/// share of maxima, 1/4 for a unique maximum, so training cannot use it.)
+fn max_pool2x2_nchw(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    x.reshape((b, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
+}
+
+/// Batch norm as a per-channel affine map `y = x * scale + shift`.
+fn bn_affine(
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let scale = (gamma / (var + BN_EPS)?.sqrt()?)?;
+    let shift = (beta - (mean * &scale)?)?;
+    Ok((scale, shift))
+}
+
+/// The inference network: folded weights, no gradients, one forward pass per
+/// batch, probabilities out.
+pub struct Classifier {
+    meta: ModelMeta,
+    /// Per block: weight (matrix for the fast path, OIHW for candle's) and bias.
+    convs: Vec<(Tensor, Tensor)>,
+    fc_w: Tensor,
+    fc_b: Tensor,
+    conv_impl: ConvImpl,
+}
+
+impl Classifier {
+    /// Loads a weights file, builds the network for `device` and checks that
+    /// the probe batch in the metadata reproduces.
+    pub fn load(path: &Path, device: &Device) -> Result<Self, ModelError> {
+        let (meta, tensors) = weights::load(path, device)?;
+        Self::from_parts(meta, &tensors, ConvImpl::for_device(device))
+    }
+
+    /// Builds and validates a classifier from metadata and tensors.
+    pub fn from_parts(
+        meta: ModelMeta,
+        tensors: &HashMap<String, Tensor>,
+        conv_impl: ConvImpl,
+    ) -> Result<Self, ModelError> {
+        let classifier = Cnn::new(meta, tensors, conv_impl)?.classifier(conv_impl)?;
+        classifier.check_probe()?;
+        Ok(classifier)
+    }
+
+    /// Recomputes the probe batch and compares it with the stored outputs.
+    pub fn check_probe(&self) -> Result<(), ModelError> {
+        let device = self.fc_b.device();
+        let got = self.probabilities(&probe_input(&self.meta, device)?)?;
+        if self.meta.probe.len() != got.len() {
+            return Err(ModelError::Invalid(format!(
+                "probe: metadata holds {} rows, expected {}",
+                self.meta.probe.len(),
+                got.len()
+            )));
+        }
+        for (row, (want, got)) in self.meta.probe.iter().zip(&got).enumerate() {
+            let worst = want.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(
+                if want.len() == got.len() {
+                    0.0
+                } else {
+                    f32::INFINITY
+                },
+                f32::max,
+            );
+            if worst.is_nan() || worst > PROBE_TOLERANCE {
+                return Err(ModelError::Invalid(format!(
+                    "probe row {row}: outputs {got:?} differ from the stored {want:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The metadata of the loaded weights.
+    pub fn meta(&self) -> &ModelMeta {
+        &self.meta
+    }
+
+    /// The device the tensors live on.
+    pub fn device(&self) -> &Device {
+        self.fc_b.device()
+    }
+
+    /// Logits `[B, labels]` for a normalised NHWC batch `[B, S, S, 3]`.
+    pub fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut x = match self.conv_impl {
+            ConvImpl::Fast => x.clone(),
+            ConvImpl::Candle => x.permute((0, 3, 1, 2))?,
+        };
+        for (w, bias) in &self.convs {
+            x = match self.conv_impl {
+                ConvImpl::Fast => {
+                    // Max-pool before the bias: the bias is per channel, so it
+                    // commutes with the max, and the add runs on 4x less data.
+                    let y = conv::conv3x3_nhwc(&x, w)?;
+                    conv::max_pool2x2_nhwc(&y)?.broadcast_add(bias)?.relu()?
+                }
+                ConvImpl::Candle => {
+                    let y = x.conv2d(w, 1, 1, 1, 1)?;
+                    max_pool2x2_nchw(&y)?
+                        .broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)?
+                        .relu()?
+                }
+            };
+        }
+        let pooled = match self.conv_impl {
+            ConvImpl::Fast => x.mean(1)?.mean(1)?,
+            ConvImpl::Candle => x.mean(D::Minus1)?.mean(D::Minus1)?,
+        };
+        pooled.matmul(&self.fc_w)?.broadcast_add(&self.fc_b)
+    }
+
+    /// Per-picture label probabilities for a normalised NHWC batch.
+    pub fn probabilities(&self, x: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
+        candle_nn::ops::softmax_last_dim(&self.logits(x)?)?
+            .to_dtype(DType::F32)?
+            .to_vec2()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn tiny_meta() -> ModelMeta {
+        ModelMeta {
+            labels: vec!["female".into(), "male".into()],
+            input_size: 16,
+            input_channels: 3,
+            mean: vec![0.5; 3],
+            std: vec![0.5; 3],
+            channels: vec![8, 16],
+            version: "test".into(),
+            training: serde_json::Value::Null,
+            probe: vec![],
+        }
+    }
+
+    fn random_tensors(meta: &ModelMeta) -> HashMap<String, Tensor> {
+        let mut seed = 7u64;
+        tensor_shapes(meta)
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                let v: Vec<f32> = (0..n)
+                    .map(|_| {
+                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                        let u = (seed >> 40) as f32 / (1u64 << 24) as f32;
+                        if name.ends_with("running_var") {
+                            0.5 + u
+                        } else {
+                            u - 0.5
+                        }
+                    })
+                    .collect();
+                (name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
+            })
+            .collect()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn fast_and_candle_paths_agree() {
+        let meta = tiny_meta();
+        let t = random_tensors(&meta);
+        let x = probe_input(&meta, &Device::Cpu).unwrap();
+        let fast = Cnn::new(meta.clone(), &t, ConvImpl::Fast).unwrap();
+        let slow = Cnn::new(meta.clone(), &t, ConvImpl::Candle).unwrap();
+        // Eval mode, unfolded.
+        assert!(
+            max_diff(
+                &fast.forward(&x, false, None).unwrap(),
+                &slow.forward(&x, false, None).unwrap()
+            ) < 1e-4
+        );
+        // Folded classifiers against the unfolded network.
+        let reference = slow.forward(&x, false, None).unwrap();
+        for imp in [ConvImpl::Fast, ConvImpl::Candle] {
+            let c = slow.classifier(imp).unwrap();
+            assert!(max_diff(&c.logits(&x).unwrap(), &reference) < 1e-4);
+        }
+        // Train mode (batch statistics) too.
+        assert!(
+            max_diff(
+                &fast.forward(&x, true, None).unwrap(),
+                &slow.forward(&x, true, None).unwrap()
+            ) < 1e-4
+        );
+    }
+
+    #[test]
+    fn wrong_shapes_and_missing_tensors_are_errors() {
+        let meta = tiny_meta();
+        let mut t = random_tensors(&meta);
+        t.insert(
+            "fc.bias".into(),
+            Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let err = Cnn::new(meta.clone(), &t, ConvImpl::Fast)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("fc.bias"), "{err}");
+        t.remove("blocks.1.conv.weight");
+        let err = Cnn::new(meta, &t, ConvImpl::Fast)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("missing tensor `blocks.1.conv.weight`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn probe_mismatch_is_refused() {
+        let mut meta = tiny_meta();
+        let t = random_tensors(&meta);
+        let good = Cnn::new(meta.clone(), &t, ConvImpl::Fast)
+            .unwrap()
+            .classifier(ConvImpl::Fast)
+            .unwrap()
+            .probabilities(&probe_input(&meta, &Device::Cpu).unwrap())
+            .unwrap();
+        meta.probe = good.clone();
+        assert!(Classifier::from_parts(meta.clone(), &t, ConvImpl::Fast).is_ok());
+        meta.probe[0][0] += 0.1;
+        assert!(Classifier::from_parts(meta, &t, ConvImpl::Fast).is_err());
+    }
+}

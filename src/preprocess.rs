@@ -1,0 +1,336 @@
+//! Picture bytes to model input: sniff the format, enforce the size limits
+//! before any pixel is decoded, decode with limits set in the decoder itself,
+//! apply EXIF orientation, convert to RGB, resize to the model's input and
+//! normalise as the model's metadata says.
+//!
+//! Plain functions over bytes and slices: no NATS, no tensors, no model.
+//! The trainer and the worker share this code, so the network sees the same
+//! input at training and at serving time.
+
+use std::io::Cursor;
+use std::panic::AssertUnwindSafe;
+
+use image::imageops::FilterType;
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
+
+use crate::model::ModelMeta;
+use crate::protocol::ErrorCode;
+
+/// Size limits of PROTOCOL §3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest encoded picture accepted, in bytes.
+    pub max_bytes: usize,
+    /// Largest decoded picture accepted, in pixels (width x height).
+    pub max_pixels: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 8 * 1024 * 1024,
+            max_pixels: 40_000_000,
+        }
+    }
+}
+
+/// Why a picture could not be turned into model input: an error code of
+/// PROTOCOL §3 and a human-readable detail.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {detail}")]
+pub struct PreprocessError {
+    /// The protocol error code.
+    pub code: ErrorCode,
+    /// What went wrong, for the `detail` field.
+    pub detail: String,
+}
+
+impl PreprocessError {
+    fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
+        Self {
+            code,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Formats the worker accepts (PROTOCOL §1).
+const SUPPORTED: [ImageFormat; 5] = [
+    ImageFormat::Jpeg,
+    ImageFormat::Png,
+    ImageFormat::WebP,
+    ImageFormat::Gif,
+    ImageFormat::Bmp,
+];
+
+/// Turns picture bytes into normalised NHWC input for one model.
+#[derive(Debug, Clone)]
+pub struct Preprocessor {
+    size: u32,
+    mean: [f32; 3],
+    inv_std: [f32; 3],
+    limits: Limits,
+}
+
+impl Preprocessor {
+    /// A preprocessor for the input size and normalisation in `meta`.
+    pub fn new(meta: &ModelMeta, limits: Limits) -> Self {
+        let ch = |v: &[f32], i: usize| v.get(i).copied().unwrap_or(1.0);
+        Self {
+            size: meta.input_size as u32,
+            mean: [ch(&meta.mean, 0), ch(&meta.mean, 1), ch(&meta.mean, 2)],
+            inv_std: [
+                1.0 / ch(&meta.std, 0),
+                1.0 / ch(&meta.std, 1),
+                1.0 / ch(&meta.std, 2),
+            ],
+            limits,
+        }
+    }
+
+    /// Number of f32 values one picture occupies (`size * size * 3`).
+    pub fn input_len(&self) -> usize {
+        (self.size * self.size * 3) as usize
+    }
+
+    /// Side of the square model input.
+    pub fn size(&self) -> u32 {
+        self.size
+    }
+
+    /// Decodes `bytes` and writes `input_len()` normalised values into `out`
+    /// (HWC order). Never panics: a panic inside a decoder becomes `internal`.
+    pub fn run(&self, bytes: &[u8], out: &mut [f32]) -> Result<(), PreprocessError> {
+        let rgb = self.decode(bytes)?;
+        self.resize_normalise(&rgb, out);
+        Ok(())
+    }
+
+    /// Decodes to an RGB picture of any size, with every limit checked.
+    pub fn decode(&self, bytes: &[u8]) -> Result<image::RgbImage, PreprocessError> {
+        if bytes.is_empty() {
+            return Err(PreprocessError::new(
+                ErrorCode::EmptyImage,
+                "the picture has zero bytes",
+            ));
+        }
+        if bytes.len() > self.limits.max_bytes {
+            return Err(PreprocessError::new(
+                ErrorCode::ImageTooLarge,
+                format!(
+                    "{} bytes, the limit is {}",
+                    bytes.len(),
+                    self.limits.max_bytes
+                ),
+            ));
+        }
+        let format = sniff(bytes)?;
+        let limits = self.limits;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| {
+            decode_with_limits(bytes, format, limits)
+        })) {
+            Ok(result) => result,
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(PreprocessError::new(
+                    ErrorCode::Internal,
+                    format!("{format:?} decoder panicked: {msg}"),
+                ))
+            }
+        }
+    }
+
+    /// Resizes to the model input with a triangle (bilinear) filter and
+    /// normalises into `out`.
+    pub fn resize_normalise(&self, rgb: &image::RgbImage, out: &mut [f32]) {
+        let resized;
+        let src = if rgb.dimensions() == (self.size, self.size) {
+            rgb
+        } else {
+            resized = image::imageops::resize(rgb, self.size, self.size, FilterType::Triangle);
+            &resized
+        };
+        for (px, dst) in src.pixels().zip(out.chunks_exact_mut(3)) {
+            for c in 0..3 {
+                dst[c] = (px.0[c] as f32 / 255.0 - self.mean[c]) * self.inv_std[c];
+            }
+        }
+    }
+}
+
+/// Tells the format from the first bytes; only the formats of PROTOCOL §1.
+pub fn sniff(bytes: &[u8]) -> Result<ImageFormat, PreprocessError> {
+    match image::guess_format(bytes) {
+        Ok(f) if SUPPORTED.contains(&f) => Ok(f),
+        Ok(f) => Err(PreprocessError::new(
+            ErrorCode::UnsupportedFormat,
+            format!("{f:?} pictures are not supported (JPEG, PNG, WebP, GIF, BMP are)"),
+        )),
+        Err(_) => Err(PreprocessError::new(
+            ErrorCode::UnsupportedFormat,
+            "the bytes are not a JPEG, PNG, WebP, GIF or BMP picture",
+        )),
+    }
+}
+
+fn undecodable(format: ImageFormat, e: impl std::fmt::Display) -> PreprocessError {
+    PreprocessError::new(ErrorCode::UndecodableImage, format!("{format:?}: {e}"))
+}
+
+fn decode_with_limits(
+    bytes: &[u8],
+    format: ImageFormat,
+    limits: Limits,
+) -> Result<image::RgbImage, PreprocessError> {
+    // Header first: the dimensions are known before any pixel is decoded.
+    let (w, h) = ImageReader::with_format(Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| map_image_error(format, e))?;
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        // zune-jpeg fills missing scan data with grey instead of failing.
+        return Err(undecodable(
+            format,
+            "premature end of data (no end-of-image marker after the last scan)",
+        ));
+    }
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > limits.max_pixels {
+        return Err(PreprocessError::new(
+            ErrorCode::ImageTooLarge,
+            format!(
+                "{w}x{h} is {pixels} pixels, the limit is {}",
+                limits.max_pixels
+            ),
+        ));
+    }
+    if pixels == 0 {
+        return Err(PreprocessError::new(
+            ErrorCode::UndecodableImage,
+            format!("{format:?}: {w}x{h} picture"),
+        ));
+    }
+    // The same limits again inside the decoder, which also bounds what it
+    // allocates beyond the pixels (16 bytes a pixel covers 16-bit RGBA).
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_image_width = Some(w);
+    decoder_limits.max_image_height = Some(h);
+    decoder_limits.max_alloc = Some(pixels.saturating_mul(16).max(1 << 20));
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    reader.limits(decoder_limits);
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| map_image_error(format, e))?;
+    let orientation = decoder.orientation().ok();
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(format, e))?;
+    if let Some(o) = orientation {
+        img.apply_orientation(o);
+    }
+    Ok(img.into_rgb8())
+}
+
+/// True when an end-of-image marker (`FF D9`) follows the last start-of-scan
+/// marker (`FF DA`). In entropy-coded data `FF` is always followed by `00` or
+/// a restart marker, so `FF D9` there can only be the real end.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    let last_eoi = bytes.windows(2).rposition(|w| w == [0xFF, 0xD9]);
+    matches!((last_sos, last_eoi), (Some(s), Some(e)) if e > s)
+}
+
+fn map_image_error(format: ImageFormat, e: image::ImageError) -> PreprocessError {
+    match e {
+        image::ImageError::Limits(l) => {
+            PreprocessError::new(ErrorCode::ImageTooLarge, format!("{format:?}: {l}"))
+        }
+        image::ImageError::Unsupported(u) => {
+            PreprocessError::new(ErrorCode::UnsupportedFormat, format!("{format:?}: {u}"))
+        }
+        other => undecodable(format, other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> ModelMeta {
+        ModelMeta {
+            labels: vec!["a".into(), "b".into()],
+            input_size: 8,
+            input_channels: 3,
+            mean: vec![0.5; 3],
+            std: vec![0.5; 3],
+            channels: vec![4],
+            version: "t".into(),
+            training: serde_json::Value::Null,
+            probe: vec![],
+        }
+    }
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x * 10) as u8, (y * 10) as u8, 255])
+        });
+        let mut buf = Vec::new();
+        img.write_to(&mut Cursor::new(&mut buf), ImageFormat::Png)
+            .unwrap();
+        buf
+    }
+
+    #[test]
+    fn normalises_as_the_metadata_says() {
+        let p = Preprocessor::new(&meta(), Limits::default());
+        let mut out = vec![0f32; p.input_len()];
+        p.run(&png(8, 8), &mut out).unwrap();
+        // Pixel (0,0) is (0, 0, 255): -1, -1, +1 after (v/255 - 0.5) / 0.5.
+        assert_eq!(&out[..3], &[-1.0, -1.0, 1.0]);
+        p.run(&png(40, 23), &mut out).unwrap();
+        assert!(out.iter().all(|v| (-1.0..=1.0).contains(v)));
+    }
+
+    #[test]
+    fn error_codes() {
+        let p = Preprocessor::new(&meta(), Limits::default());
+        let mut out = vec![0f32; p.input_len()];
+        let code = |b: &[u8]| p.clone().run(b, &mut out.clone()).unwrap_err().code;
+        assert_eq!(code(b""), ErrorCode::EmptyImage);
+        assert_eq!(
+            code(b"hello world, not a picture"),
+            ErrorCode::UnsupportedFormat
+        );
+        let good = png(16, 16);
+        assert_eq!(code(&good[..good.len() / 2]), ErrorCode::UndecodableImage);
+        let mut jpeg = Vec::new();
+        image::RgbImage::from_pixel(32, 32, image::Rgb([9, 99, 199]))
+            .write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg)
+            .unwrap();
+        assert!(p.run(&jpeg, &mut out.clone()).is_ok());
+        assert_eq!(code(&jpeg[..jpeg.len() - 10]), ErrorCode::UndecodableImage);
+        let small = Preprocessor::new(
+            &meta(),
+            Limits {
+                max_bytes: 100,
+                max_pixels: 40,
+            },
+        );
+        assert_eq!(
+            small.run(&good, &mut out).unwrap_err().code,
+            ErrorCode::ImageTooLarge
+        );
+        let tiny = Preprocessor::new(
+            &meta(),
+            Limits {
+                max_bytes: 1 << 20,
+                max_pixels: 40,
+            },
+        );
+        assert_eq!(
+            tiny.run(&good, &mut out).unwrap_err().code,
+            ErrorCode::ImageTooLarge
+        );
+    }
+}

@@ -1,0 +1,406 @@
+//! The training loop: seeded initialisation, shuffled augmented batches,
+//! AdamW with linear warm-up then cosine decay, validation after every epoch,
+//! the best epoch kept and written atomically with its metadata.
+//!
+//! The network itself lives in [`crate::model`]; this module only drives it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::Optimizer;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use super::augment::Augment;
+use super::dataset::{self, Dataset};
+use super::eval;
+use crate::model::{self, Cnn, ConvImpl, ModelMeta};
+use crate::preprocess::{Limits, Preprocessor};
+
+/// Where the validation pictures come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Validation {
+    /// A separate folder in the same layout.
+    Dir(PathBuf),
+    /// A share of the training folder, chosen by a hash of the user id.
+    Fraction(f64),
+}
+
+/// Everything a training run needs.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    /// Folder of `<userid>.jpg` plus `profile.csv`.
+    pub data: PathBuf,
+    /// Validation source.
+    pub validation: Validation,
+    /// Weights file to write.
+    pub out: PathBuf,
+    /// Passes over the training data.
+    pub epochs: usize,
+    /// Pictures per optimiser step.
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// Side of the square model input.
+    pub input_size: usize,
+    /// Output channels of each conv block.
+    pub channels: Vec<usize>,
+    /// Label names, in output order.
+    pub labels: Vec<String>,
+    /// Dropout probability before the linear layer.
+    pub dropout: f32,
+    /// Seed of every random choice (initialisation, order, augmentation).
+    pub seed: u64,
+    /// Where to train.
+    pub device: Device,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+/// One epoch's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochStats {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    /// Mean training loss.
+    pub loss: f64,
+    /// Training accuracy (augmented batches, dropout on).
+    pub train_accuracy: f64,
+    /// Validation accuracy.
+    pub val_accuracy: f64,
+    /// Learning rate at the end of the epoch.
+    pub lr: f64,
+    /// Wall time of the epoch, evaluation included.
+    pub seconds: f64,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    /// Per-epoch figures.
+    pub epochs: Vec<EpochStats>,
+    /// The epoch whose weights were written.
+    pub best_epoch: usize,
+    /// Its validation accuracy.
+    pub val_accuracy: f64,
+    /// Training and validation pictures used.
+    pub train_pictures: usize,
+    /// Validation pictures used.
+    pub val_pictures: usize,
+    /// Rows and files left out (both folders).
+    pub skipped: usize,
+    /// Wall time of the whole run, loading included.
+    pub seconds: f64,
+    /// The version string written to the metadata.
+    pub version: String,
+}
+
+/// Default normalisation: pixel values in [0, 1] mapped to [-1, 1].
+const MEAN: [f32; 3] = [0.5; 3];
+const STD: [f32; 3] = [0.5; 3];
+
+fn base_meta(cfg: &TrainConfig) -> ModelMeta {
+    ModelMeta {
+        labels: cfg.labels.clone(),
+        input_size: cfg.input_size,
+        input_channels: 3,
+        mean: MEAN.to_vec(),
+        std: STD.to_vec(),
+        channels: cfg.channels.clone(),
+        version: "untrained".into(),
+        training: serde_json::Value::Null,
+        probe: Vec::new(),
+    }
+}
+
+/// Seeded He-normal conv weights, unit batch norm, small linear layer.
+fn init_tensors(
+    meta: &ModelMeta,
+    rng: &mut StdRng,
+    device: &Device,
+) -> candle_core::Result<HashMap<String, Tensor>> {
+    let mut normal = || {
+        // Box-Muller from two uniforms.
+        let u1: f32 = rng.random_range(f32::EPSILON..1.0);
+        let u2: f32 = rng.random();
+        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    };
+    let mut out = HashMap::new();
+    for (name, shape) in model::tensor_shapes(meta) {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = if name.ends_with("conv.weight") {
+            let fan_in = (shape[1] * 9) as f32;
+            (0..n).map(|_| normal() * (2.0 / fan_in).sqrt()).collect()
+        } else if name == "fc.weight" {
+            let bound = 1.0 / (shape[1] as f32).sqrt();
+            (0..n).map(|_| normal() * bound * 0.5).collect()
+        } else if name.ends_with("bn.weight") || name.ends_with("running_var") {
+            vec![1.0; n]
+        } else {
+            vec![0.0; n]
+        };
+        out.insert(name, Tensor::from_vec(values, shape, device)?);
+    }
+    Ok(out)
+}
+
+fn learning_rate(cfg: &TrainConfig, step: usize, total: usize) -> f64 {
+    let warmup = (total / cfg.epochs.max(1)).max(1); // one epoch
+    if step < warmup {
+        cfg.lr * (step + 1) as f64 / warmup as f64
+    } else {
+        let t = (step - warmup) as f64 / (total - warmup).max(1) as f64;
+        cfg.lr * (0.01 + 0.99 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
+    }
+}
+
+fn report_skipped(what: &str, data: &Dataset) {
+    for s in &data.skipped {
+        tracing::warn!(userid = %s.userid, "{what}: skipped: {}", s.reason);
+    }
+    if !data.skipped.is_empty() {
+        eprintln!(
+            "{what}: {} pictures usable, {} skipped (listed above)",
+            data.len(),
+            data.skipped.len()
+        );
+    }
+}
+
+/// Loads the data, trains, and writes the best epoch's weights to `cfg.out`.
+pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
+    let started = Instant::now();
+    anyhow::ensure!(
+        cfg.epochs > 0 && cfg.batch_size > 0,
+        "epochs and batch size must be positive"
+    );
+    let mut meta = base_meta(cfg);
+    meta.validate().map_err(anyhow::Error::msg)?;
+    let pre = Preprocessor::new(&meta, Limits::default());
+    let data = dataset::load(&cfg.data, &cfg.labels, &pre)
+        .with_context(|| format!("reading {}", cfg.data.display()))?;
+    report_skipped("training data", &data);
+    let (train, val) = match &cfg.validation {
+        Validation::Dir(dir) => {
+            let val = dataset::load(dir, &cfg.labels, &pre)
+                .with_context(|| format!("reading {}", dir.display()))?;
+            report_skipped("validation data", &val);
+            (data, val)
+        }
+        Validation::Fraction(f) => data.split(*f),
+    };
+    anyhow::ensure!(
+        !train.is_empty(),
+        "no usable training pictures in {}",
+        cfg.data.display()
+    );
+    anyhow::ensure!(!val.is_empty(), "no usable validation pictures");
+    let skipped = train.skipped.len() + val.skipped.len();
+    eprintln!(
+        "training on {} pictures {:?}, validating on {} {:?}, loaded in {:.1} s",
+        train.len(),
+        train.label_counts(cfg.labels.len()),
+        val.len(),
+        val.label_counts(cfg.labels.len()),
+        started.elapsed().as_secs_f64()
+    );
+
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let tensors = init_tensors(&meta, &mut rng, &cfg.device)?;
+    let mut vars = Vec::new();
+    let mut model_tensors = HashMap::new();
+    for (name, t) in tensors {
+        if name.contains("running_") {
+            model_tensors.insert(name, t);
+        } else {
+            let v = Var::from_tensor(&t)?;
+            model_tensors.insert(name, v.as_tensor().clone());
+            vars.push(v);
+        }
+    }
+    let conv_impl = ConvImpl::for_device(&cfg.device);
+    let cnn = Cnn::new(meta.clone(), &model_tensors, conv_impl)?;
+    let mut opt = candle_nn::AdamW::new(
+        vars,
+        candle_nn::ParamsAdamW {
+            lr: cfg.lr,
+            weight_decay: cfg.weight_decay,
+            ..Default::default()
+        },
+    )?;
+
+    let size = cfg.input_size;
+    let len = train.input_len;
+    let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
+    let total_steps = steps_per_epoch * cfg.epochs;
+    let augment = Augment::default();
+    let feature_dim = *cfg.channels.last().unwrap_or(&1);
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let mut batch = vec![0f32; cfg.batch_size * len];
+    let mut step = 0;
+    let mut history = Vec::new();
+    let mut best: Option<(usize, f64, std::collections::BTreeMap<String, Tensor>)> = None;
+
+    for epoch in 1..=cfg.epochs {
+        let epoch_start = Instant::now();
+        order.shuffle(&mut rng);
+        let bar = if cfg.progress {
+            ProgressBar::new(steps_per_epoch as u64)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{epoch}/{}", cfg.epochs));
+        let (mut loss_sum, mut correct, mut seen) = (0.0, 0usize, 0usize);
+        let mut lr = cfg.lr;
+        for chunk in order.chunks(cfg.batch_size) {
+            let n = chunk.len();
+            for (slot, &i) in chunk.iter().enumerate() {
+                augment.apply(
+                    train.input(i),
+                    size,
+                    &mut batch[slot * len..(slot + 1) * len],
+                    &mut rng,
+                );
+            }
+            let x = Tensor::from_slice(&batch[..n * len], (n, size, size, 3), &cfg.device)?;
+            let targets: Vec<u32> = chunk
+                .iter()
+                .map(|&i| train.samples[i].label as u32)
+                .collect();
+            let y = Tensor::from_vec(targets.clone(), n, &cfg.device)?;
+            let mask = dropout_mask(cfg.dropout, n, feature_dim, &mut rng, &cfg.device)?;
+            let logits = cnn.forward(&x, true, mask.as_ref())?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            lr = learning_rate(cfg, step, total_steps);
+            opt.set_learning_rate(lr);
+            opt.backward_step(&loss)?;
+            step += 1;
+            let preds: Vec<u32> = logits.argmax(1)?.to_vec1()?;
+            correct += preds.iter().zip(&targets).filter(|(p, t)| p == t).count();
+            seen += n;
+            loss_sum += f64::from(loss.to_scalar::<f32>()?) * n as f64;
+            bar.inc(1);
+            bar.set_message(format!(
+                "loss {:.4} acc {:.4}",
+                loss_sum / seen as f64,
+                correct as f64 / seen as f64
+            ));
+        }
+        bar.finish_and_clear();
+        let classifier = cnn.classifier(conv_impl)?;
+        let probs = eval::predict_all(&classifier, &val, 256)?;
+        let val_accuracy = eval::evaluate(&cfg.labels, &val, &probs).accuracy;
+        let stats = EpochStats {
+            epoch,
+            loss: loss_sum / seen as f64,
+            train_accuracy: correct as f64 / seen as f64,
+            val_accuracy,
+            lr,
+            seconds: epoch_start.elapsed().as_secs_f64(),
+        };
+        eprintln!(
+            "epoch {epoch}/{}: loss {:.4}  train acc {:.4}  val acc {:.4}  lr {:.2e}  {:.1} s",
+            cfg.epochs,
+            stats.loss,
+            stats.train_accuracy,
+            stats.val_accuracy,
+            stats.lr,
+            stats.seconds
+        );
+        history.push(stats);
+        if best.as_ref().is_none_or(|b| val_accuracy > b.1) {
+            let snapshot = cnn
+                .tensors()
+                .into_iter()
+                .map(|(k, t)| t.copy().map(|t| (k, t)))
+                .collect::<candle_core::Result<_>>()?;
+            best = Some((epoch, val_accuracy, snapshot));
+        }
+    }
+
+    let (best_epoch, val_accuracy, best_tensors) = best.context("no epoch ran")?;
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let stamp = now
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "unknown".into());
+    meta.version = format!("gender-cnn/{stamp}");
+    meta.training = serde_json::json!({
+        "data": cfg.data.display().to_string(),
+        "validation": match &cfg.validation {
+            Validation::Dir(d) => d.display().to_string(),
+            Validation::Fraction(f) => format!("{f} of the training folder"),
+        },
+        "train_pictures": train.len(),
+        "train_label_counts": train.label_counts(cfg.labels.len()),
+        "val_pictures": val.len(),
+        "skipped": skipped,
+        "epochs": cfg.epochs,
+        "best_epoch": best_epoch,
+        "val_accuracy": val_accuracy,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "dropout": cfg.dropout,
+        "seed": cfg.seed,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    let mut best_map = HashMap::new();
+    for (k, t) in &best_tensors {
+        best_map.insert(k.clone(), t.to_dtype(DType::F32)?);
+    }
+    let mut best_cnn = Cnn::new(meta.clone(), &best_map, conv_impl)?;
+    meta.probe = best_cnn
+        .classifier(conv_impl)?
+        .probabilities(&model::probe_input(&meta, &cfg.device)?)?;
+    best_cnn.set_meta(meta.clone());
+    model::weights::save(&cfg.out, &meta, &best_cnn.tensors())?;
+    eprintln!(
+        "wrote {} (epoch {best_epoch}, val acc {val_accuracy:.4}) in {:.1} s",
+        cfg.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(TrainReport {
+        epochs: history,
+        best_epoch,
+        val_accuracy,
+        train_pictures: train.len(),
+        val_pictures: val.len(),
+        skipped,
+        seconds: started.elapsed().as_secs_f64(),
+        version: meta.version,
+    })
+}
+
+fn dropout_mask(
+    p: f32,
+    n: usize,
+    dim: usize,
+    rng: &mut StdRng,
+    device: &Device,
+) -> candle_core::Result<Option<Tensor>> {
+    if p <= 0.0 {
+        return Ok(None);
+    }
+    let keep = 1.0 / (1.0 - p);
+    let v: Vec<f32> = (0..n * dim)
+        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+        .collect();
+    Tensor::from_vec(v, (n, dim), device).map(Some)
+}

@@ -1,0 +1,102 @@
+//! The inference thread: takes batches of decoded pictures from the
+//! [`Batcher`], runs one forward pass per batch on the current model, and
+//! hands every answer to the publisher.
+//!
+//! A plain OS thread (candle's forward pass blocks); it never touches NATS.
+
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::model_slot::ModelSlot;
+use super::{Answer, Envelope};
+use crate::batcher::Batcher;
+use crate::metrics::Metrics;
+use crate::protocol::ErrorCode;
+
+/// A picture ready for the model.
+pub struct Decoded {
+    /// Who asked, and where to answer.
+    pub env: Envelope,
+    /// The encoded picture, kept to decode again if the model's input size
+    /// changed by a reload since.
+    pub image: bytes::Bytes,
+    /// Normalised input for a model of this input length.
+    pub input: Vec<f32>,
+}
+
+/// Runs until every sender of the batcher's channel is gone.
+pub fn run(
+    mut batcher: Batcher<Decoded>,
+    slot: ModelSlot,
+    answers: UnboundedSender<Answer>,
+    metrics: Metrics,
+) {
+    let mut batch = Vec::new();
+    let mut buffer: Vec<f32> = Vec::new();
+    while batcher.next_batch(&mut batch) {
+        let model = slot.current();
+        let len = model.pre.input_len();
+        let size = model.pre.size() as usize;
+        buffer.clear();
+        let mut items = Vec::with_capacity(batch.len());
+        for mut item in batch.drain(..) {
+            if item.input.len() != len {
+                // Decoded for a previous model with another input size.
+                item.input.resize(len, 0.0);
+                if let Err(e) = model.pre.run(&item.image, &mut item.input) {
+                    let _ = answers.send(Answer::Failure {
+                        env: item.env,
+                        code: e.code,
+                        detail: e.detail,
+                    });
+                    continue;
+                }
+            }
+            buffer.extend_from_slice(&item.input);
+            items.push(item.env);
+        }
+        if items.is_empty() {
+            continue;
+        }
+        let n = items.len();
+        let started = Instant::now();
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let x = Tensor::from_slice(&buffer, (n, size, size, 3), model.classifier.device())?;
+            model.classifier.probabilities(&x)
+        }));
+        metrics
+            .inference_seconds
+            .observe(started.elapsed().as_secs_f64());
+        metrics.batch_size.observe(n as f64);
+        match result {
+            Ok(Ok(probs)) if probs.len() == n => {
+                for (env, scores) in items.into_iter().zip(probs) {
+                    let _ = answers.send(Answer::Label {
+                        env,
+                        scores,
+                        labels: model.labels.clone(),
+                        model: model.id.clone(),
+                    });
+                }
+            }
+            other => {
+                let detail = match other {
+                    Ok(Err(e)) => format!("inference failed: {e}"),
+                    Err(_) => "inference panicked".to_string(),
+                    Ok(Ok(p)) => format!("inference returned {} rows for {n} pictures", p.len()),
+                };
+                tracing::error!("{detail}");
+                for env in items {
+                    let _ = answers.send(Answer::Failure {
+                        env,
+                        code: ErrorCode::Internal,
+                        detail: detail.clone(),
+                    });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,465 @@
+//! The streaming worker: NATS in, micro-batched inference, NATS out.
+//!
+//! ```text
+//! subscriber ──parse──► decode pool ──► batcher ──► inference thread ──► publisher
+//!  (queue group)   │     (spawn_blocking,  (std        (one forward        (results, errors,
+//!                  │      N permits)        channel)    pass per batch)     reply subjects)
+//!                  └──────────── bad requests go straight to the publisher ───┘
+//! ```
+//!
+//! Every request received yields exactly one answer (a result or an error),
+//! counted by `in_flight` until it is published. Shutdown stops the
+//! subscription, lets every taken request finish, flushes and returns.
+
+pub mod infer;
+pub mod model_slot;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_nats::{HeaderMap, Subject};
+use candle_core::Device;
+use futures::StreamExt;
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::batcher::{BatchConfig, Batcher, Inflow};
+use crate::metrics::{Metrics, Readiness};
+use crate::preprocess::Limits;
+use crate::protocol::{ErrorCode, ErrorReply, ProfileResult, Request, USERID_HEADER, UserId};
+use infer::Decoded;
+use model_slot::{ModelSlot, ReloadOutcome, file_stamp};
+
+/// The subjects of PROTOCOL §1-5, all configurable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    /// Requests (`profiles.images`).
+    pub requests: String,
+    /// Results (`profiles.gender`).
+    pub results: String,
+    /// Errors (`profiles.errors`).
+    pub errors: String,
+    /// Reload triggers (`profiles.control.reload`).
+    pub reload: String,
+    /// Queue group shared by the workers (`profile-workers`).
+    pub queue_group: String,
+}
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Self {
+            requests: "profiles.images".into(),
+            results: "profiles.gender".into(),
+            errors: "profiles.errors".into(),
+            reload: "profiles.control.reload".into(),
+            queue_group: "profile-workers".into(),
+        }
+    }
+}
+
+/// Everything the worker needs to run.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// NATS server URL(s), comma separated.
+    pub nats_url: String,
+    /// Connection name shown by the server.
+    pub connection_name: String,
+    /// Subjects and queue group.
+    pub subjects: Subjects,
+    /// Weights file (watched for changes).
+    pub weights: PathBuf,
+    /// Inference device.
+    pub device: Device,
+    /// Micro-batching knobs.
+    pub batch: BatchConfig,
+    /// PROTOCOL §3 size limits.
+    pub limits: Limits,
+    /// Pictures decoded at the same time.
+    pub decode_threads: usize,
+    /// Address of `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_addr: SocketAddr,
+    /// Longest wait for in-flight requests at shutdown.
+    pub shutdown_timeout: Duration,
+    /// How often the weights file is checked for changes (zero: never).
+    pub watch_interval: Duration,
+}
+
+/// Who asked and where to answer; travels with a request through the stages.
+#[derive(Debug)]
+pub struct Envelope {
+    /// The user id, once it was read.
+    pub userid: Option<UserId>,
+    /// Reply subject of a request/reply call.
+    pub reply: Option<Subject>,
+    /// `Nats-Msg-Id` of the request, copied to the answer.
+    pub msg_id: Option<String>,
+    /// When the worker received the request.
+    pub received: Instant,
+}
+
+/// An answer on its way to the publisher.
+pub enum Answer {
+    /// Probabilities for a picture.
+    Label {
+        /// The request.
+        env: Envelope,
+        /// One probability per label.
+        scores: Vec<f32>,
+        /// Label names.
+        labels: Arc<[String]>,
+        /// The model that produced the scores.
+        model: Arc<str>,
+    },
+    /// An error reply.
+    Failure {
+        /// The request.
+        env: Envelope,
+        /// PROTOCOL §3 code.
+        code: ErrorCode,
+        /// What went wrong.
+        detail: String,
+    },
+}
+
+/// A running worker's handles, for tests and the binary.
+pub struct Running {
+    /// Address the HTTP endpoints are bound to.
+    pub metrics_addr: SocketAddr,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Running {
+    /// Asks the worker to drain and stop.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits until the worker has stopped.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("worker task panicked")?
+    }
+}
+
+/// Loads the model, connects, binds the HTTP endpoints, and runs the
+/// pipeline in the background until [`Running::stop`].
+pub async fn start(cfg: WorkerConfig) -> anyhow::Result<Running> {
+    let metrics = Metrics::new();
+    let ready = Arc::new(Readiness::default());
+    let weights = cfg.weights.clone();
+    let (device, limits, m) = (cfg.device.clone(), cfg.limits, metrics.clone());
+    let slot = tokio::task::spawn_blocking(move || ModelSlot::open(weights, device, limits, m))
+        .await?
+        .with_context(|| format!("loading weights {}", cfg.weights.display()))?;
+    tracing::info!(model = %slot.current().id, "model loaded");
+    ready.model_loaded.store(true, Ordering::SeqCst);
+
+    let client = connect(&cfg, ready.clone()).await?;
+    let (metrics_addr, _http) =
+        crate::metrics::serve(cfg.metrics_addr, metrics.clone(), ready.clone())
+            .await
+            .with_context(|| format!("binding the metrics address {}", cfg.metrics_addr))?;
+    tracing::info!(%metrics_addr, "serving /metrics, /healthz, /readyz");
+
+    let requests = client
+        .queue_subscribe(
+            cfg.subjects.requests.clone(),
+            cfg.subjects.queue_group.clone(),
+        )
+        .await
+        .context("subscribing to the request subject")?;
+    let reloads = client
+        .subscribe(cfg.subjects.reload.clone())
+        .await
+        .context("subscribing to the reload subject")?;
+    client.flush().await.context("flushing subscriptions")?;
+    tracing::info!(subject = %cfg.subjects.requests, group = %cfg.subjects.queue_group, "taking requests");
+
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(pipeline(
+        cfg, client, requests, reloads, slot, metrics, stop_rx,
+    ));
+    Ok(Running {
+        metrics_addr,
+        task,
+        stop,
+    })
+}
+
+async fn connect(cfg: &WorkerConfig, ready: Arc<Readiness>) -> anyhow::Result<async_nats::Client> {
+    let events = ready.clone();
+    let options = async_nats::ConnectOptions::new()
+        .name(&cfg.connection_name)
+        .event_callback(move |event| {
+            let ready = events.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => ready.connected.store(true, Ordering::SeqCst),
+                    async_nats::Event::Disconnected | async_nats::Event::Closed => {
+                        ready.connected.store(false, Ordering::SeqCst)
+                    }
+                    _ => {}
+                }
+                tracing::info!("nats: {event}");
+            }
+        });
+    let client = options
+        .connect(cfg.nats_url.as_str())
+        .await
+        .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))?;
+    ready.connected.store(true, Ordering::SeqCst);
+    Ok(client)
+}
+
+async fn pipeline(
+    cfg: WorkerConfig,
+    client: async_nats::Client,
+    mut requests: async_nats::Subscriber,
+    reloads: async_nats::Subscriber,
+    slot: ModelSlot,
+    metrics: Metrics,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let (answer_tx, answer_rx) = mpsc::unbounded_channel();
+    let publisher = tokio::spawn(publish_answers(
+        client.clone(),
+        cfg.subjects.clone(),
+        answer_rx,
+        metrics.clone(),
+    ));
+
+    let inflow = Inflow::default();
+    let (decoded_tx, decoded_rx) =
+        std::sync::mpsc::sync_channel::<Decoded>(cfg.batch.max_batch.max(1) * 4);
+    let batcher = Batcher::new(decoded_rx, inflow.clone(), cfg.batch);
+    let infer = {
+        let (slot, answers, metrics) = (slot.clone(), answer_tx.clone(), metrics.clone());
+        std::thread::Builder::new()
+            .name("inference".into())
+            .spawn(move || infer::run(batcher, slot, answers, metrics))
+            .context("starting the inference thread")?
+    };
+
+    let reloader = tokio::spawn(watch_reloads(slot.clone(), reloads, cfg.watch_interval));
+    let decode_permits = Arc::new(Semaphore::new(cfg.decode_threads.max(1)));
+    let mut draining = false;
+    loop {
+        let msg = tokio::select! {
+            msg = requests.next() => match msg {
+                Some(msg) => msg,
+                None => break,
+            },
+            _ = stop.changed(), if !draining => {
+                // Stop taking requests; messages the client already holds
+                // still come out of the stream, then it ends.
+                draining = true;
+                tracing::info!("shutting down: draining the subscription");
+                if let Err(e) = requests.drain().await {
+                    tracing::warn!("drain failed ({e}); unsubscribing");
+                    let _ = requests.unsubscribe().await;
+                    break;
+                }
+                continue;
+            }
+        };
+        metrics.requests.inc();
+        metrics.in_flight.inc();
+        let env = Envelope {
+            userid: None,
+            reply: msg.reply.clone(),
+            msg_id: header(&msg.headers, "Nats-Msg-Id").map(str::to_owned),
+            received: Instant::now(),
+        };
+        let userid = header(&msg.headers, USERID_HEADER).map(|s| s.as_bytes().to_vec());
+        let request = match Request::parse(msg.payload, userid.as_deref()) {
+            Ok(r) => r,
+            Err(e) => {
+                let env = Envelope {
+                    userid: e.userid.clone(),
+                    ..env
+                };
+                let _ = answer_tx.send(Answer::Failure {
+                    env,
+                    code: e.code,
+                    detail: e.detail,
+                });
+                continue;
+            }
+        };
+        let env = Envelope {
+            userid: Some(request.userid),
+            ..env
+        };
+        let permit = decode_permits.clone().acquire_owned().await?;
+        let guard = inflow.enter();
+        let (model, tx, answers, metrics) = (
+            slot.current(),
+            decoded_tx.clone(),
+            answer_tx.clone(),
+            metrics.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let mut input = vec![0f32; model.pre.input_len()];
+            let outcome = model.pre.run(&request.image, &mut input);
+            metrics
+                .decode_seconds
+                .observe(started.elapsed().as_secs_f64());
+            drop(model);
+            match outcome {
+                Ok(()) => {
+                    let item = Decoded {
+                        env,
+                        image: request.image,
+                        input,
+                    };
+                    if let Err(std::sync::mpsc::SendError(item)) = tx.send(item) {
+                        let _ = answers.send(Answer::Failure {
+                            env: item.env,
+                            code: ErrorCode::Internal,
+                            detail: "the inference thread has stopped".into(),
+                        });
+                    }
+                }
+                Err(e) => {
+                    let _ = answers.send(Answer::Failure {
+                        env,
+                        code: e.code,
+                        detail: e.detail,
+                    });
+                }
+            }
+            drop(guard);
+            drop(permit);
+        });
+    }
+
+    // Every taken request is answered before we return.
+    let deadline = Instant::now() + cfg.shutdown_timeout;
+    while metrics.in_flight.get() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let left = metrics.in_flight.get();
+    if left > 0 {
+        tracing::warn!("shutdown timeout: {left} requests still in flight");
+    }
+    reloader.abort();
+    drop(decoded_tx);
+    drop(answer_tx);
+    let _ = tokio::task::spawn_blocking(move || infer.join()).await;
+    let _ = publisher.await;
+    client.flush().await.context("flushing answers")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn header<'a>(headers: &'a Option<HeaderMap>, name: &str) -> Option<&'a str> {
+    headers.as_ref()?.get(name).map(|v| v.as_str())
+}
+
+/// Reloads on any message on the reload subject and on changes of the
+/// weights file (atomic renames included), polled every `interval`.
+async fn watch_reloads(slot: ModelSlot, mut control: async_nats::Subscriber, interval: Duration) {
+    let mut last = file_stamp(slot.path());
+    let mut ticker = tokio::time::interval(if interval.is_zero() {
+        Duration::from_secs(3600)
+    } else {
+        interval
+    });
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            msg = control.next() => {
+                if msg.is_none() {
+                    return;
+                }
+                tracing::info!("reload requested on the control subject");
+                let _ = slot.reload().await;
+                last = file_stamp(slot.path());
+            }
+            _ = ticker.tick(), if !interval.is_zero() => {
+                let now = file_stamp(slot.path());
+                if now.is_some() && now != last {
+                    // Let a writer that writes in place finish first.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    last = file_stamp(slot.path());
+                    if let ReloadOutcome::Rejected(_) = slot.reload().await {
+                        // Keep `last`: the same bad file is not retried until it changes.
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Publishes answers in the order they come, with their headers, to the
+/// result or error subject and to the reply subject when there is one.
+async fn publish_answers(
+    client: async_nats::Client,
+    subjects: Subjects,
+    mut rx: mpsc::UnboundedReceiver<Answer>,
+    metrics: Metrics,
+) {
+    while let Some(answer) = rx.recv().await {
+        let (env, subject, payload) = match answer {
+            Answer::Label {
+                env,
+                scores,
+                labels,
+                model,
+            } => {
+                let userid = env
+                    .userid
+                    .clone()
+                    .unwrap_or_else(|| UserId::parse(b"?").expect("valid id"));
+                let latency = env.received.elapsed().as_secs_f64() * 1e3;
+                let result = ProfileResult::new(&userid, &labels, &scores, &model, latency);
+                metrics
+                    .results
+                    .with_label_values(&[result.gender.as_str()])
+                    .inc();
+                let payload = serde_json::to_vec(&result).unwrap_or_default();
+                (env, subjects.results.clone(), payload)
+            }
+            Answer::Failure { env, code, detail } => {
+                metrics.error(code);
+                if code == ErrorCode::Internal {
+                    tracing::error!(userid = ?env.userid, "internal error: {detail}");
+                }
+                let reply = ErrorReply::new(env.userid.as_ref(), code, detail);
+                (
+                    env,
+                    subjects.errors.clone(),
+                    serde_json::to_vec(&reply).unwrap_or_default(),
+                )
+            }
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("Content-Type", "application/json");
+        if let Some(u) = &env.userid {
+            headers.insert(USERID_HEADER, u.as_str());
+        }
+        if let Some(id) = &env.msg_id {
+            headers.insert("Nats-Msg-Id", id.as_str());
+        }
+        let payload = bytes::Bytes::from(payload);
+        if let Err(e) = client
+            .publish_with_headers(subject, headers.clone(), payload.clone())
+            .await
+        {
+            tracing::error!("publishing an answer failed: {e}");
+        }
+        if let Some(reply) = env.reply.clone() {
+            if let Err(e) = client.publish_with_headers(reply, headers, payload).await {
+                tracing::error!("publishing to the reply subject failed: {e}");
+            }
+        }
+        metrics
+            .latency_seconds
+            .observe(env.received.elapsed().as_secs_f64());
+        metrics.in_flight.dec();
+    }
+}

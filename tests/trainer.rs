@@ -1,0 +1,206 @@
+//! The trainer end to end on small data: the dataset reader on crafted bad
+//! folders, a smoke training run through the binary whose weights the
+//! loader accepts and `predict` uses, determinism for a seed, and the
+//! shipped weights' accuracy on the shared test set.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::Device;
+use profile_classifier::model::{Classifier, ModelMeta, weights};
+use profile_classifier::preprocess::{Limits, Preprocessor};
+use profile_classifier::train::{dataset, eval};
+
+fn meta() -> ModelMeta {
+    ModelMeta {
+        labels: vec!["female".into(), "male".into()],
+        input_size: 32,
+        input_channels: 3,
+        mean: vec![0.5; 3],
+        std: vec![0.5; 3],
+        channels: vec![8],
+        version: "t".into(),
+        training: serde_json::Value::Null,
+        probe: vec![],
+    }
+}
+
+#[test]
+fn dataset_reader_skips_and_reports_bad_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let pics = common::fixture_pictures();
+    let d = dir.path();
+    std::fs::write(d.join("good.jpg"), &pics[0].1).unwrap();
+    std::fs::write(d.join("good2.jpg"), &pics[1].1).unwrap();
+    std::fs::write(d.join("broken.jpg"), &pics[2].1[..200]).unwrap();
+    std::fs::write(d.join("stray.jpg"), &pics[3].1).unwrap();
+    std::fs::write(d.join("alien.jpg"), &pics[4].1).unwrap();
+    std::fs::write(
+        d.join("profile.csv"),
+        "age,userid,gender,extra\n30,good,female,x\n40,good2,male,y\n1,broken,male,z\n2,nofile,female,w\n3,alien,robot,v\n",
+    )
+    .unwrap();
+    let labels = meta().labels;
+    let pre = Preprocessor::new(&meta(), Limits::default());
+    let set = dataset::load(d, &labels, &pre).unwrap();
+    assert_eq!(set.len(), 2);
+    assert_eq!(set.samples[0].userid, "good");
+    assert_eq!(set.samples[0].age, Some(30));
+    assert_eq!(set.inputs.len(), 2 * 32 * 32 * 3);
+    let reasons: Vec<(String, String)> = set
+        .skipped
+        .iter()
+        .map(|s| (s.userid.clone(), s.reason.clone()))
+        .collect();
+    let find = |u: &str| {
+        reasons
+            .iter()
+            .find(|r| r.0 == u)
+            .map(|r| r.1.clone())
+            .unwrap_or_default()
+    };
+    assert!(find("broken").contains("undecodable_image"), "{reasons:?}");
+    assert!(find("nofile").contains("no picture"), "{reasons:?}");
+    assert!(find("alien").contains("unknown label"), "{reasons:?}");
+    assert!(find("stray").contains("without a CSV row"), "{reasons:?}");
+    assert_eq!(reasons.len(), 4);
+
+    // A folder without profile.csv, or a CSV without the gender column, is an error.
+    let empty = tempfile::tempdir().unwrap();
+    assert!(dataset::load(empty.path(), &labels, &pre).is_err());
+    std::fs::write(empty.path().join("profile.csv"), "userid,sex\na,male\n").unwrap();
+    let err = dataset::load(empty.path(), &labels, &pre)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("gender"), "{err}");
+}
+
+fn trainer(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_profile-trainer"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run profile-trainer")
+}
+
+fn smoke_train(out: &Path, seed: &str) {
+    let fixtures = common::fixtures();
+    let o = trainer(&[
+        "train",
+        "--data",
+        fixtures.to_str().unwrap(),
+        "--val-fraction",
+        "0.25",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--input-size",
+        "32",
+        "--channels",
+        "8,16",
+        "--seed",
+        seed,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        o.status.success(),
+        "train failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(log.contains("epoch 2/2"), "{log}");
+}
+
+#[test]
+fn smoke_training_writes_weights_that_load_and_predict() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("w.safetensors");
+    smoke_train(&out, "7");
+    let cls = Classifier::load(&out, &Device::Cpu).expect("the loader accepts the trained file");
+    let m = cls.meta();
+    assert_eq!(m.labels, vec!["female", "male"]);
+    assert_eq!((m.input_size, m.channels.clone()), (32, vec![8, 16]));
+    assert!(m.version.starts_with("gender-cnn/"));
+    assert_eq!(m.training["epochs"], 2);
+    assert!(m.training["val_accuracy"].as_f64().is_some());
+    // No temporary file is left beside the weights.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+    let pics = common::fixtures();
+    let a = pics.join(format!("{}.jpg", common::fixture_pictures()[0].0));
+    let o = trainer(&[
+        "predict",
+        "--weights",
+        out.to_str().unwrap(),
+        a.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line = String::from_utf8_lossy(&o.stdout).to_string();
+    let fields: Vec<&str> = line.trim().split('\t').collect();
+    assert_eq!(fields.len(), 3, "{line}");
+    assert!(["female", "male"].contains(&fields[1]));
+    let p: f32 = fields[2].parse().unwrap();
+    assert!((0.5..=1.0).contains(&p));
+
+    // Same seed, same weights.
+    let again = dir.path().join("w2.safetensors");
+    smoke_train(&again, "7");
+    let (_, t1) = weights::load(&out, &Device::Cpu).unwrap();
+    let (_, t2) = weights::load(&again, &Device::Cpu).unwrap();
+    for (name, a) in &t1 {
+        let b = &t2[name];
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn eval_reports_on_a_folder() {
+    let o = trainer(&[
+        "eval",
+        "--weights",
+        common::weights().to_str().unwrap(),
+        "--data",
+        common::fixtures().to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["n"], 48);
+    assert_eq!(v["confusion"].as_array().unwrap().len(), 2);
+    assert!(v["roc_auc"].as_f64().unwrap() > 0.5);
+    assert!(!v["by_race"].as_array().unwrap().is_empty());
+    assert_eq!(v["by_age"].as_array().unwrap().len(), 5);
+}
+
+/// The bar of the model issue, checked on every CI run: the shipped weights
+/// reach 0.90 accuracy on the shared test set. Fails loudly when the shared
+/// data is missing.
+#[test]
+fn shipped_weights_reach_the_accuracy_bar_on_shared_test() {
+    let test_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/faces/test");
+    assert!(
+        test_dir.join("profile.csv").exists(),
+        "the shared test set is missing at {}: this test needs ../shared/data/faces",
+        test_dir.display()
+    );
+    let cls = Classifier::load(&common::weights(), &Device::Cpu).unwrap();
+    let pre = Preprocessor::new(cls.meta(), Limits::default());
+    let set = dataset::load(&test_dir, &cls.meta().labels, &pre).unwrap();
+    assert_eq!(set.len(), 1000);
+    let probs = eval::predict_all(&cls, &set, 128).unwrap();
+    let report = eval::evaluate(&cls.meta().labels, &set, &probs);
+    assert!(
+        report.accuracy >= 0.90,
+        "accuracy {:.4} is under the 0.90 bar",
+        report.accuracy
+    );
+}
