@@ -10,6 +10,7 @@ use clap::Parser;
 use profile_classifier::batcher::{BatchConfig, Policy};
 use profile_classifier::config::parse_device;
 use profile_classifier::preprocess::Limits;
+use profile_classifier::worker::jetstream::JsConfig;
 use profile_classifier::worker::{self, Subjects, WorkerConfig};
 
 #[derive(Parser)]
@@ -85,6 +86,31 @@ struct Cli {
     /// Seconds between checks of the weights file for changes (0: off).
     #[arg(long, env = "PROFILE_WATCH_INTERVAL", default_value_t = 1.0)]
     watch_interval: f64,
+    /// Read requests from a JetStream stream through a durable pull consumer (at least once).
+    #[arg(long, env = "PROFILE_JETSTREAM")]
+    jetstream: bool,
+    /// JetStream stream capturing the request subject (created if absent).
+    #[arg(long, env = "PROFILE_STREAM", default_value = "PROFILES")]
+    stream: String,
+    /// Durable pull consumer shared by the workers (created if absent).
+    #[arg(long, env = "PROFILE_CONSUMER", default_value = "profile-workers")]
+    consumer: String,
+    /// Seconds the server waits for an ack before redelivering.
+    #[arg(long, env = "PROFILE_ACK_WAIT", default_value_t = 30.0)]
+    ack_wait: f64,
+    /// Deliveries before a request goes to the dead-letter subject.
+    #[arg(long, env = "PROFILE_MAX_DELIVER", default_value_t = 5)]
+    max_deliver: i64,
+    /// Unacknowledged requests the consumer may hold.
+    #[arg(long, env = "PROFILE_MAX_ACK_PENDING", default_value_t = 1024)]
+    max_ack_pending: i64,
+    /// Subject for requests that used up their deliveries.
+    #[arg(
+        long,
+        env = "PROFILE_DEADLETTER_SUBJECT",
+        default_value = "profiles.deadletter"
+    )]
+    deadletter_subject: String,
 }
 
 fn main() -> ExitCode {
@@ -140,6 +166,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         metrics_addr: cli.metrics_addr,
         shutdown_timeout: Duration::from_secs(cli.shutdown_timeout),
         watch_interval: Duration::from_secs_f64(cli.watch_interval.max(0.0)),
+        jetstream: cli.jetstream.then(|| JsConfig {
+            stream: cli.stream,
+            consumer: cli.consumer,
+            ack_wait: Duration::from_secs_f64(cli.ack_wait.max(1.0)),
+            max_deliver: cli.max_deliver,
+            max_ack_pending: cli.max_ack_pending,
+            deadletter_subject: cli.deadletter_subject,
+            ..JsConfig::default()
+        }),
     };
     let running = worker::start(cfg).await?;
     shutdown_signal().await;

@@ -8,7 +8,7 @@
 //!
 //! This module knows nothing of the network: it offers tensor operations only.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// Number of taps of a 3x3 kernel.
 const TAPS: usize = 9;
@@ -181,19 +181,16 @@ impl CustomOp1 for MaxPool {
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         // Recompute the arg-max from the input and the pooled output.
-        let routed = arg.apply_op2_no_bwd(
-            &Tensor::stack(&[res, &grad_res.contiguous()?], D::Minus1)?,
-            &MaxPoolBwd,
-        )?;
+        let routed = arg.apply_op3_no_bwd(res, &grad_res.contiguous()?, &MaxPoolBwd)?;
         Ok(Some(routed))
     }
 }
 
-/// Backward of [`MaxPool`]: `lhs` is the pool input `[B, H, W, C]`, `rhs` the
-/// pooled output and its gradient stacked on a last axis `[B, H/2, W/2, C, 2]`.
+/// Backward of [`MaxPool`]: the pool input `[B, H, W, C]`, the pooled
+/// output and its gradient (both `[B, H/2, W/2, C]`) give the input gradient.
 struct MaxPoolBwd;
 
-impl CustomOp2 for MaxPoolBwd {
+impl CustomOp3 for MaxPoolBwd {
     fn name(&self) -> &'static str {
         "maxpool2x2_nhwc_bwd"
     }
@@ -204,21 +201,25 @@ impl CustomOp2 for MaxPoolBwd {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (b, h, w, c) = dims4(l1)?;
         let src = contiguous_f32(s1, l1)?;
         let pooled = contiguous_f32(s2, l2)?;
+        let grads = contiguous_f32(s3, l3)?;
         let (oh, ow) = (h / 2, w / 2);
-        if pooled.len() != b * oh * ow * c * 2 {
+        if pooled.len() != b * oh * ow * c || grads.len() != pooled.len() {
             candle_core::bail!("maxpool backward: shape mismatch");
         }
         let mut dst = vec![0f32; b * h * w * c];
         for n in 0..b {
             for y in 0..oh {
                 for x in 0..ow {
-                    let po = &pooled[((n * oh + y) * ow + x) * c * 2..][..c * 2];
+                    let at = ((n * oh + y) * ow + x) * c;
+                    let (po, go) = (&pooled[at..at + c], &grads[at..at + c]);
                     for i in 0..c {
-                        let (max, grad) = (po[2 * i], po[2 * i + 1]);
+                        let (max, grad) = (po[i], go[i]);
                         // The first tap holding the maximum takes the gradient.
                         'taps: for dy in 0..2 {
                             for dx in 0..2 {

@@ -12,6 +12,7 @@
 //!
 //! This module knows nothing of files (see [`weights`]), NATS or images.
 
+pub mod batchnorm;
 pub mod conv;
 pub mod weights;
 
@@ -248,59 +249,62 @@ impl Cnn {
             ConvImpl::Fast => conv::conv3x3_nhwc(x, &conv::weight_matrix(&b.conv)?)?,
             ConvImpl::Candle => x.conv2d(&b.conv, 1, 1, 1, 1)?,
         };
-        let (scale, shift) = if train {
-            let (mean, var) = match self.conv_impl {
-                ConvImpl::Fast => {
-                    // Sums over the rows of [N, C] as a matmul by a row of 1/N:
-                    // far faster than a strided reduction, and differentiable.
-                    let rows = y.elem_count() / cout;
-                    let flat = y.reshape((rows, cout))?;
-                    let avg = Tensor::full(1f32 / rows as f32, (1, rows), y.device())?;
-                    let mean = avg.matmul(&flat)?.squeeze(0)?;
-                    let sq = avg.matmul(&flat.sqr()?)?.squeeze(0)?;
-                    (mean.clone(), (sq - mean.sqr()?)?.relu()?)
-                }
-                ConvImpl::Candle => {
-                    let mean = y.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
-                    let var = y
-                        .broadcast_sub(&mean)?
-                        .sqr()?
-                        .mean_keepdim(0)?
-                        .mean_keepdim(2)?
-                        .mean_keepdim(3)?;
-                    (mean.flatten_all()?, var.flatten_all()?)
-                }
-            };
-            let n = (y.elem_count() / cout) as f64;
-            let unbiased = (var.detach() * (n / (n - 1.0).max(1.0)))?;
+        let n = (y.elem_count() / cout) as f64;
+        let (y, batch_stats) = match (self.conv_impl, train) {
+            (ConvImpl::Fast, true) => {
+                let shape = y.shape().clone();
+                let (out, stats) = batchnorm::batch_norm_rows(
+                    &y.reshape(((n as usize), cout))?,
+                    &b.gamma,
+                    &b.beta,
+                    BN_EPS,
+                )?;
+                let dev = y.device();
+                let stats = (Tensor::new(stats.mean, dev)?, Tensor::new(stats.var, dev)?);
+                (out.reshape(shape)?, Some(stats))
+            }
+            (ConvImpl::Candle, true) => {
+                let mean = y.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+                let var = y
+                    .broadcast_sub(&mean)?
+                    .sqr()?
+                    .mean_keepdim(0)?
+                    .mean_keepdim(2)?
+                    .mean_keepdim(3)?;
+                let (scale, shift) =
+                    bn_affine(&b.gamma, &b.beta, &mean.flatten_all()?, &var.flatten_all()?)?;
+                let out = affine_nchw(&y, &scale, &shift)?;
+                (
+                    out,
+                    Some((mean.flatten_all()?.detach(), var.flatten_all()?.detach())),
+                )
+            }
+            (imp, false) => {
+                let (scale, shift) = bn_affine(
+                    &b.gamma,
+                    &b.beta,
+                    b.running_mean.as_tensor(),
+                    b.running_var.as_tensor(),
+                )?;
+                let out = match imp {
+                    ConvImpl::Fast => y.broadcast_mul(&scale)?.broadcast_add(&shift)?,
+                    ConvImpl::Candle => affine_nchw(&y, &scale, &shift)?,
+                };
+                (out, None)
+            }
+        };
+        if let Some((mean, var)) = batch_stats {
+            let unbiased = (var * (n / (n - 1.0).max(1.0)))?;
             b.running_mean.set(
-                &((b.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))?
-                    + (mean.detach() * BN_MOMENTUM)?)?,
+                &((b.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?,
             )?;
             b.running_var.set(
                 &((b.running_var.as_tensor() * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?,
             )?;
-            bn_affine(&b.gamma, &b.beta, &mean, &var)?
-        } else {
-            bn_affine(
-                &b.gamma,
-                &b.beta,
-                b.running_mean.as_tensor(),
-                b.running_var.as_tensor(),
-            )?
-        };
+        }
         match self.conv_impl {
-            ConvImpl::Fast => {
-                let y = y.broadcast_mul(&scale)?.broadcast_add(&shift)?;
-                conv::max_pool2x2_nhwc(&y)?.relu()
-            }
-            ConvImpl::Candle => {
-                let shape = (1, cout, 1, 1);
-                let y = y
-                    .broadcast_mul(&scale.reshape(shape)?)?
-                    .broadcast_add(&shift.reshape(shape)?)?;
-                max_pool2x2_nchw(&y)?.relu()
-            }
+            ConvImpl::Fast => conv::max_pool2x2_nhwc(&y)?.relu(),
+            ConvImpl::Candle => max_pool2x2_nchw(&y)?.relu(),
         }
     }
 
@@ -334,6 +338,13 @@ impl Cnn {
             conv_impl,
         })
     }
+}
+
+/// `x * scale + shift` per channel of an NCHW tensor.
+fn affine_nchw(x: &Tensor, scale: &Tensor, shift: &Tensor) -> candle_core::Result<Tensor> {
+    let shape = (1, scale.dim(0)?, 1, 1);
+    x.broadcast_mul(&scale.reshape(shape)?)?
+        .broadcast_add(&shift.reshape(shape)?)
 }
 
 /// 2x2 max-pool of an NCHW tensor with even sides, as two max reductions.

@@ -12,6 +12,7 @@
 //! subscription, lets every taken request finish, flushes and returns.
 
 pub mod infer;
+pub mod jetstream;
 pub mod model_slot;
 
 use std::net::SocketAddr;
@@ -31,6 +32,7 @@ use crate::metrics::{Metrics, Readiness};
 use crate::preprocess::Limits;
 use crate::protocol::{ErrorCode, ErrorReply, ProfileResult, Request, USERID_HEADER, UserId};
 use infer::Decoded;
+use jetstream::{ConfirmedPublisher, JsAck, JsConfig, JsSource, Settle, Tracker};
 use model_slot::{ModelSlot, ReloadOutcome, file_stamp};
 
 /// The subjects of PROTOCOL §1-5, all configurable.
@@ -85,6 +87,8 @@ pub struct WorkerConfig {
     pub shutdown_timeout: Duration,
     /// How often the weights file is checked for changes (zero: never).
     pub watch_interval: Duration,
+    /// JetStream mode settings; `None` runs in core NATS mode.
+    pub jetstream: Option<JsConfig>,
 }
 
 /// Who asked and where to answer; travels with a request through the stages.
@@ -98,6 +102,8 @@ pub struct Envelope {
     pub msg_id: Option<String>,
     /// When the worker received the request.
     pub received: Instant,
+    /// JetStream delivery to settle once answered (JetStream mode only).
+    pub js: Option<JsAck>,
 }
 
 /// An answer on its way to the publisher.
@@ -164,23 +170,39 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<Running> {
             .with_context(|| format!("binding the metrics address {}", cfg.metrics_addr))?;
     tracing::info!(%metrics_addr, "serving /metrics, /healthz, /readyz");
 
-    let requests = client
-        .queue_subscribe(
-            cfg.subjects.requests.clone(),
-            cfg.subjects.queue_group.clone(),
-        )
-        .await
-        .context("subscribing to the request subject")?;
+    let source = match &cfg.jetstream {
+        None => Source::Core(
+            client
+                .queue_subscribe(
+                    cfg.subjects.requests.clone(),
+                    cfg.subjects.queue_group.clone(),
+                )
+                .await
+                .context("subscribing to the request subject")?,
+        ),
+        Some(js_cfg) => {
+            let js = async_nats::jetstream::new(client.clone());
+            let consumer = jetstream::setup(&js, js_cfg, &cfg.subjects.requests).await?;
+            Source::Js(JsSource::new(consumer, cfg.batch.max_batch * 2))
+        }
+    };
     let reloads = client
         .subscribe(cfg.subjects.reload.clone())
         .await
         .context("subscribing to the reload subject")?;
     client.flush().await.context("flushing subscriptions")?;
-    tracing::info!(subject = %cfg.subjects.requests, group = %cfg.subjects.queue_group, "taking requests");
+    match &cfg.jetstream {
+        None => {
+            tracing::info!(subject = %cfg.subjects.requests, group = %cfg.subjects.queue_group, "taking requests (core NATS)")
+        }
+        Some(j) => {
+            tracing::info!(stream = %j.stream, consumer = %j.consumer, "taking requests (JetStream)")
+        }
+    }
 
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(pipeline(
-        cfg, client, requests, reloads, slot, metrics, stop_rx,
+        cfg, client, source, reloads, slot, metrics, stop_rx,
     ));
     Ok(Running {
         metrics_addr,
@@ -217,18 +239,25 @@ async fn connect(cfg: &WorkerConfig, ready: Arc<Readiness>) -> anyhow::Result<as
 async fn pipeline(
     cfg: WorkerConfig,
     client: async_nats::Client,
-    mut requests: async_nats::Subscriber,
+    mut source: Source,
     reloads: async_nats::Subscriber,
     slot: ModelSlot,
     metrics: Metrics,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let (answer_tx, answer_rx) = mpsc::unbounded_channel();
+    let tracker = Tracker::default();
+    let keep_alive = cfg
+        .jetstream
+        .as_ref()
+        .map(|j| tokio::spawn(tracker.clone().keep_alive(client.clone(), j.ack_wait)));
     let publisher = tokio::spawn(publish_answers(
         client.clone(),
         cfg.subjects.clone(),
+        cfg.jetstream.clone(),
         answer_rx,
         metrics.clone(),
+        tracker.clone(),
     ));
 
     let inflow = Inflow::default();
@@ -247,31 +276,57 @@ async fn pipeline(
     let decode_permits = Arc::new(Semaphore::new(cfg.decode_threads.max(1)));
     let mut draining = false;
     loop {
-        let msg = tokio::select! {
-            msg = requests.next() => match msg {
-                Some(msg) => msg,
+        let (msg, js) = tokio::select! {
+            next = source.next() => match next {
+                Some(m) => m,
                 None => break,
             },
             _ = stop.changed(), if !draining => {
-                // Stop taking requests; messages the client already holds
-                // still come out of the stream, then it ends.
                 draining = true;
-                tracing::info!("shutting down: draining the subscription");
-                if let Err(e) = requests.drain().await {
-                    tracing::warn!("drain failed ({e}); unsubscribing");
-                    let _ = requests.unsubscribe().await;
-                    break;
+                match &mut source {
+                    Source::Core(sub) => {
+                        // Stop taking requests; messages the client already
+                        // holds still come out of the stream, then it ends.
+                        tracing::info!("shutting down: draining the subscription");
+                        if let Err(e) = sub.drain().await {
+                            tracing::warn!("drain failed ({e}); unsubscribing");
+                            let _ = sub.unsubscribe().await;
+                            break;
+                        }
+                        continue;
+                    }
+                    // Stop pulling; anything pulled but not taken is
+                    // redelivered by the server after the ack wait.
+                    Source::Js(_) => {
+                        tracing::info!("shutting down: no more pulls");
+                        break;
+                    }
                 }
-                continue;
             }
         };
+        if let Some(ack) = &js {
+            tracker.start(ack);
+        }
         metrics.requests.inc();
         metrics.in_flight.inc();
+        let msg_id = header(&msg.headers, "Nats-Msg-Id")
+            .map(str::to_owned)
+            .or_else(|| {
+                // Derived from the stream sequence, so redeliveries share it.
+                let stream = cfg
+                    .jetstream
+                    .as_ref()
+                    .map(|j| j.stream.as_str())
+                    .unwrap_or("");
+                js.as_ref()
+                    .map(|a| format!("{stream}:{}", a.stream_sequence))
+            });
         let env = Envelope {
             userid: None,
             reply: msg.reply.clone(),
-            msg_id: header(&msg.headers, "Nats-Msg-Id").map(str::to_owned),
+            msg_id,
             received: Instant::now(),
+            js,
         };
         let userid = header(&msg.headers, USERID_HEADER).map(|s| s.as_bytes().to_vec());
         let request = match Request::parse(msg.payload, userid.as_deref()) {
@@ -347,6 +402,9 @@ async fn pipeline(
         tracing::warn!("shutdown timeout: {left} requests still in flight");
     }
     reloader.abort();
+    if let Some(k) = keep_alive {
+        k.abort();
+    }
     drop(decoded_tx);
     drop(answer_tx);
     let _ = tokio::task::spawn_blocking(move || infer.join()).await;
@@ -354,6 +412,26 @@ async fn pipeline(
     client.flush().await.context("flushing answers")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Where requests come from.
+pub enum Source {
+    /// A core NATS queue subscription.
+    Core(async_nats::Subscriber),
+    /// A JetStream pull consumer.
+    Js(JsSource),
+}
+
+impl Source {
+    async fn next(&mut self) -> Option<(async_nats::Message, Option<JsAck>)> {
+        match self {
+            Self::Core(sub) => sub.next().await.map(|m| (m, None)),
+            Self::Js(js) => {
+                let (m, ack) = js.next().await;
+                Some((m, Some(ack)))
+            }
+        }
+    }
 }
 
 fn header<'a>(headers: &'a Option<HeaderMap>, name: &str) -> Option<&'a str> {
@@ -396,15 +474,19 @@ async fn watch_reloads(slot: ModelSlot, mut control: async_nats::Subscriber, int
 }
 
 /// Publishes answers in the order they come, with their headers, to the
-/// result or error subject and to the reply subject when there is one.
+/// result or error subject and to the reply subject when there is one. In
+/// JetStream mode each answer is confirmed, then its request settled.
 async fn publish_answers(
     client: async_nats::Client,
     subjects: Subjects,
+    js_cfg: Option<JsConfig>,
     mut rx: mpsc::UnboundedReceiver<Answer>,
     metrics: Metrics,
+    tracker: Tracker,
 ) {
+    let confirmed = ConfirmedPublisher::new(client.clone());
     while let Some(answer) = rx.recv().await {
-        let (env, subject, payload) = match answer {
+        let (env, subject, payload, settle, counted) = match answer {
             Answer::Label {
                 env,
                 scores,
@@ -417,23 +499,32 @@ async fn publish_answers(
                     .unwrap_or_else(|| UserId::parse(b"?").expect("valid id"));
                 let latency = env.received.elapsed().as_secs_f64() * 1e3;
                 let result = ProfileResult::new(&userid, &labels, &scores, &model, latency);
-                metrics
-                    .results
-                    .with_label_values(&[result.gender.as_str()])
-                    .inc();
                 let payload = serde_json::to_vec(&result).unwrap_or_default();
-                (env, subjects.results.clone(), payload)
+                (
+                    env,
+                    subjects.results.clone(),
+                    payload,
+                    Settle::Done,
+                    Counted::Result(result.gender),
+                )
             }
             Answer::Failure { env, code, detail } => {
-                metrics.error(code);
                 if code == ErrorCode::Internal {
                     tracing::error!(userid = ?env.userid, "internal error: {detail}");
                 }
                 let reply = ErrorReply::new(env.userid.as_ref(), code, detail);
+                let settle = if code.is_bad_input() {
+                    Settle::Poison
+                } else {
+                    Settle::Retry
+                };
+                let payload = serde_json::to_vec(&reply).unwrap_or_default();
                 (
                     env,
                     subjects.errors.clone(),
-                    serde_json::to_vec(&reply).unwrap_or_default(),
+                    payload,
+                    settle,
+                    Counted::Error(code),
                 )
             }
         };
@@ -446,20 +537,62 @@ async fn publish_answers(
             headers.insert("Nats-Msg-Id", id.as_str());
         }
         let payload = bytes::Bytes::from(payload);
-        if let Err(e) = client
-            .publish_with_headers(subject, headers.clone(), payload.clone())
-            .await
-        {
-            tracing::error!("publishing an answer failed: {e}");
-        }
-        if let Some(reply) = env.reply.clone() {
-            if let Err(e) = client.publish_with_headers(reply, headers, payload).await {
-                tracing::error!("publishing to the reply subject failed: {e}");
+        match (&env.js, &js_cfg) {
+            (Some(ack), Some(cfg)) => {
+                // An internal error is retried, not answered, until the last delivery.
+                let last = cfg.max_deliver > 0 && ack.delivered >= cfg.max_deliver;
+                let outcome = if settle == Settle::Retry && !last {
+                    Settle::Retry
+                } else {
+                    match confirmed.publish(&subject, headers, payload).await {
+                        Ok(()) => {
+                            counted.record(&metrics);
+                            settle
+                        }
+                        Err(e) => {
+                            tracing::warn!(
+                                "answer not confirmed, request will be redelivered: {e:#}"
+                            );
+                            Settle::Retry
+                        }
+                    }
+                };
+                jetstream::settle(&client, &confirmed, cfg, &metrics, ack, outcome).await;
+                tracker.finish(ack);
+            }
+            _ => {
+                counted.record(&metrics);
+                if let Err(e) = client
+                    .publish_with_headers(subject, headers.clone(), payload.clone())
+                    .await
+                {
+                    tracing::error!("publishing an answer failed: {e}");
+                }
+                if let Some(reply) = env.reply.clone() {
+                    if let Err(e) = client.publish_with_headers(reply, headers, payload).await {
+                        tracing::error!("publishing to the reply subject failed: {e}");
+                    }
+                }
             }
         }
         metrics
             .latency_seconds
             .observe(env.received.elapsed().as_secs_f64());
         metrics.in_flight.dec();
+    }
+}
+
+/// What an answer adds to the counters once it is out.
+enum Counted {
+    Result(String),
+    Error(ErrorCode),
+}
+
+impl Counted {
+    fn record(&self, metrics: &Metrics) {
+        match self {
+            Self::Result(label) => metrics.results.with_label_values(&[label.as_str()]).inc(),
+            Self::Error(code) => metrics.error(*code),
+        }
     }
 }

@@ -1,0 +1,351 @@
+//! JetStream mode (PROTOCOL §4): requests come from a work-queue stream
+//! through a durable pull consumer shared by every worker, and each request
+//! is settled only after its answer was published and confirmed.
+//!
+//! Settling: a result is acked; a bad-input error is terminated (never
+//! redelivered) after its error was published; a transient failure (the
+//! answer could not be published, an internal error) is naked with a delay,
+//! and on its last allowed delivery is published to the dead-letter subject
+//! with its original headers and payload, then terminated. Work that outlives
+//! half the ack wait gets in-progress acks.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_nats::jetstream::{self, AckKind, consumer, stream};
+use async_nats::{HeaderMap, Subject};
+use futures::StreamExt;
+
+use crate::metrics::Metrics;
+
+/// JetStream settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsConfig {
+    /// Stream capturing the request subject.
+    pub stream: String,
+    /// Durable pull consumer shared by the workers.
+    pub consumer: String,
+    /// How long the server waits for an ack before redelivering.
+    pub ack_wait: Duration,
+    /// Deliveries before a request is dead-lettered.
+    pub max_deliver: i64,
+    /// Unacknowledged requests the server lets the consumer hold.
+    pub max_ack_pending: i64,
+    /// Where requests that used up their deliveries go.
+    pub deadletter_subject: String,
+    /// Delay before a naked request is redelivered.
+    pub nak_delay: Duration,
+}
+
+impl Default for JsConfig {
+    fn default() -> Self {
+        Self {
+            stream: "PROFILES".into(),
+            consumer: "profile-workers".into(),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 5,
+            max_ack_pending: 1024,
+            deadletter_subject: "profiles.deadletter".into(),
+            nak_delay: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What travels with a JetStream request until it is settled.
+#[derive(Debug, Clone)]
+pub struct JsAck {
+    /// The ack subject of this delivery.
+    pub ack_subject: Subject,
+    /// Stream sequence (identifies the request across redeliveries).
+    pub stream_sequence: u64,
+    /// Which delivery this is (1-based).
+    pub delivered: i64,
+    /// Original headers, for the dead-letter copy.
+    pub headers: Option<HeaderMap>,
+    /// Original payload, for the dead-letter copy.
+    pub payload: bytes::Bytes,
+}
+
+/// Creates (if absent) or binds the stream and the durable consumer.
+pub async fn setup(
+    js: &jetstream::Context,
+    cfg: &JsConfig,
+    request_subject: &str,
+) -> anyhow::Result<consumer::Consumer<consumer::pull::Config>> {
+    let stream = js
+        .get_or_create_stream(stream::Config {
+            name: cfg.stream.clone(),
+            subjects: vec![request_subject.to_string()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("creating or binding the stream {}", cfg.stream))?;
+    let consumer = stream
+        .get_or_create_consumer(
+            &cfg.consumer,
+            consumer::pull::Config {
+                durable_name: Some(cfg.consumer.clone()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: cfg.ack_wait,
+                max_deliver: cfg.max_deliver,
+                max_ack_pending: cfg.max_ack_pending,
+                ..Default::default()
+            },
+        )
+        .await
+        .with_context(|| format!("creating or binding the consumer {}", cfg.consumer))?;
+    Ok(consumer)
+}
+
+/// Pulls requests from the consumer, re-opening the pull stream after
+/// errors (server restarts, missed heartbeats) so the worker never needs a
+/// restart.
+pub struct JsSource {
+    consumer: consumer::Consumer<consumer::pull::Config>,
+    batch: usize,
+    messages: Option<consumer::pull::Stream>,
+}
+
+impl JsSource {
+    /// A source fetching `batch` requests at a time.
+    pub fn new(consumer: consumer::Consumer<consumer::pull::Config>, batch: usize) -> Self {
+        Self {
+            consumer,
+            batch: batch.max(1),
+            messages: None,
+        }
+    }
+
+    /// The next request: the plain message (reply subject cleared: in a
+    /// stream it is the ack subject) and its ack handle.
+    pub async fn next(&mut self) -> (async_nats::Message, JsAck) {
+        loop {
+            if self.messages.is_none() {
+                match self
+                    .consumer
+                    .stream()
+                    .max_messages_per_batch(self.batch)
+                    .heartbeat(Duration::from_secs(5))
+                    .expires(Duration::from_secs(30))
+                    .messages()
+                    .await
+                {
+                    Ok(s) => self.messages = Some(s),
+                    Err(e) => {
+                        tracing::warn!("jetstream: cannot pull yet ({e}); retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                }
+            }
+            let Some(stream) = self.messages.as_mut() else {
+                continue;
+            };
+            match stream.next().await {
+                Some(Ok(msg)) => {
+                    let (stream_sequence, delivered) = match msg.info() {
+                        Ok(info) => (info.stream_sequence, info.delivered),
+                        Err(_) => (0, 1),
+                    };
+                    let mut inner = msg.message;
+                    let Some(ack_subject) = inner.reply.take() else {
+                        continue;
+                    };
+                    let ack = JsAck {
+                        ack_subject,
+                        stream_sequence,
+                        delivered,
+                        headers: inner.headers.clone(),
+                        payload: inner.payload.clone(),
+                    };
+                    return (inner, ack);
+                }
+                Some(Err(e)) => {
+                    tracing::warn!("jetstream: pull error ({e}); re-opening the pull");
+                    self.messages = None;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                None => {
+                    self.messages = None;
+                }
+            }
+        }
+    }
+}
+
+/// Requests being worked on, for in-progress acks.
+#[derive(Clone, Default)]
+pub struct Tracker(Arc<Mutex<HashMap<String, Instant>>>);
+
+impl Tracker {
+    /// Starts tracking a delivery.
+    pub fn start(&self, ack: &JsAck) {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(ack.ack_subject.to_string(), Instant::now());
+        }
+    }
+
+    /// Stops tracking a delivery.
+    pub fn finish(&self, ack: &JsAck) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(ack.ack_subject.as_str());
+        }
+    }
+
+    /// Sends `+WPI` for work older than half the ack wait, forever.
+    pub async fn keep_alive(self, client: async_nats::Client, ack_wait: Duration) {
+        let half = ack_wait / 2;
+        let mut tick = tokio::time::interval((ack_wait / 4).max(Duration::from_millis(100)));
+        loop {
+            tick.tick().await;
+            let due: Vec<String> = match self.0.lock() {
+                Ok(mut m) => m
+                    .iter_mut()
+                    .filter(|(_, t)| t.elapsed() >= half)
+                    .map(|(s, t)| {
+                        *t = Instant::now();
+                        s.clone()
+                    })
+                    .collect(),
+                Err(_) => continue,
+            };
+            for subject in due {
+                let _ = client.publish(subject, AckKind::Progress.into()).await;
+            }
+        }
+    }
+}
+
+/// Publishes answers so that, in JetStream mode, they are confirmed before
+/// the request is settled: through JetStream (publish ack) when a stream
+/// captures the subject, else a core publish followed by a flush.
+#[derive(Clone)]
+pub struct ConfirmedPublisher {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    captured: Arc<Mutex<HashMap<String, bool>>>,
+}
+
+impl ConfirmedPublisher {
+    /// A publisher over `client`.
+    pub fn new(client: async_nats::Client) -> Self {
+        Self {
+            js: jetstream::new(client.clone()),
+            client,
+            captured: Arc::default(),
+        }
+    }
+
+    async fn is_captured(&self, subject: &str) -> bool {
+        if let Some(&known) = self
+            .captured
+            .lock()
+            .ok()
+            .and_then(|m| m.get(subject).copied())
+            .as_ref()
+        {
+            return known;
+        }
+        let captured = self.js.stream_by_subject(subject).await.is_ok();
+        if let Ok(mut m) = self.captured.lock() {
+            m.insert(subject.to_string(), captured);
+        }
+        captured
+    }
+
+    /// Publishes and waits for the confirmation.
+    pub async fn publish(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: bytes::Bytes,
+    ) -> anyhow::Result<()> {
+        if self.is_captured(subject).await {
+            let confirmed = async {
+                self.js
+                    .publish_with_headers(subject.to_string(), headers, payload)
+                    .await?
+                    .await
+                    .map(|_| ())
+                    .map_err(anyhow::Error::from)
+            }
+            .await;
+            if confirmed.is_err() {
+                // The stream may have gone; look again next time.
+                if let Ok(mut m) = self.captured.lock() {
+                    m.remove(subject);
+                }
+            }
+            confirmed.with_context(|| format!("publishing to {subject} (stream)"))
+        } else {
+            self.client
+                .publish_with_headers(subject.to_string(), headers, payload)
+                .await
+                .with_context(|| format!("publishing to {subject}"))?;
+            self.client.flush().await.context("flushing")
+        }
+    }
+}
+
+/// How a request ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Answered with a result.
+    Done,
+    /// Answered with a bad-input error: never redeliver.
+    Poison,
+    /// Could not be answered now: redeliver later (or dead-letter).
+    Retry,
+}
+
+/// Acks, terminates or naks a delivery; a retry on the last allowed
+/// delivery goes to the dead-letter subject first.
+pub async fn settle(
+    client: &async_nats::Client,
+    publisher: &ConfirmedPublisher,
+    cfg: &JsConfig,
+    metrics: &Metrics,
+    ack: &JsAck,
+    how: Settle,
+) {
+    let kind = match how {
+        Settle::Done => AckKind::Ack,
+        Settle::Poison => AckKind::Term,
+        Settle::Retry if cfg.max_deliver > 0 && ack.delivered >= cfg.max_deliver => {
+            let mut headers = ack.headers.clone().unwrap_or_default();
+            headers.insert("Profile-Deliveries", ack.delivered.to_string().as_str());
+            headers.insert(
+                "Profile-Stream-Sequence",
+                ack.stream_sequence.to_string().as_str(),
+            );
+            match publisher
+                .publish(&cfg.deadletter_subject, headers, ack.payload.clone())
+                .await
+            {
+                Ok(()) => {
+                    metrics.dead_letters.inc();
+                    tracing::error!(
+                        sequence = ack.stream_sequence,
+                        "request dead-lettered after {} deliveries",
+                        ack.delivered
+                    );
+                    AckKind::Term
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "dead-letter publish failed ({e}); leaving the request to the server"
+                    );
+                    AckKind::Nak(Some(cfg.nak_delay))
+                }
+            }
+        }
+        Settle::Retry => AckKind::Nak(Some(cfg.nak_delay)),
+    };
+    if let Err(e) = client.publish(ack.ack_subject.clone(), kind.into()).await {
+        tracing::warn!("settling request {} failed: {e}", ack.stream_sequence);
+    }
+}
