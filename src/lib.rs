@@ -9,6 +9,7 @@
 
 pub mod batcher;
 pub mod config;
+pub mod connect;
 pub mod loadgen;
 pub mod metrics;
 pub mod model;

@@ -35,8 +35,8 @@ pub enum Encoding {
 /// What to send and how.
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
-    /// NATS server URL.
-    pub nats_url: String,
+    /// Servers, credentials and TLS.
+    pub nats: crate::connect::NatsArgs,
     /// Folder of pictures, optionally with `profile.csv` (userid,gender).
     pub dir: PathBuf,
     /// Request subject.
@@ -182,9 +182,7 @@ pub fn latency_summary(mut ms: Vec<f64>) -> Latency {
 pub async fn run(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
     let pictures = read_pictures(&cfg.dir)?;
     let total = cfg.requests.unwrap_or(pictures.len());
-    let client = async_nats::connect(cfg.nats_url.as_str())
-        .await
-        .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))?;
+    let client = cfg.nats.connect(cfg.nats.options().await?).await?;
     let mut results = client.subscribe(cfg.result_subject.clone()).await?;
     let mut errors = client.subscribe(cfg.error_subject.clone()).await?;
     client.flush().await?;

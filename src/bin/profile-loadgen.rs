@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use profile_classifier::connect::NatsArgs;
 use profile_classifier::loadgen::{self, Encoding, LoadConfig};
 
 #[derive(Parser)]
@@ -15,9 +16,8 @@ use profile_classifier::loadgen::{self, Encoding, LoadConfig};
     about = "Publish a folder of profile pictures and measure the answers"
 )]
 struct Cli {
-    /// NATS server URL.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
+    #[command(flatten)]
+    nats: NatsArgs,
     /// Folder of <userid>.jpg files, optionally with profile.csv (userid,gender).
     #[arg(long, default_value = "tests/fixtures/faces")]
     dir: PathBuf,
@@ -62,7 +62,7 @@ struct Cli {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let cfg = LoadConfig {
-        nats_url: cli.nats_url,
+        nats: cli.nats,
         dir: cli.dir,
         request_subject: cli.request_subject,
         result_subject: cli.result_subject,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use profile_classifier::batcher::{BatchConfig, Policy};
 use profile_classifier::config::parse_device;
+use profile_classifier::connect::NatsArgs;
 use profile_classifier::preprocess::Limits;
 use profile_classifier::worker::jetstream::JsConfig;
 use profile_classifier::worker::{self, Subjects, WorkerConfig};
@@ -16,9 +17,8 @@ use profile_classifier::worker::{self, Subjects, WorkerConfig};
 #[derive(Parser)]
 #[command(version, about = "Classify profile pictures streaming through NATS")]
 struct Cli {
-    /// NATS server URL(s), comma separated.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
+    #[command(flatten)]
+    nats: NatsArgs,
     /// Connection name shown by the NATS server (default: profile-worker-<pid>).
     #[arg(long, env = "PROFILE_CONNECTION_NAME")]
     connection_name: Option<String>,
@@ -140,7 +140,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cfg = WorkerConfig {
-        nats_url: cli.nats_url,
+        nats: cli.nats,
         connection_name: cli
             .connection_name
             .unwrap_or_else(|| format!("profile-worker-{}", std::process::id())),

@@ -65,8 +65,8 @@ impl Default for Subjects {
 /// Everything the worker needs to run.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// NATS server URL(s), comma separated.
-    pub nats_url: String,
+    /// Servers, credentials and TLS.
+    pub nats: crate::connect::NatsArgs,
     /// Connection name shown by the server.
     pub connection_name: String,
     /// Subjects and queue group.
@@ -213,7 +213,10 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<Running> {
 
 async fn connect(cfg: &WorkerConfig, ready: Arc<Readiness>) -> anyhow::Result<async_nats::Client> {
     let events = ready.clone();
-    let options = async_nats::ConnectOptions::new()
+    let options = cfg
+        .nats
+        .options()
+        .await?
         .name(&cfg.connection_name)
         .event_callback(move |event| {
             let ready = events.clone();
@@ -228,10 +231,7 @@ async fn connect(cfg: &WorkerConfig, ready: Arc<Readiness>) -> anyhow::Result<as
                 tracing::info!("nats: {event}");
             }
         });
-    let client = options
-        .connect(cfg.nats_url.as_str())
-        .await
-        .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))?;
+    let client = cfg.nats.connect(options).await?;
     ready.connected.store(true, Ordering::SeqCst);
     Ok(client)
 }
