@@ -111,3 +111,14 @@ impl NatsArgs {
             .with_context(|| format!("connecting to NATS at {}", self.nats_url))
     }
 }
+
+/// Publishes one reload message (PROTOCOL §5) so every worker sharing the
+/// weights file loads it now; used by the trainer after writing weights.
+pub async fn notify_reload(nats: &NatsArgs, subject: &str, body: &str) -> anyhow::Result<()> {
+    let client = nats.connect(nats.options().await?).await?;
+    client
+        .publish(subject.to_string(), body.to_string().into())
+        .await
+        .with_context(|| format!("publishing to {subject}"))?;
+    client.flush().await.context("flushing the reload message")
+}

@@ -87,8 +87,12 @@ fn trainer(args: &[&str]) -> std::process::Output {
 }
 
 fn smoke_train(out: &Path, seed: &str) {
+    smoke_train_with(out, seed, &[]);
+}
+
+fn smoke_train_with(out: &Path, seed: &str, extra: &[&str]) {
     let fixtures = common::fixtures();
-    let o = trainer(&[
+    let mut args = vec![
         "train",
         "--data",
         fixtures.to_str().unwrap(),
@@ -106,7 +110,9 @@ fn smoke_train(out: &Path, seed: &str) {
         seed,
         "--out",
         out.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let o = trainer(&args);
     assert!(
         o.status.success(),
         "train failed: {}",
@@ -203,4 +209,27 @@ fn shipped_weights_reach_the_accuracy_bar_on_shared_test() {
         "accuracy {:.4} is under the 0.90 bar",
         report.accuracy
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trainer_notifies_the_fleet_after_writing() {
+    let server = common::NatsServer::start();
+    let c = async_nats::connect(server.url()).await.unwrap();
+    let mut sub = c.subscribe("profiles.control.reload").await.unwrap();
+    c.flush().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("w.safetensors");
+    let url = server.url();
+    let out2 = out.clone();
+    tokio::task::spawn_blocking(move || smoke_train_with(&out2, "3", &["--notify-nats", &url]))
+        .await
+        .unwrap();
+    use futures::StreamExt;
+    let msg = tokio::time::timeout(std::time::Duration::from_secs(10), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert!(v["version"].as_str().unwrap().starts_with("gender-cnn/"));
+    assert!(out.exists(), "the file is written before the message");
 }

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use profile_classifier::config::parse_device;
+use profile_classifier::connect::{NatsArgs, notify_reload};
 use profile_classifier::model::Classifier;
 use profile_classifier::preprocess::{Limits, Preprocessor};
 use profile_classifier::train::{self, TrainConfig, Validation};
@@ -109,6 +110,12 @@ struct TrainArgs {
     /// Also write the training report (JSON) to this file.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// After writing the weights, publish a reload message on this NATS server.
+    #[arg(long)]
+    notify_nats: Option<String>,
+    /// Subject of the reload message.
+    #[arg(long, default_value = "profiles.control.reload")]
+    reload_subject: String,
 }
 
 fn main() -> ExitCode {
@@ -152,6 +159,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(path) = a.report {
                 std::fs::write(&path, serde_json::to_string_pretty(&report)?)
                     .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if let Some(url) = a.notify_nats {
+                let nats = NatsArgs::url(url);
+                let body = serde_json::json!({"weights": cfg.out.display().to_string(), "version": report.version});
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(notify_reload(&nats, &a.reload_subject, &body.to_string()))?;
+                eprintln!(
+                    "published a reload message on {} via {}",
+                    a.reload_subject, nats.nats_url
+                );
             }
         }
         Command::Eval {

@@ -161,7 +161,7 @@ impl Worker {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_profile-worker"));
         cmd.args(["--nats-url", url])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-            .args(["--weights", weights().to_str().unwrap()])
+            .env("PROFILE_WEIGHTS", weights())
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
