@@ -78,7 +78,7 @@ struct TrainArgs {
     #[arg(long, default_value = "weights/gender-cnn.safetensors")]
     out: PathBuf,
     /// Passes over the training data.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 18)]
     epochs: usize,
     /// Pictures per optimiser step.
     #[arg(long, default_value_t = 64)]
@@ -87,7 +87,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 3e-3)]
     lr: f64,
     /// AdamW weight decay.
-    #[arg(long, default_value_t = 5e-2)]
+    #[arg(long, default_value_t = 2e-2)]
     weight_decay: f64,
     /// Side of the square model input, in pixels.
     #[arg(long, default_value_t = 64)]
@@ -99,7 +99,7 @@ struct TrainArgs {
     #[arg(long, value_delimiter = ',', default_value = "female,male")]
     labels: Vec<String>,
     /// Dropout before the linear layer.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.1)]
     dropout: f32,
     /// Seed of every random choice; equal seeds give equal weights on CPU.
     #[arg(long, default_value_t = 42)]

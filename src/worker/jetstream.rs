@@ -227,8 +227,12 @@ impl Tracker {
 pub struct ConfirmedPublisher {
     client: async_nats::Client,
     js: jetstream::Context,
-    captured: Arc<Mutex<HashMap<String, bool>>>,
+    /// Per subject: captured by a stream?, and when that was looked up.
+    captured: Arc<Mutex<HashMap<String, (bool, Instant)>>>,
 }
+
+/// How long a lookup of "which stream captures this subject" is trusted.
+const CAPTURE_TTL: Duration = Duration::from_secs(5);
 
 impl ConfirmedPublisher {
     /// A publisher over `client`.
@@ -241,18 +245,21 @@ impl ConfirmedPublisher {
     }
 
     async fn is_captured(&self, subject: &str) -> bool {
-        if let Some(&known) = self
+        let cached = self
             .captured
             .lock()
             .ok()
-            .and_then(|m| m.get(subject).copied())
-            .as_ref()
-        {
-            return known;
+            .and_then(|m| m.get(subject).copied());
+        if let Some((known, at)) = cached {
+            if at.elapsed() < CAPTURE_TTL {
+                return known;
+            }
         }
+        // Looked up again every few seconds: streams come and go, and a
+        // lookup made while disconnected says nothing.
         let captured = self.js.stream_by_subject(subject).await.is_ok();
         if let Ok(mut m) = self.captured.lock() {
-            m.insert(subject.to_string(), captured);
+            m.insert(subject.to_string(), (captured, Instant::now()));
         }
         captured
     }
