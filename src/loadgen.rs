@@ -272,11 +272,9 @@ pub async fn run(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
     let mut sender_done_at: Option<Instant> = None;
     let mut sender = Some(sender);
     while n_results + n_errors < total {
-        if let Some(s) = &sender {
-            if s.is_finished() {
-                sender = None;
-                sender_done_at = Some(Instant::now());
-            }
+        if sender.as_ref().is_some_and(|s| s.is_finished()) {
+            sender = None;
+            sender_done_at = Some(Instant::now());
         }
         let wait = match sender_done_at {
             Some(t) => {

@@ -173,18 +173,22 @@ impl Default for Metrics {
     }
 }
 
-/// What `/readyz` reports: connected to NATS and a model loaded.
+/// What `/readyz` reports: connected to NATS, a model loaded, requests subscribed.
 #[derive(Debug, Default)]
 pub struct Readiness {
     /// The NATS connection is up.
     pub connected: AtomicBool,
     /// A model is loaded and serving.
     pub model_loaded: AtomicBool,
+    /// The request subscription (or JetStream consumer) is set up.
+    pub subscribed: AtomicBool,
 }
 
 impl Readiness {
     fn ready(&self) -> bool {
-        self.connected.load(Ordering::Relaxed) && self.model_loaded.load(Ordering::Relaxed)
+        self.connected.load(Ordering::Relaxed)
+            && self.model_loaded.load(Ordering::Relaxed)
+            && self.subscribed.load(Ordering::Relaxed)
     }
 }
 

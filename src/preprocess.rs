@@ -155,8 +155,8 @@ impl Preprocessor {
             &resized
         };
         for (px, dst) in src.pixels().zip(out.chunks_exact_mut(3)) {
-            for c in 0..3 {
-                dst[c] = (px.0[c] as f32 / 255.0 - self.mean[c]) * self.inv_std[c];
+            for (c, d) in dst.iter_mut().enumerate() {
+                *d = (px.0[c] as f32 / 255.0 - self.mean[c]) * self.inv_std[c];
             }
         }
     }

@@ -103,14 +103,17 @@ impl ModelMeta {
         if self.mean.len() != self.input_channels || self.std.len() != self.input_channels {
             return Err("mean and std need one value per input channel".into());
         }
-        if self.std.iter().any(|s| !(*s > 0.0)) {
+        if self.std.iter().any(|s| s.is_nan() || *s <= 0.0) {
             return Err("std values must be positive".into());
         }
         if self.channels.is_empty() {
             return Err("channels is empty".into());
         }
         let shrink = 1usize << self.channels.len().min(16);
-        if self.input_size < shrink || self.input_size % shrink != 0 || self.input_size > 1024 {
+        if self.input_size < shrink
+            || !self.input_size.is_multiple_of(shrink)
+            || self.input_size > 1024
+        {
             return Err(format!(
                 "input_size {} is not a multiple of 2^{} (one halving per block) up to 1024",
                 self.input_size,

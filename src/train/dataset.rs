@@ -146,10 +146,10 @@ pub fn load(dir: &Path, labels: &[String], pre: &Preprocessor) -> Result<Dataset
             .extension()
             .and_then(|e| e.to_str())
             .map(str::to_ascii_lowercase);
-        if ext.is_some_and(|e| EXTENSIONS.contains(&e.as_str())) {
-            if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
-                files.entry(stem.to_owned()).or_insert(path);
-            }
+        if ext.is_some_and(|e| EXTENSIONS.contains(&e.as_str()))
+            && let Some(stem) = path.file_stem().and_then(|s| s.to_str())
+        {
+            files.entry(stem.to_owned()).or_insert(path);
         }
     }
     let mut skipped = Vec::new();

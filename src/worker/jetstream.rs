@@ -250,10 +250,10 @@ impl ConfirmedPublisher {
             .lock()
             .ok()
             .and_then(|m| m.get(subject).copied());
-        if let Some((known, at)) = cached {
-            if at.elapsed() < CAPTURE_TTL {
-                return known;
-            }
+        if let Some((known, at)) = cached
+            && at.elapsed() < CAPTURE_TTL
+        {
+            return known;
         }
         // Looked up again every few seconds: streams come and go, and a
         // lookup made while disconnected says nothing.

@@ -183,7 +183,7 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<Running> {
         Some(js_cfg) => {
             let js = async_nats::jetstream::new(client.clone());
             let consumer = jetstream::setup(&js, js_cfg, &cfg.subjects.requests).await?;
-            Source::Js(JsSource::new(consumer, cfg.batch.max_batch * 2))
+            Source::Js(Box::new(JsSource::new(consumer, cfg.batch.max_batch * 2)))
         }
     };
     let reloads = client
@@ -191,6 +191,7 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<Running> {
         .await
         .context("subscribing to the reload subject")?;
     client.flush().await.context("flushing subscriptions")?;
+    ready.subscribed.store(true, Ordering::SeqCst);
     match &cfg.jetstream {
         None => {
             tracing::info!(subject = %cfg.subjects.requests, group = %cfg.subjects.queue_group, "taking requests (core NATS)")
@@ -419,7 +420,7 @@ pub enum Source {
     /// A core NATS queue subscription.
     Core(async_nats::Subscriber),
     /// A JetStream pull consumer.
-    Js(JsSource),
+    Js(Box<JsSource>),
 }
 
 impl Source {
@@ -568,10 +569,10 @@ async fn publish_answers(
                 {
                     tracing::error!("publishing an answer failed: {e}");
                 }
-                if let Some(reply) = env.reply.clone() {
-                    if let Err(e) = client.publish_with_headers(reply, headers, payload).await {
-                        tracing::error!("publishing to the reply subject failed: {e}");
-                    }
+                if let Some(reply) = env.reply.clone()
+                    && let Err(e) = client.publish_with_headers(reply, headers, payload).await
+                {
+                    tracing::error!("publishing to the reply subject failed: {e}");
                 }
             }
         }
