@@ -210,18 +210,7 @@ mod tests {
         let up = Tensor::from_vec(values(600 * 5, 7), (600, 5), &dev).unwrap();
         let (fast, stats) = batch_norm_rows(&x, &g, &b, 1e-5).unwrap();
         let slow = reference(&x, &g, &b);
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let diff = crate::model::max_diff;
         assert!(diff(&fast, &slow) < 1e-4);
         let mean = x.mean(0).unwrap().to_vec1::<f32>().unwrap();
         assert!(

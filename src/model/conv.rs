@@ -241,6 +241,7 @@ impl CustomOp3 for MaxPoolBwd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::max_diff;
     use candle_core::{Device, Var};
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
@@ -257,19 +258,6 @@ mod tests {
             })
             .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     /// Reference: candle's conv2d in NCHW, returned in NHWC.

@@ -128,6 +128,18 @@ struct Block {
     running_var: Var,
 }
 
+impl Block {
+    /// Batch norm with the running statistics, as `x * scale + shift`.
+    fn running_affine(&self) -> candle_core::Result<(Tensor, Tensor)> {
+        bn_affine(
+            &self.gamma,
+            &self.beta,
+            self.running_mean.as_tensor(),
+            self.running_var.as_tensor(),
+        )
+    }
+}
+
 /// The trainable network: parameters as tensors (variables when training)
 /// and batch-norm running statistics.
 pub struct Cnn {
@@ -280,12 +292,7 @@ impl Cnn {
                 )
             }
             (imp, false) => {
-                let (scale, shift) = bn_affine(
-                    &b.gamma,
-                    &b.beta,
-                    b.running_mean.as_tensor(),
-                    b.running_var.as_tensor(),
-                )?;
+                let (scale, shift) = b.running_affine()?;
                 let out = match imp {
                     ConvImpl::Fast => y.broadcast_mul(&scale)?.broadcast_add(&shift)?,
                     ConvImpl::Candle => affine_nchw(&y, &scale, &shift)?,
@@ -312,12 +319,7 @@ impl Cnn {
     pub fn classifier(&self, conv_impl: ConvImpl) -> candle_core::Result<Classifier> {
         let mut convs = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {
-            let (scale, shift) = bn_affine(
-                &b.gamma,
-                &b.beta,
-                b.running_mean.as_tensor(),
-                b.running_var.as_tensor(),
-            )?;
+            let (scale, shift) = b.running_affine()?;
             let w = b.conv.detach().broadcast_mul(&scale.detach().reshape((
                 scale.dim(0)?,
                 1,
@@ -473,6 +475,17 @@ impl Classifier {
     }
 }
 
+/// Largest absolute difference between two tensors (for tests).
+#[cfg(test)]
+pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar())
+        .expect("comparable tensors")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -511,19 +524,6 @@ mod tests {
                 (name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
             })
             .collect()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     #[test]
