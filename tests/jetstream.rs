@@ -90,6 +90,28 @@ async fn stored_answers(js: &jetstream::Context) -> HashMap<String, Vec<Value>> 
     out
 }
 
+/// An output stream for results that holds one filler message and refuses
+/// new ones (max one message, discard new): publishing an answer fails until
+/// it is purged.
+async fn full_output_stream(js: &jetstream::Context) -> stream::Stream {
+    let answers = js
+        .get_or_create_stream(stream::Config {
+            name: "ANSWERS".into(),
+            subjects: vec!["profiles.gender".into()],
+            max_messages: 1,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    js.publish("profiles.gender", "{\"filler\":true}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    answers
+}
+
 async fn wait_for_answers(js: &jetstream::Context, n: u64, timeout: Duration) -> u64 {
     let deadline = Instant::now() + timeout;
     loop {
@@ -226,21 +248,7 @@ async fn transient_publish_failure_is_naked_and_retried() {
     let server = NatsServer::start_js();
     let (_c, js) = js_client(&server.url()).await;
     // An output stream that refuses new answers while full.
-    let answers = js
-        .get_or_create_stream(stream::Config {
-            name: "ANSWERS".into(),
-            subjects: vec!["profiles.gender".into()],
-            max_messages: 1,
-            discard: stream::DiscardPolicy::New,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    js.publish("profiles.gender", "{\"filler\":true}".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    let answers = full_output_stream(&js).await;
     let worker = Worker::start(
         &server.url(),
         &["--jetstream", "--ack-wait", "2", "--max-deliver", "100"],
@@ -280,20 +288,7 @@ async fn transient_publish_failure_is_naked_and_retried() {
 async fn exhausted_request_goes_to_dead_letter() {
     let server = NatsServer::start_js();
     let (c, js) = js_client(&server.url()).await;
-    js.get_or_create_stream(stream::Config {
-        name: "ANSWERS".into(),
-        subjects: vec!["profiles.gender".into()],
-        max_messages: 1,
-        discard: stream::DiscardPolicy::New,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    js.publish("profiles.gender", "{\"filler\":true}".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    full_output_stream(&js).await;
     let mut dead = c.subscribe("profiles.deadletter").await.unwrap();
     c.flush().await.unwrap();
     let worker = Worker::start(

@@ -10,8 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{NatsServer, Worker, free_port, http_get};
-use profile_classifier::connect::NatsArgs;
-use profile_classifier::loadgen::{self, Encoding, LoadConfig};
+use profile_classifier::loadgen;
 use serde_json::Value;
 
 fn repo(path: &str) -> PathBuf {
@@ -113,19 +112,7 @@ async fn live_prometheus_answers_every_dashboard_query() {
     let _prom = Prometheus(child);
 
     // Load with results and a few errors, spread over several scrapes.
-    let cfg = LoadConfig {
-        nats: NatsArgs::url(server.url()),
-        dir: common::fixtures(),
-        request_subject: "profiles.images".into(),
-        result_subject: "profiles.gender".into(),
-        error_subject: "profiles.errors".into(),
-        requests: Some(600),
-        window: 16,
-        rate: Some(100.0),
-        encoding: Encoding::Binary,
-        timeout: Duration::from_secs(30),
-        progress: false,
-    };
+    let cfg = common::fixture_load(&server.url(), 600, 16, Some(100.0));
     let load = tokio::spawn(async move { loadgen::run(&cfg).await.unwrap() });
     let c = async_nats::connect(server.url()).await.unwrap();
     for _ in 0..5 {

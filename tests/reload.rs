@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use common::{NatsServer, Worker};
-use profile_classifier::connect::NatsArgs;
-use profile_classifier::loadgen::{self, Encoding, LoadConfig};
+use profile_classifier::loadgen;
 use profile_classifier::model::{Cnn, ConvImpl, probe_input, weights};
 
 /// Writes a variant of the shipped weights (shifted output bias, its own
@@ -68,19 +67,7 @@ async fn weights_replaced_under_load_lose_nothing() {
         ],
     );
     let load = tokio::spawn({
-        let cfg = LoadConfig {
-            nats: NatsArgs::url(server.url()),
-            dir: common::fixtures(),
-            request_subject: "profiles.images".into(),
-            result_subject: "profiles.gender".into(),
-            error_subject: "profiles.errors".into(),
-            requests: Some(3000),
-            window: 32,
-            rate: None,
-            encoding: Encoding::Binary,
-            timeout: Duration::from_secs(30),
-            progress: false,
-        };
+        let cfg = common::fixture_load(&server.url(), 3000, 32, None);
         async move { loadgen::run(&cfg).await.unwrap() }
     });
     let worker = tokio::task::spawn_blocking(move || {

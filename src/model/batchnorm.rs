@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
+use super::conv::contiguous_f32;
+
 /// Batch mean and biased variance per channel of the last forward pass.
 #[derive(Debug, Clone, Default)]
 pub struct BatchStats {
@@ -24,19 +26,11 @@ struct BatchNorm {
     stats: Arc<Mutex<BatchStats>>,
 }
 
-fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("batch norm needs contiguous f32 tensors"),
-    }
-}
-
 fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
-        Storage::Cpu(cpu) => Ok(f(slice(cpu, layout)?)),
+        Storage::Cpu(cpu) => Ok(f(contiguous_f32(cpu, layout)?)),
         _ => candle_core::bail!("batch norm runs on CPU tensors only"),
     }
 }
@@ -56,7 +50,11 @@ impl CustomOp3 for BatchNorm {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c) = l1.shape().dims2()?;
-        let (x, gamma, beta) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (x, gamma, beta) = (
+            contiguous_f32(s1, l1)?,
+            contiguous_f32(s2, l2)?,
+            contiguous_f32(s3, l3)?,
+        );
         let mut sum = vec![0f64; c];
         let mut sq = vec![0f64; c];
         // Accumulate each block of rows in f32, then in f64 across blocks.

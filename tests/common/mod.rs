@@ -17,6 +17,28 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/faces")
 }
 
+/// A load over the fixture faces on the default subjects, binary encoding.
+pub fn fixture_load(
+    url: &str,
+    requests: usize,
+    window: usize,
+    rate: Option<f64>,
+) -> profile_classifier::loadgen::LoadConfig {
+    profile_classifier::loadgen::LoadConfig {
+        nats: profile_classifier::connect::NatsArgs::url(url),
+        dir: fixtures(),
+        request_subject: "profiles.images".into(),
+        result_subject: "profiles.gender".into(),
+        error_subject: "profiles.errors".into(),
+        requests: Some(requests),
+        window,
+        rate,
+        encoding: profile_classifier::loadgen::Encoding::Binary,
+        timeout: Duration::from_secs(30),
+        progress: false,
+    }
+}
+
 /// The fixture pictures' bytes with their user ids.
 pub fn fixture_pictures() -> Vec<(String, Vec<u8>)> {
     let mut out: Vec<_> = std::fs::read_dir(fixtures())
