@@ -1,5 +1,6 @@
 //! Criterion benchmarks of the network: forward pass at batch 1, 8 and 32 with
-//! the fast NHWC convolution and with candle's `conv2d`, one training step,
+//! the direct AVX-512 kernels (`Direct`, the worker's path), the NHWC im2col
+//! convolution (`Fast`) and candle's `conv2d` (`Candle`), one training step,
 //! and preprocessing of a real 200x200 JPEG.
 //!
 //! Throughput is reported in pictures per second; effective GFLOP/s is that
@@ -71,7 +72,7 @@ fn forward(c: &mut Criterion) {
         model::forward_flops(&meta) / 1e6
     );
     let mut group = c.benchmark_group("forward");
-    for imp in [ConvImpl::Fast, ConvImpl::Candle] {
+    for imp in [ConvImpl::Direct, ConvImpl::Fast, ConvImpl::Candle] {
         let cls = Cnn::new(meta.clone(), &tensors, imp)
             .unwrap()
             .classifier(imp)
@@ -154,7 +155,7 @@ fn summary() {
     let (meta, tensors) = network();
     let flops = model::forward_flops(&meta);
     println!("\n| conv | batch | pictures/s | GFLOP/s |\n| --- | ---: | ---: | ---: |");
-    for imp in [ConvImpl::Fast, ConvImpl::Candle] {
+    for imp in [ConvImpl::Direct, ConvImpl::Fast, ConvImpl::Candle] {
         let cls = Cnn::new(meta.clone(), &tensors, imp)
             .unwrap()
             .classifier(imp)

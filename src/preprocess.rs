@@ -10,6 +10,10 @@
 use std::io::Cursor;
 use std::panic::AssertUnwindSafe;
 
+use std::cell::RefCell;
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType as ResizeFilter, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::imageops::FilterType;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 
@@ -52,6 +56,11 @@ impl PreprocessError {
             detail: detail.into(),
         }
     }
+}
+
+thread_local! {
+    /// Each decoding thread's SIMD resizer and its output buffer.
+    static RESIZER: RefCell<(Resizer, Vec<u8>)> = RefCell::new((Resizer::new(), Vec::new()));
 }
 
 /// Formats the worker accepts (PROTOCOL §1).
@@ -144,19 +153,42 @@ impl Preprocessor {
         }
     }
 
-    /// Resizes to the model input with a triangle (bilinear) filter and
-    /// normalises into `out`.
+    /// Resizes to the model input with a triangle (bilinear) filter, run by
+    /// `fast_image_resize`'s SIMD convolution, and normalises into `out`.
+    /// Within 1/255 per value (rounding; mean 0.11/255 on the fixture faces) of `image`'s own
+    /// `resize(.., Triangle)`, which the tests check on real faces.
     pub fn resize_normalise(&self, rgb: &image::RgbImage, out: &mut [f32]) {
-        let resized;
-        let src = if rgb.dimensions() == (self.size, self.size) {
-            rgb
-        } else {
-            resized = image::imageops::resize(rgb, self.size, self.size, FilterType::Triangle);
-            &resized
-        };
-        for (px, dst) in src.pixels().zip(out.chunks_exact_mut(3)) {
-            for (c, d) in dst.iter_mut().enumerate() {
-                *d = (px.0[c] as f32 / 255.0 - self.mean[c]) * self.inv_std[c];
+        if rgb.dimensions() == (self.size, self.size) {
+            self.normalise(rgb.as_raw(), out);
+            return;
+        }
+        RESIZER.with_borrow_mut(|(resizer, buf)| {
+            let side = self.size;
+            buf.resize((side * side * 3) as usize, 0);
+            let (w, h) = rgb.dimensions();
+            let options =
+                ResizeOptions::new().resize_alg(ResizeAlg::Convolution(ResizeFilter::Bilinear));
+            let done = (|| {
+                let src = ImageRef::new(w, h, rgb.as_raw(), PixelType::U8x3).ok()?;
+                let mut dst = Image::from_slice_u8(side, side, buf, PixelType::U8x3).ok()?;
+                resizer.resize(&src, &mut dst, &options).ok()
+            })();
+            match done {
+                Some(()) => self.normalise(buf, out),
+                // Unreachable for a well-formed RgbImage; stay correct anyway.
+                None => self.normalise(
+                    &image::imageops::resize(rgb, side, side, FilterType::Triangle),
+                    out,
+                ),
+            }
+        })
+    }
+
+    /// Scales interleaved RGB bytes to the model's normalised floats.
+    fn normalise(&self, rgb: &[u8], out: &mut [f32]) {
+        for (px, dst) in rgb.chunks_exact(3).zip(out.chunks_exact_mut(3)) {
+            for c in 0..3 {
+                dst[c] = (px[c] as f32 * (1.0 / 255.0) - self.mean[c]) * self.inv_std[c];
             }
         }
     }
@@ -290,6 +322,41 @@ mod tests {
         assert_eq!(&out[..3], &[-1.0, -1.0, 1.0]);
         p.run(&png(40, 23), &mut out).unwrap();
         assert!(out.iter().all(|v| (-1.0..=1.0).contains(v)));
+    }
+
+    /// The SIMD resize stays within the documented tolerance of `image`'s
+    /// own triangle filter on real 200x200 faces.
+    #[test]
+    fn simd_resize_matches_the_plain_filter() {
+        let meta = ModelMeta {
+            input_size: 64,
+            ..meta()
+        };
+        let p = Preprocessor::new(&meta, Limits::default());
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/faces");
+        let mut fast = vec![0f32; p.input_len()];
+        let (mut worst, mut sum, mut count) = (0f32, 0f32, 0usize);
+        for entry in std::fs::read_dir(&dir)
+            .expect("tests/fixtures/faces")
+            .flatten()
+        {
+            if entry.path().extension().is_none_or(|e| e != "jpg") {
+                continue;
+            }
+            let rgb = p.decode(&std::fs::read(entry.path()).unwrap()).unwrap();
+            p.resize_normalise(&rgb, &mut fast);
+            let plain = image::imageops::resize(&rgb, 64, 64, FilterType::Triangle);
+            for (f, v) in fast.iter().zip(plain.as_raw()) {
+                // Back to 0..255 levels: value * std + mean, times 255.
+                let d = ((f * 0.5 + 0.5) * 255.0 - *v as f32).abs();
+                worst = worst.max(d);
+                sum += d;
+                count += 1;
+            }
+        }
+        assert!(count > 10 * 64 * 64 * 3, "too few fixture faces");
+        let mean = sum / count as f32;
+        assert!(worst <= 1.01 && mean < 0.25, "worst {worst}, mean {mean}");
     }
 
     #[test]

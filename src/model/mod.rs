@@ -14,6 +14,7 @@
 
 pub mod batchnorm;
 pub mod conv;
+pub mod direct;
 pub mod weights;
 
 use std::collections::{BTreeMap, HashMap};
@@ -40,15 +41,29 @@ pub enum ConvImpl {
     /// candle's `conv2d` and max reductions in NCHW: the reference, and the path
     /// used on CUDA.
     Candle,
+    /// Inference through the AVX-512 kernels of [`direct`] where the CPU and
+    /// the shapes allow, else as `Fast`; training always runs as `Fast`.
+    Direct,
 }
 
 impl ConvImpl {
-    /// The implementation to use on `device`: fast on CPU, candle's elsewhere.
+    /// The implementation to use on `device`: the direct kernels on a CPU that
+    /// has them, the im2col path on other CPUs, candle's elsewhere.
     pub fn for_device(device: &Device) -> Self {
-        if device.is_cpu() {
-            Self::Fast
-        } else {
+        if !device.is_cpu() {
             Self::Candle
+        } else if direct::available() {
+            Self::Direct
+        } else {
+            Self::Fast
+        }
+    }
+
+    /// The tensor path behind this choice (`Direct` falls back to `Fast`).
+    fn tensor_path(self) -> Self {
+        match self {
+            Self::Direct => Self::Fast,
+            other => other,
         }
     }
 }
@@ -138,6 +153,14 @@ impl Block {
             self.running_var.as_tensor(),
         )
     }
+
+    /// The conv weight with the running batch norm folded in, and the
+    /// per-channel bias that remains; both detached.
+    fn folded(&self) -> candle_core::Result<(Tensor, Tensor)> {
+        let (scale, shift) = self.running_affine()?;
+        let scale = scale.detach().reshape((scale.dim(0)?, 1, 1, 1))?;
+        Ok((self.conv.detach().broadcast_mul(&scale)?, shift.detach()))
+    }
 }
 
 /// The trainable network: parameters as tensors (variables when training)
@@ -192,7 +215,7 @@ impl Cnn {
             fc_b: get("fc.bias"),
             meta,
             blocks,
-            conv_impl,
+            conv_impl: conv_impl.tensor_path(),
         })
     }
 
@@ -238,14 +261,14 @@ impl Cnn {
         dropout_mask: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let mut x = match self.conv_impl {
-            ConvImpl::Fast => x.clone(),
+            ConvImpl::Fast | ConvImpl::Direct => x.clone(),
             ConvImpl::Candle => x.permute((0, 3, 1, 2))?,
         };
         for block in &self.blocks {
             x = self.block(&x, block, train)?;
         }
         let pooled = match self.conv_impl {
-            ConvImpl::Fast => x.mean(1)?.mean(1)?,
+            ConvImpl::Fast | ConvImpl::Direct => x.mean(1)?.mean(1)?,
             ConvImpl::Candle => x.mean(D::Minus1)?.mean(D::Minus1)?,
         };
         let pooled = match dropout_mask {
@@ -258,12 +281,14 @@ impl Cnn {
     fn block(&self, x: &Tensor, b: &Block, train: bool) -> candle_core::Result<Tensor> {
         let cout = b.conv.dim(0)?;
         let y = match self.conv_impl {
-            ConvImpl::Fast => conv::conv3x3_nhwc(x, &conv::weight_matrix(&b.conv)?)?,
+            ConvImpl::Fast | ConvImpl::Direct => {
+                conv::conv3x3_nhwc(x, &conv::weight_matrix(&b.conv)?)?
+            }
             ConvImpl::Candle => x.conv2d(&b.conv, 1, 1, 1, 1)?,
         };
         let n = (y.elem_count() / cout) as f64;
         let (y, batch_stats) = match (self.conv_impl, train) {
-            (ConvImpl::Fast, true) => {
+            (ConvImpl::Fast | ConvImpl::Direct, true) => {
                 let shape = y.shape().clone();
                 let (out, stats) = batchnorm::batch_norm_rows(
                     &y.reshape(((n as usize), cout))?,
@@ -294,7 +319,9 @@ impl Cnn {
             (imp, false) => {
                 let (scale, shift) = b.running_affine()?;
                 let out = match imp {
-                    ConvImpl::Fast => y.broadcast_mul(&scale)?.broadcast_add(&shift)?,
+                    ConvImpl::Fast | ConvImpl::Direct => {
+                        y.broadcast_mul(&scale)?.broadcast_add(&shift)?
+                    }
                     ConvImpl::Candle => affine_nchw(&y, &scale, &shift)?,
                 };
                 (out, None)
@@ -310,27 +337,27 @@ impl Cnn {
             )?;
         }
         match self.conv_impl {
-            ConvImpl::Fast => conv::max_pool2x2_nhwc(&y)?.relu(),
+            ConvImpl::Fast | ConvImpl::Direct => conv::max_pool2x2_nhwc(&y)?.relu(),
             ConvImpl::Candle => max_pool2x2_nchw(&y)?.relu(),
         }
     }
 
     /// The inference form of this network, batch norm folded into the convs.
     pub fn classifier(&self, conv_impl: ConvImpl) -> candle_core::Result<Classifier> {
+        let direct = if conv_impl == ConvImpl::Direct {
+            self.direct_net()?
+        } else {
+            None
+        };
+        let conv_impl = conv_impl.tensor_path();
         let mut convs = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {
-            let (scale, shift) = b.running_affine()?;
-            let w = b.conv.detach().broadcast_mul(&scale.detach().reshape((
-                scale.dim(0)?,
-                1,
-                1,
-                1,
-            ))?)?;
+            let (w, shift) = b.folded()?;
             let weight = match conv_impl {
-                ConvImpl::Fast => conv::weight_matrix(&w)?.contiguous()?,
+                ConvImpl::Fast | ConvImpl::Direct => conv::weight_matrix(&w)?.contiguous()?,
                 ConvImpl::Candle => w.contiguous()?,
             };
-            convs.push((weight, shift.detach()));
+            convs.push((weight, shift));
         }
         Ok(Classifier {
             meta: self.meta.clone(),
@@ -338,7 +365,27 @@ impl Cnn {
             fc_w: self.fc_w.detach().t()?.contiguous()?,
             fc_b: self.fc_b.detach(),
             conv_impl,
+            direct,
         })
+    }
+
+    /// The folded network for the direct kernels, if the CPU and shapes suit.
+    fn direct_net(&self) -> candle_core::Result<Option<direct::DirectNet>> {
+        if !direct::available() || !self.fc_b.device().is_cpu() {
+            return Ok(None);
+        }
+        let mut convs = Vec::with_capacity(self.blocks.len());
+        for b in &self.blocks {
+            let (w, shift) = b.folded()?;
+            convs.push((w.flatten_all()?.to_vec1::<f32>()?, shift.to_vec1::<f32>()?));
+        }
+        Ok(direct::DirectNet::new(
+            self.meta.input_size,
+            self.meta.input_channels,
+            &convs,
+            self.fc_w.t()?.flatten_all()?.to_vec1::<f32>()?,
+            self.fc_b.to_vec1::<f32>()?,
+        ))
     }
 }
 
@@ -378,6 +425,8 @@ pub struct Classifier {
     fc_w: Tensor,
     fc_b: Tensor,
     conv_impl: ConvImpl,
+    /// The direct kernels, when chosen and usable; they take precedence.
+    direct: Option<direct::DirectNet>,
 }
 
 impl Classifier {
@@ -438,15 +487,33 @@ impl Classifier {
         self.fc_b.device()
     }
 
+    /// The convolution that actually runs (`Direct` only where its kernels
+    /// are in use).
+    pub fn conv_impl(&self) -> ConvImpl {
+        if self.direct.is_some() {
+            ConvImpl::Direct
+        } else {
+            self.conv_impl
+        }
+    }
+
     /// Logits `[B, labels]` for a normalised NHWC batch `[B, S, S, 3]`.
     pub fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(net) = &self.direct {
+            let (b, h, w, c) = x.dims4()?;
+            if h * w * c != net.input_len() {
+                candle_core::bail!("input {h}x{w}x{c} does not fit the network");
+            }
+            let input = x.flatten_all()?.to_vec1::<f32>()?;
+            return Tensor::from_vec(net.logits(&input), (b, net.labels()), x.device());
+        }
         let mut x = match self.conv_impl {
-            ConvImpl::Fast => x.clone(),
+            ConvImpl::Fast | ConvImpl::Direct => x.clone(),
             ConvImpl::Candle => x.permute((0, 3, 1, 2))?,
         };
         for (w, bias) in &self.convs {
             x = match self.conv_impl {
-                ConvImpl::Fast => {
+                ConvImpl::Fast | ConvImpl::Direct => {
                     // Max-pool before the bias: the bias is per channel, so it
                     // commutes with the max, and the add runs on 4x less data.
                     let y = conv::conv3x3_nhwc(&x, w)?;
@@ -461,7 +528,7 @@ impl Classifier {
             };
         }
         let pooled = match self.conv_impl {
-            ConvImpl::Fast => x.mean(1)?.mean(1)?,
+            ConvImpl::Fast | ConvImpl::Direct => x.mean(1)?.mean(1)?,
             ConvImpl::Candle => x.mean(D::Minus1)?.mean(D::Minus1)?,
         };
         pooled.matmul(&self.fc_w)?.broadcast_add(&self.fc_b)
@@ -473,6 +540,31 @@ impl Classifier {
             .to_dtype(DType::F32)?
             .to_vec2()
     }
+
+    /// Per-picture label probabilities for normalised NHWC pictures laid end
+    /// to end in `input`; the direct kernels read the slice without copying.
+    pub fn probabilities_of(&self, input: &[f32]) -> candle_core::Result<Vec<Vec<f32>>> {
+        let s = self.meta.input_size;
+        let len = s * s * self.meta.input_channels;
+        if len == 0 || !input.len().is_multiple_of(len) {
+            candle_core::bail!("{} values are not a whole number of pictures", input.len());
+        }
+        let n = input.len() / len;
+        let Some(net) = &self.direct else {
+            let x = Tensor::from_slice(input, (n, s, s, self.meta.input_channels), self.device())?;
+            return self.probabilities(&x);
+        };
+        let logits = net.logits(input);
+        Ok(logits.chunks_exact(net.labels()).map(softmax).collect())
+    }
+}
+
+/// Softmax of one row of logits.
+fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    exp.into_iter().map(|e| e / sum).collect()
 }
 
 /// Largest absolute difference between two tensors (for tests).
@@ -553,6 +645,59 @@ mod tests {
                 &slow.forward(&x, true, None).unwrap()
             ) < 1e-4
         );
+    }
+
+    #[test]
+    fn direct_kernels_match_candle() {
+        // Sides 32, 16, 8 and widths 16, 32, 16 run all three tile shapes.
+        let meta = ModelMeta {
+            input_size: 32,
+            channels: vec![16, 32, 16],
+            ..tiny_meta()
+        };
+        let t = random_tensors(&meta);
+        let x = Tensor::cat(
+            &[
+                probe_input(&meta, &Device::Cpu).unwrap(),
+                probe_input(&meta, &Device::Cpu)
+                    .unwrap()
+                    .affine(-0.7, 0.2)
+                    .unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        let cnn = Cnn::new(meta, &t, ConvImpl::Candle).unwrap();
+        let reference = cnn.forward(&x, false, None).unwrap();
+        let direct = cnn.classifier(ConvImpl::Direct).unwrap();
+        if !direct::available() {
+            eprintln!("this CPU has no AVX-512F: the direct kernels fall back to im2col");
+        } else {
+            assert_eq!(direct.conv_impl(), ConvImpl::Direct);
+        }
+        assert!(max_diff(&direct.logits(&x).unwrap(), &reference) < 1e-4);
+        let flat = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let by_slice = direct.probabilities_of(&flat).unwrap();
+        let by_tensor = cnn
+            .classifier(ConvImpl::Candle)
+            .unwrap()
+            .probabilities(&x)
+            .unwrap();
+        for (a, b) in by_slice.iter().flatten().zip(by_tensor.iter().flatten()) {
+            assert!((a - b).abs() < 1e-5);
+        }
+        assert!(direct.probabilities_of(&flat[1..]).is_err());
+    }
+
+    #[test]
+    fn unsuitable_shapes_fall_back_from_direct() {
+        let meta = tiny_meta(); // 8 output channels: not a multiple of 16
+        let t = random_tensors(&meta);
+        let c = Cnn::new(meta, &t, ConvImpl::Direct)
+            .unwrap()
+            .classifier(ConvImpl::Direct)
+            .unwrap();
+        assert_eq!(c.conv_impl(), ConvImpl::Fast);
     }
 
     #[test]

@@ -7,7 +7,6 @@
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
-use candle_core::Tensor;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::model_slot::ModelSlot;
@@ -39,7 +38,6 @@ pub fn run(
     while batcher.next_batch(&mut batch) {
         let model = slot.current();
         let len = model.pre.input_len();
-        let size = model.pre.size() as usize;
         buffer.clear();
         let mut items = Vec::with_capacity(batch.len());
         for mut item in batch.drain(..) {
@@ -64,8 +62,7 @@ pub fn run(
         let n = items.len();
         let started = Instant::now();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let x = Tensor::from_slice(&buffer, (n, size, size, 3), model.classifier.device())?;
-            model.classifier.probabilities(&x)
+            model.classifier.probabilities_of(&buffer)
         }));
         metrics
             .inference_seconds
