@@ -1,61 +1,159 @@
 #!/usr/bin/env bash
-# End-to-end benchmark: a private nats-server, one profile-worker (release
-# build, shipped weights), and profile-loadgen over the 200x200 JPEGs of
-# ../shared/data/faces/test:
-#   1. saturation: N requests (default 10000), window 256 -> results/s
-#   2. open loop at 50% of that rate -> latency percentiles
-#   3. a trickle at 10 requests/s -> latency percentiles
-# and the worker's batch-size distribution. Prints one Markdown table.
+# End-to-end benchmark of issue 4, one run, one report:
+#   0. components (criterion, one thread): forward pass of the shipped model
+#      at batch 32 through the worker's kernels, and one 200x200 JPEG to model
+#      input; their sum gives the one-thread component bound (pictures/s);
+#   1. one profile-worker (adaptive batcher) on a private nats-server, driven
+#      by profile-loadgen over the 200x200 JPEGs of ../shared/data/faces/test:
+#      saturation (N requests, window 256), open loop at 50% of that rate,
+#      a trickle at 10 requests/s; batch-size distribution from /metrics;
+#   2. the same loads with the fixed-timeout batcher (--batch-policy fixed);
+#   3. two workers in the queue group: combined rate and the split;
+#   4. the Python alternative (bench/python_worker.py: ONNX Runtime, simplejpeg,
+#      nats-py) under the same loads, when its virtualenv exists.
+# Prints Markdown tables.
 #
-#   bench/e2e.sh [requests]        (run from the repository root)
+#   bench/e2e.sh [requests]        (run from anywhere; default 10000)
+#   PYBENCH=path/to/python bench/e2e.sh   (default target/pybench-venv/bin/python)
+# Make the Python environment once with:
+#   python3 -m venv target/pybench-venv && target/pybench-venv/bin/pip install \
+#     onnxruntime onnx numpy simplejpeg nats-py opencv-python-headless
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin"
 N=${1:-10000}
 DATA=${DATA:-../shared/data/faces/test}
+PYBENCH=${PYBENCH:-target/pybench-venv/bin/python}
 [ -f "$DATA/profile.csv" ] || { echo "missing $DATA (the shared test set)" >&2; exit 1; }
 cargo build --release --bins -q
 tmp=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-mport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+echo "machine: $(nproc) vCPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(date -u +%FT%TZ)" >&2
+echo "measuring components (cargo bench --bench model) ..." >&2
+cargo bench -q --bench model -- 'forward/Direct/32$|preprocess/' >"$tmp/criterion.log" 2>&1
+est() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['mean']['point_estimate'])" "target/criterion/$1/new/estimates.json"; }
+model_ns=$(est forward/Direct/32)
+pre_ns=$(est preprocess/jpeg_200x200)
+
+port=$(free_port)
 nats-server -a 127.0.0.1 -p "$port" >"$tmp/nats.log" 2>&1 &
-nats_pid=$!
-trap 'kill $worker_pid $nats_pid 2>/dev/null || true; rm -rf "$tmp"' EXIT
+pids+=($!)
 sleep 0.5
 export NATS_URL="nats://127.0.0.1:$port"
-RUST_LOG=warn target/release/profile-worker --metrics-addr "127.0.0.1:$mport" ${WORKER_ARGS:-} &
-worker_pid=$!
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$mport/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+
+# start_worker NAME ARGS...: a profile-worker with its own metrics port.
+start_worker() {
+  local name=$1; shift
+  local mport; mport=$(free_port)
+  RUST_LOG=warn target/release/profile-worker --metrics-addr "127.0.0.1:$mport" "$@" &
+  pids+=($!)
+  echo "$!" >"$tmp/$name.pid"
+  echo "$mport" >"$tmp/$name.port"
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$mport/readyz" >/dev/null 2>&1 && return; sleep 0.1; done
+  echo "worker $name never became ready" >&2; exit 1
+}
+stop() { kill "$(cat "$tmp/$1.pid")"; wait "$(cat "$tmp/$1.pid")" 2>/dev/null || true; }
 lg() { target/release/profile-loadgen --dir "$DATA" --json "$@"; }
-lg --requests 500 --window 64 >/dev/null                      # warm-up
-sat=$(lg --requests "$N" --window 256)
-rate=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['throughput'])" "$sat")
-half=$(python3 -c "print(round($rate/2))")
-halfrep=$(lg --requests "$(python3 -c "print(min($N, int($half*10)))")" --rate "$half" --window 100000)
-trickle=$(lg --requests 200 --rate 10 --window 100000)
-metrics=$(curl -s "http://127.0.0.1:$mport/metrics")
-python3 - "$sat" "$halfrep" "$trickle" "$metrics" <<'PY'
-import json, sys
-sat, half, trickle = (json.loads(a) for a in sys.argv[1:4])
-metrics = sys.argv[4]
-print("| run | requests | results/s | missing | p50 ms | p90 ms | p99 ms | max ms |")
-print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-for name, r in [("saturation, window 256", sat), ("open loop at 50%", half), ("trickle 10/s", trickle)]:
-    l = r["latency_ms"]
-    print(f"| {name} | {r['sent']} | {r['throughput']:.0f} | {r['missing']} | {l['p50']:.1f} | {l['p90']:.1f} | {l['p99']:.1f} | {l['max']:.1f} |")
-buckets = []
-for line in metrics.splitlines():
-    if line.startswith("profile_worker_batch_size_bucket"):
-        le = line.split('le="')[1].split('"')[0]
-        buckets.append((le, float(line.rsplit(" ", 1)[1])))
-prev, parts = 0.0, []
-for le, c in buckets:
-    if c - prev > 0:
-        parts.append(f"<={le}: {int(c - prev)}")
-    prev = c
+# loads NAME [saturation-only]: the three loads, each report saved as JSON.
+loads() {
+  lg --requests 500 --window 64 >/dev/null # warm-up
+  lg --requests "$N" --window 256 >"$tmp/$1.sat.json"
+  [ "${2:-}" = saturation-only ] && return
+  local rate half
+  rate=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['throughput'])" "$tmp/$1.sat.json")
+  half=$(python3 -c "print(round($rate/2))")
+  lg --requests "$(python3 -c "print(min($N, int($half*10)))")" --rate "$half" --window 1000000 >"$tmp/$1.half.json"
+  lg --requests 200 --rate 10 --window 1000000 >"$tmp/$1.trickle.json"
+}
+metrics() { curl -s "http://127.0.0.1:$(cat "$tmp/$1.port")/metrics" >"$tmp/$1.metrics"; }
+
+echo "adaptive batcher ..." >&2
+start_worker adaptive
+loads adaptive
+metrics adaptive
+stop adaptive
+
+echo "fixed-timeout batcher ..." >&2
+start_worker fixed --batch-policy fixed
+loads fixed
+metrics fixed
+stop fixed
+
+echo "two workers ..." >&2
+start_worker w1
+start_worker w2
+loads two saturation-only
+metrics w1
+metrics w2
+stop w1
+stop w2
+
+if [ -x "$PYBENCH" ]; then
+  echo "python worker ..." >&2
+  "$PYBENCH" bench/python_worker.py --url "$NATS_URL" >"$tmp/python.log" 2>&1 &
+  pids+=($!)
+  sleep 3
+  loads python
+else
+  echo "python worker skipped: no $PYBENCH (see the header of this script)" >&2
+fi
+
+python3 - "$tmp" "$model_ns" "$pre_ns" <<'PY'
+import json, os, sys
+tmp, model_ns, pre_ns = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+model_s, pre_s = model_ns / 32 / 1e9, pre_ns / 1e9
+bound = 1 / (model_s + pre_s)
+def load(name):
+    p = os.path.join(tmp, name + ".json")
+    return json.load(open(p)) if os.path.exists(p) else None
+def counter(name, metric):
+    for line in open(os.path.join(tmp, name + ".metrics")):
+        if line.startswith(metric + " ") or line.startswith(metric + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+def batches(name):
+    buckets, prev, parts = [], 0.0, []
+    for line in open(os.path.join(tmp, name + ".metrics")):
+        if line.startswith("profile_worker_batch_size_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((le, float(line.rsplit(" ", 1)[1])))
+    for le, c in buckets:
+        if c - prev > 0:
+            parts.append(f"<={le}: {int(c - prev)}")
+        prev = c
+    total = counter(name, "profile_worker_batch_size_count")
+    mean = counter(name, "profile_worker_batch_size_sum") / total if total else 0
+    return f"mean {mean:.1f}; " + ", ".join(parts)
+
+print("## Components (criterion, one thread)\n")
+print("| component | per picture | pictures/s |\n| --- | ---: | ---: |")
+print(f"| model forward, batch 32 (Direct) | {model_s*1e3:.3f} ms | {1/model_s:.0f} |")
+print(f"| preprocess 200x200 JPEG | {pre_s*1e3:.3f} ms | {1/pre_s:.0f} |")
+print(f"| bound 1/(model + preprocess) | {(model_s+pre_s)*1e3:.3f} ms | {bound:.0f} |")
+print("\n## End to end (profile-loadgen, results/s and client-side latency)\n")
+print("| worker | load | requests | results/s | of bound | missing | p50 ms | p90 ms | p99 ms | max ms |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+for worker, label in [("adaptive", "Rust, adaptive batcher"), ("fixed", "Rust, fixed-timeout batcher"),
+                      ("two", "Rust, two workers"), ("python", "Python (ONNX Runtime)")]:
+    for load_name, title in [("sat", "saturation, window 256"), ("half", "open loop at 50%"), ("trickle", "trickle 10/s")]:
+        r = load(f"{worker}.{load_name}")
+        if r is None:
+            continue
+        l = r["latency_ms"]
+        ratio = f"{r['throughput']/bound*100:.0f}%" if load_name == "sat" else ""
+        print(f"| {label} | {title} | {r['sent']} | {r['throughput']:.0f} | {ratio} | {r['missing']} | "
+              f"{l['p50']:.1f} | {l['p90']:.1f} | {l['p99']:.1f} | {l['max']:.1f} |")
 print()
-print("batch sizes (count of forward passes): " + ", ".join(parts))
-acc = sat.get("accuracy")
+for name in ["adaptive", "fixed"]:
+    print(f"batch sizes, {name} (all its loads): {batches(name)}")
+w1, w2 = (counter(w, "profile_worker_requests_total") for w in ["w1", "w2"])
+print(f"two workers: requests taken {int(w1)} + {int(w2)} (warm-up included); "
+      f"batch sizes w1: {batches('w1')}; w2: {batches('w2')}")
+acc = load("adaptive.sat").get("accuracy")
 if acc is not None:
-    print(f"accuracy over the saturation run: {acc:.4f}")
+    print(f"accuracy over the adaptive saturation run: {acc:.4f}")
 PY

@@ -78,7 +78,7 @@ struct TrainArgs {
     #[arg(long, default_value = "weights/gender-cnn.safetensors")]
     out: PathBuf,
     /// Passes over the training data.
-    #[arg(long, default_value_t = 18)]
+    #[arg(long, default_value_t = 24)]
     epochs: usize,
     /// Pictures per optimiser step.
     #[arg(long, default_value_t = 64)]
@@ -93,7 +93,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 64)]
     input_size: usize,
     /// Output channels of the conv blocks, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "16,32,64,128")]
+    #[arg(long, value_delimiter = ',', default_value = "16,48,96,192")]
     channels: Vec<usize>,
     /// Label names in output order, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "female,male")]

@@ -5,6 +5,7 @@
 //! A plain OS thread (candle's forward pass blocks); it never touches NATS.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -26,12 +27,48 @@ pub struct Decoded {
     pub input: Vec<f32>,
 }
 
+/// Input buffers passed back from the inference thread to the decoders, so
+/// that decoding a picture does not allocate its model input.
+#[derive(Clone, Default)]
+pub struct InputPool(Arc<Mutex<Vec<Vec<f32>>>>);
+
+impl InputPool {
+    /// Buffers kept at most; more are dropped.
+    const KEEP: usize = 512;
+
+    /// A buffer of `len` values (contents unspecified: the caller overwrites
+    /// all of them).
+    pub fn take(&self, len: usize) -> Vec<f32> {
+        let mut v = self
+            .0
+            .lock()
+            .ok()
+            .and_then(|mut p| p.pop())
+            .unwrap_or_default();
+        if v.len() != len {
+            v.clear();
+            v.resize(len, 0.0);
+        }
+        v
+    }
+
+    /// Returns a buffer for reuse.
+    pub fn give(&self, v: Vec<f32>) {
+        if let Ok(mut pool) = self.0.lock()
+            && pool.len() < Self::KEEP
+        {
+            pool.push(v);
+        }
+    }
+}
+
 /// Runs until every sender of the batcher's channel is gone.
 pub fn run(
     mut batcher: Batcher<Decoded>,
     slot: ModelSlot,
     answers: UnboundedSender<Answer>,
     metrics: Metrics,
+    pool: InputPool,
 ) {
     let mut batch = Vec::new();
     let mut buffer: Vec<f32> = Vec::new();
@@ -54,6 +91,7 @@ pub fn run(
                 }
             }
             buffer.extend_from_slice(&item.input);
+            pool.give(item.input);
             items.push(item.env);
         }
         if items.is_empty() {

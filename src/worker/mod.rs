@@ -31,7 +31,7 @@ use crate::batcher::{BatchConfig, Batcher, Inflow};
 use crate::metrics::{Metrics, Readiness};
 use crate::preprocess::Limits;
 use crate::protocol::{ErrorCode, ErrorReply, ProfileResult, Request, USERID_HEADER, UserId};
-use infer::Decoded;
+use infer::{Decoded, InputPool};
 use jetstream::{ConfirmedPublisher, JsAck, JsConfig, JsSource, Settle, Tracker};
 use model_slot::{ModelSlot, ReloadOutcome, file_stamp};
 
@@ -265,11 +265,17 @@ async fn pipeline(
     let (decoded_tx, decoded_rx) =
         std::sync::mpsc::sync_channel::<Decoded>(cfg.batch.max_batch.max(1) * 4);
     let batcher = Batcher::new(decoded_rx, inflow.clone(), cfg.batch);
+    let pool = InputPool::default();
     let infer = {
-        let (slot, answers, metrics) = (slot.clone(), answer_tx.clone(), metrics.clone());
+        let (slot, answers, metrics, pool) = (
+            slot.clone(),
+            answer_tx.clone(),
+            metrics.clone(),
+            pool.clone(),
+        );
         std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || infer::run(batcher, slot, answers, metrics))
+            .spawn(move || infer::run(batcher, slot, answers, metrics, pool))
             .context("starting the inference thread")?
     };
 
@@ -351,15 +357,16 @@ async fn pipeline(
         };
         let permit = decode_permits.clone().acquire_owned().await?;
         let guard = inflow.enter();
-        let (model, tx, answers, metrics) = (
+        let (model, tx, answers, metrics, pool) = (
             slot.current(),
             decoded_tx.clone(),
             answer_tx.clone(),
             metrics.clone(),
+            pool.clone(),
         );
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let mut input = vec![0f32; model.pre.input_len()];
+            let mut input = pool.take(model.pre.input_len());
             let outcome = model.pre.run(&request.image, &mut input);
             metrics
                 .decode_seconds
