@@ -9,7 +9,10 @@
 #      a trickle at 10 requests/s; batch-size distribution from /metrics;
 #   2. the same loads with the fixed-timeout batcher (--batch-policy fixed);
 #   3. two workers in the queue group: combined rate and the split;
-#   4. the Python alternative (bench/python_worker.py: ONNX Runtime, simplejpeg,
+#   4. one worker running the Python alternative's network (3 conv blocks of
+#      32/32/64 filters, 35.4 MFLOP; weights from a one-epoch smoke training,
+#      since only speed is compared), for a like-for-like row;
+#   5. the Python alternative (bench/python_worker.py: ONNX Runtime, simplejpeg,
 #      nats-py) under the same loads, when its virtualenv exists.
 # Prints Markdown tables.
 #
@@ -92,6 +95,14 @@ metrics w2
 stop w1
 stop w2
 
+echo "Rust worker, Python's network ..." >&2
+target/release/profile-trainer train --data tests/fixtures/faces --val-fraction 0.25 \
+  --channels 32,32,64 --epochs 1 --out "$tmp/same.safetensors" >/dev/null 2>&1
+start_worker same --weights "$tmp/same.safetensors"
+loads same
+metrics same
+stop same
+
 if [ -x "$PYBENCH" ]; then
   echo "python worker ..." >&2
   "$PYBENCH" bench/python_worker.py --url "$NATS_URL" >"$tmp/python.log" 2>&1 &
@@ -131,14 +142,15 @@ def batches(name):
 
 print("## Components (criterion, one thread)\n")
 print("| component | per picture | pictures/s |\n| --- | ---: | ---: |")
-print(f"| model forward, batch 32 (Direct) | {model_s*1e3:.3f} ms | {1/model_s:.0f} |")
+print(f"| model forward, batch 32 (Direct, shipped model) | {model_s*1e3:.3f} ms | {1/model_s:.0f} |")
 print(f"| preprocess 200x200 JPEG | {pre_s*1e3:.3f} ms | {1/pre_s:.0f} |")
 print(f"| bound 1/(model + preprocess) | {(model_s+pre_s)*1e3:.3f} ms | {bound:.0f} |")
 print("\n## End to end (profile-loadgen, results/s and client-side latency)\n")
 print("| worker | load | requests | results/s | of bound | missing | p50 ms | p90 ms | p99 ms | max ms |")
 print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 for worker, label in [("adaptive", "Rust, adaptive batcher"), ("fixed", "Rust, fixed-timeout batcher"),
-                      ("two", "Rust, two workers"), ("python", "Python (ONNX Runtime)")]:
+                      ("two", "Rust, two workers"), ("same", "Rust, Python's 32/32/64 network"),
+                      ("python", "Python (ONNX Runtime), 32/32/64")]:
     for load_name, title in [("sat", "saturation, window 256"), ("half", "open loop at 50%"), ("trickle", "trickle 10/s")]:
         r = load(f"{worker}.{load_name}")
         if r is None:

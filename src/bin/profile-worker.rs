@@ -71,6 +71,9 @@ struct Cli {
     /// Pictures decoded in parallel (default: number of cores).
     #[arg(long, env = "PROFILE_DECODE_THREADS")]
     decode_threads: Option<usize>,
+    /// Threads a forward pass splits a batch over, at least 4 pictures each (default: number of cores).
+    #[arg(long, env = "PROFILE_INFER_THREADS")]
+    infer_threads: Option<usize>,
     /// Largest encoded picture, in bytes.
     #[arg(long, env = "PROFILE_MAX_IMAGE_BYTES", default_value_t = 8 * 1024 * 1024)]
     max_image_bytes: usize,
@@ -163,6 +166,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             max_pixels: cli.max_pixels,
         },
         decode_threads: cli.decode_threads.unwrap_or(cores).max(1),
+        infer_threads: cli.infer_threads.unwrap_or(cores).max(1),
         metrics_addr: cli.metrics_addr,
         shutdown_timeout: Duration::from_secs(cli.shutdown_timeout),
         watch_interval: Duration::from_secs_f64(cli.watch_interval.max(0.0)),

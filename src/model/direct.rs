@@ -16,11 +16,15 @@
 //! path. This module knows nothing of candle tensors, files or training.
 
 use std::cell::RefCell;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Output channels held by one AVX-512 register.
 const LANES: usize = 16;
 /// Taps of a 3x3 kernel.
 const TAPS: usize = 9;
+/// Fewest pictures worth a thread of their own in [`DirectNet::logits`].
+pub const MIN_PER_THREAD: usize = 4;
 
 /// One folded conv block: packed weights and bias.
 struct Block {
@@ -152,24 +156,64 @@ impl DirectNet {
         self.labels
     }
 
-    /// Logits `[n, labels]` for `n` normalised NHWC pictures laid end to end.
+    /// Logits `[n, labels]` for `n` normalised NHWC pictures laid end to end,
+    /// on up to `threads` threads (this one included) when there are at
+    /// least [`MIN_PER_THREAD`] pictures for each. The threads claim chunks
+    /// of [`MIN_PER_THREAD`] pictures until none are left, so one slowed by
+    /// other work (the decoders share the cores) holds the batch up by one
+    /// chunk at most.
     ///
     /// # Panics
     /// When `input.len()` is not a whole number of pictures.
-    pub fn logits(&self, input: &[f32]) -> Vec<f32> {
+    pub fn logits(&self, input: &[f32], threads: usize) -> Vec<f32> {
         let len = self.input_len();
         assert!(
             input.len().is_multiple_of(len),
             "input is not a whole number of pictures"
         );
-        let mut out = Vec::with_capacity(input.len() / len * self.labels);
+        let n = input.len() / len;
+        let threads = threads.clamp(1, (n / MIN_PER_THREAD).max(1));
+        let mut out = vec![0f32; n * self.labels];
+        if threads == 1 {
+            self.run(input, &mut out);
+            return out;
+        }
+        let chunks: Vec<Mutex<(&[f32], &mut [f32])>> = input
+            .chunks(MIN_PER_THREAD * len)
+            .zip(out.chunks_mut(MIN_PER_THREAD * self.labels))
+            .map(Mutex::new)
+            .collect();
+        let next = AtomicUsize::new(0);
+        let work = || {
+            while let Some(chunk) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) {
+                // Each chunk is claimed once, so the lock is never contended.
+                if let Ok(mut guard) = chunk.lock() {
+                    let (pictures, logits) = &mut *guard;
+                    self.run(pictures, logits);
+                }
+            }
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..threads {
+                scope.spawn(work);
+            }
+            work();
+        });
+        drop(chunks);
+        out
+    }
+
+    /// Runs whole pictures on this thread, writing `labels` logits each.
+    fn run(&self, input: &[f32], out: &mut [f32]) {
         SCRATCH.with_borrow_mut(|scratch| {
             self.prepare(scratch);
-            for picture in input.chunks_exact(len) {
-                self.picture(picture, scratch, &mut out);
+            for (picture, logits) in input
+                .chunks_exact(self.input_len())
+                .zip(out.chunks_exact_mut(self.labels))
+            {
+                self.picture(picture, scratch, logits);
             }
         });
-        out
     }
 
     /// Sizes the scratch buffers for this network; zero borders stay zero
@@ -196,7 +240,7 @@ impl DirectNet {
         s.pixel.resize(widest, 0.0);
     }
 
-    fn picture(&self, picture: &[f32], s: &mut Scratch, out: &mut Vec<f32>) {
+    fn picture(&self, picture: &[f32], s: &mut Scratch, out: &mut [f32]) {
         let Scratch {
             padded,
             rows,
@@ -244,12 +288,12 @@ impl DirectNet {
         for p in pooled.iter_mut() {
             *p /= count;
         }
-        for l in 0..self.labels {
+        for (l, logit) in out.iter_mut().enumerate() {
             let mut acc = self.fc_b[l];
             for (f, p) in pooled.iter().enumerate() {
                 acc += p * self.fc_w[f * self.labels + l];
             }
-            out.push(acc);
+            *logit = acc;
         }
     }
 }

@@ -505,7 +505,7 @@ impl Classifier {
                 candle_core::bail!("input {h}x{w}x{c} does not fit the network");
             }
             let input = x.flatten_all()?.to_vec1::<f32>()?;
-            return Tensor::from_vec(net.logits(&input), (b, net.labels()), x.device());
+            return Tensor::from_vec(net.logits(&input, 1), (b, net.labels()), x.device());
         }
         let mut x = match self.conv_impl {
             ConvImpl::Fast | ConvImpl::Direct => x.clone(),
@@ -542,8 +542,14 @@ impl Classifier {
     }
 
     /// Per-picture label probabilities for normalised NHWC pictures laid end
-    /// to end in `input`; the direct kernels read the slice without copying.
-    pub fn probabilities_of(&self, input: &[f32]) -> candle_core::Result<Vec<Vec<f32>>> {
+    /// to end in `input`; the direct kernels read the slice without copying
+    /// and split a batch over up to `threads` threads (the tensor paths use
+    /// candle's own threading and ignore it).
+    pub fn probabilities_of(
+        &self,
+        input: &[f32],
+        threads: usize,
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
         let s = self.meta.input_size;
         let len = s * s * self.meta.input_channels;
         if len == 0 || !input.len().is_multiple_of(len) {
@@ -554,7 +560,7 @@ impl Classifier {
             let x = Tensor::from_slice(input, (n, s, s, self.meta.input_channels), self.device())?;
             return self.probabilities(&x);
         };
-        let logits = net.logits(input);
+        let logits = net.logits(input, threads);
         Ok(logits.chunks_exact(net.labels()).map(softmax).collect())
     }
 }
@@ -677,7 +683,7 @@ mod tests {
         }
         assert!(max_diff(&direct.logits(&x).unwrap(), &reference) < 1e-4);
         let flat = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let by_slice = direct.probabilities_of(&flat).unwrap();
+        let by_slice = direct.probabilities_of(&flat, 1).unwrap();
         let by_tensor = cnn
             .classifier(ConvImpl::Candle)
             .unwrap()
@@ -686,7 +692,14 @@ mod tests {
         for (a, b) in by_slice.iter().flatten().zip(by_tensor.iter().flatten()) {
             assert!((a - b).abs() < 1e-5);
         }
-        assert!(direct.probabilities_of(&flat[1..]).is_err());
+        assert!(direct.probabilities_of(&flat[1..], 1).is_err());
+        // Split over threads: the same numbers.
+        let many: Vec<f32> = flat.iter().cycle().take(flat.len() * 9).copied().collect();
+        let split = direct.probabilities_of(&many, 3).unwrap();
+        assert_eq!(split.len(), 9 * by_slice.len());
+        for (i, row) in split.iter().enumerate() {
+            assert_eq!(row, &by_slice[i % by_slice.len()]);
+        }
     }
 
     #[test]

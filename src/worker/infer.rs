@@ -69,6 +69,7 @@ pub fn run(
     answers: UnboundedSender<Answer>,
     metrics: Metrics,
     pool: InputPool,
+    threads: usize,
 ) {
     let mut batch = Vec::new();
     let mut buffer: Vec<f32> = Vec::new();
@@ -100,7 +101,7 @@ pub fn run(
         let n = items.len();
         let started = Instant::now();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            model.classifier.probabilities_of(&buffer)
+            model.classifier.probabilities_of(&buffer, threads)
         }));
         metrics
             .inference_seconds

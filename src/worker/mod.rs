@@ -81,6 +81,8 @@ pub struct WorkerConfig {
     pub limits: Limits,
     /// Pictures decoded at the same time.
     pub decode_threads: usize,
+    /// Threads one forward pass may split a batch over (CPU direct kernels).
+    pub infer_threads: usize,
     /// Address of `/metrics`, `/healthz`, `/readyz`.
     pub metrics_addr: SocketAddr,
     /// Longest wait for in-flight requests at shutdown.
@@ -267,15 +269,16 @@ async fn pipeline(
     let batcher = Batcher::new(decoded_rx, inflow.clone(), cfg.batch);
     let pool = InputPool::default();
     let infer = {
-        let (slot, answers, metrics, pool) = (
+        let (slot, answers, metrics, pool, threads) = (
             slot.clone(),
             answer_tx.clone(),
             metrics.clone(),
             pool.clone(),
+            cfg.infer_threads.max(1),
         );
         std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || infer::run(batcher, slot, answers, metrics, pool))
+            .spawn(move || infer::run(batcher, slot, answers, metrics, pool, threads))
             .context("starting the inference thread")?
     };
 
@@ -417,7 +420,11 @@ async fn pipeline(
     drop(answer_tx);
     let _ = tokio::task::spawn_blocking(move || infer.join()).await;
     let _ = publisher.await;
-    client.flush().await.context("flushing answers")?;
+    // Bounded: with the server gone, a flush would wait for a reconnect forever.
+    match tokio::time::timeout(cfg.shutdown_timeout, client.flush()).await {
+        Ok(flushed) => flushed.context("flushing answers")?,
+        Err(_) => tracing::warn!("shutdown timeout: answers not flushed (server unreachable)"),
+    }
     tracing::info!("stopped");
     Ok(())
 }
