@@ -5,7 +5,8 @@
 #      input; their sum gives the one-thread component bound (pictures/s);
 #   1. one profile-worker (adaptive batcher) on a private nats-server, driven
 #      by profile-loadgen over the 200x200 JPEGs of ../shared/data/faces/test:
-#      saturation (N requests, window 256), open loop at 50% of that rate,
+#      saturation (N requests, window 256; three runs, the median kept and all
+#      three rates shown), open loop at 50% of that rate,
 #      a trickle at 10 requests/s; batch-size distribution from /metrics;
 #   2. the same loads with the fixed-timeout batcher (--batch-policy fixed);
 #   3. two workers in the queue group: combined rate and the split;
@@ -35,7 +36,8 @@ cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-echo "machine: $(nproc) vCPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(date -u +%FT%TZ)" >&2
+export MACHINE="$(nproc) vCPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $(date -u +%FT%TZ)"
+echo "machine: $MACHINE" >&2
 echo "measuring components (cargo bench --bench model) ..." >&2
 cargo bench -q --bench model -- 'forward/Direct/32$|preprocess/' >"$tmp/criterion.log" 2>&1
 est() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['mean']['point_estimate'])" "target/criterion/$1/new/estimates.json"; }
@@ -64,7 +66,17 @@ lg() { target/release/profile-loadgen --dir "$DATA" --json "$@"; }
 # loads NAME [saturation-only]: the three loads, each report saved as JSON.
 loads() {
   lg --requests 500 --window 64 >/dev/null # warm-up
-  lg --requests "$N" --window 256 >"$tmp/$1.sat.json"
+  # Saturation three times; the run with the median rate is kept (the
+  # machine is shared with the load generator and the server).
+  local before; before=$(cpu_seconds $PIDS)
+  for i in 1 2 3; do lg --requests "$N" --window 256 >"$tmp/$1.sat$i.json"; done
+  python3 -c "print(($(cpu_seconds $PIDS) - $before) / (3 * $N) * 1e3)" >"$tmp/$1.cpu"
+  python3 - "$tmp/$1" <<'MEDIAN'
+import json, shutil, sys
+runs = sorted((json.load(open(f"{sys.argv[1]}.sat{i}.json"))["throughput"], i) for i in (1, 2, 3))
+shutil.copy(f"{sys.argv[1]}.sat{runs[1][1]}.json", f"{sys.argv[1]}.sat.json")
+open(f"{sys.argv[1]}.satall", "w").write(" / ".join(f"{r:.0f}" for r, _ in runs))
+MEDIAN
   [ "${2:-}" = saturation-only ] && return
   local rate half
   rate=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['throughput'])" "$tmp/$1.sat.json")
@@ -72,24 +84,26 @@ loads() {
   lg --requests "$(python3 -c "print(min($N, int($half*10)))")" --rate "$half" --window 1000000 >"$tmp/$1.half.json"
   lg --requests 200 --rate 10 --window 1000000 >"$tmp/$1.trickle.json"
 }
+# cpu_seconds PID...: user + system CPU seconds the processes have used.
+cpu_seconds() { local t=0; for p in "$@"; do t=$(awk -v t="$t" '{print t + ($14 + $15) / 100}' "/proc/$p/stat"); done; echo "$t"; }
 metrics() { curl -s "http://127.0.0.1:$(cat "$tmp/$1.port")/metrics" >"$tmp/$1.metrics"; }
 
 echo "adaptive batcher ..." >&2
 start_worker adaptive
-loads adaptive
+PIDS=$(cat "$tmp/adaptive.pid") loads adaptive
 metrics adaptive
 stop adaptive
 
 echo "fixed-timeout batcher ..." >&2
 start_worker fixed --batch-policy fixed
-loads fixed
+PIDS=$(cat "$tmp/fixed.pid") loads fixed
 metrics fixed
 stop fixed
 
 echo "two workers ..." >&2
 start_worker w1
 start_worker w2
-loads two saturation-only
+PIDS="$(cat "$tmp/w1.pid") $(cat "$tmp/w2.pid")" loads two saturation-only
 metrics w1
 metrics w2
 stop w1
@@ -99,7 +113,7 @@ echo "Rust worker, Python's network ..." >&2
 target/release/profile-trainer train --data tests/fixtures/faces --val-fraction 0.25 \
   --channels 32,32,64 --epochs 1 --out "$tmp/same.safetensors" >/dev/null 2>&1
 start_worker same --weights "$tmp/same.safetensors"
-loads same
+PIDS=$(cat "$tmp/same.pid") loads same
 metrics same
 stop same
 
@@ -107,8 +121,9 @@ if [ -x "$PYBENCH" ]; then
   echo "python worker ..." >&2
   "$PYBENCH" bench/python_worker.py --url "$NATS_URL" >"$tmp/python.log" 2>&1 &
   pids+=($!)
+  py=$!
   sleep 3
-  loads python
+  PIDS=$py loads python
 else
   echo "python worker skipped: no $PYBENCH (see the header of this script)" >&2
 fi
@@ -140,14 +155,18 @@ def batches(name):
     mean = counter(name, "profile_worker_batch_size_sum") / total if total else 0
     return f"mean {mean:.1f}; " + ", ".join(parts)
 
+print(f"machine: {os.environ['MACHINE']}, release build\n")
 print("## Components (criterion, one thread)\n")
 print("| component | per picture | pictures/s |\n| --- | ---: | ---: |")
 print(f"| model forward, batch 32 (Direct, shipped model) | {model_s*1e3:.3f} ms | {1/model_s:.0f} |")
 print(f"| preprocess 200x200 JPEG | {pre_s*1e3:.3f} ms | {1/pre_s:.0f} |")
 print(f"| bound 1/(model + preprocess) | {(model_s+pre_s)*1e3:.3f} ms | {bound:.0f} |")
 print("\n## End to end (profile-loadgen, results/s and client-side latency)\n")
-print("| worker | load | requests | results/s | of bound | missing | p50 ms | p90 ms | p99 ms | max ms |")
-print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+print("| worker | load | requests | results/s | of bound | worker CPU ms/picture | missing | p50 ms | p90 ms | p99 ms | max ms |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+def runs(worker):
+    p = os.path.join(tmp, worker + ".satall")
+    return f" (runs {open(p).read()})" if os.path.exists(p) else ""
 for worker, label in [("adaptive", "Rust, adaptive batcher"), ("fixed", "Rust, fixed-timeout batcher"),
                       ("two", "Rust, two workers"), ("same", "Rust, Python's 32/32/64 network"),
                       ("python", "Python (ONNX Runtime), 32/32/64")]:
@@ -157,7 +176,10 @@ for worker, label in [("adaptive", "Rust, adaptive batcher"), ("fixed", "Rust, f
             continue
         l = r["latency_ms"]
         ratio = f"{r['throughput']/bound*100:.0f}%" if load_name == "sat" else ""
-        print(f"| {label} | {title} | {r['sent']} | {r['throughput']:.0f} | {ratio} | {r['missing']} | "
+        title = title + runs(worker) if load_name == "sat" else title
+        cpu_path = os.path.join(tmp, worker + ".cpu")
+        cpu = f"{float(open(cpu_path).read()):.3f}" if load_name == "sat" and os.path.exists(cpu_path) else ""
+        print(f"| {label} | {title} | {r['sent']} | {r['throughput']:.0f} | {ratio} | {cpu} | {r['missing']} | "
               f"{l['p50']:.1f} | {l['p90']:.1f} | {l['p99']:.1f} | {l['max']:.1f} |")
 print()
 for name in ["adaptive", "fixed"]:
