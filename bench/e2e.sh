@@ -43,6 +43,17 @@ cargo bench -q --bench model -- 'forward/Direct/32$|preprocess/' >"$tmp/criterio
 est() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['mean']['point_estimate'])" "target/criterion/$1/new/estimates.json"; }
 model_ns=$(est forward/Direct/32)
 pre_ns=$(est preprocess/jpeg_200x200)
+# The Python worker's network (3 conv blocks of 32/32/64 filters) in Rust,
+# weights from a one-epoch smoke training (only speed is compared), and in
+# ONNX Runtime when the Python environment is there.
+target/release/profile-trainer train --data tests/fixtures/faces --val-fraction 0.25 \
+  --channels 32,32,64 --epochs 1 --out "$tmp/same.safetensors" >/dev/null 2>&1
+BENCH_WEIGHTS="$tmp/same.safetensors" cargo bench -q --bench model -- 'forward/Direct/32$' >>"$tmp/criterion.log" 2>&1
+same_ns=$(est forward/Direct/32)
+ort_rate=0
+if [ -x "$PYBENCH" ]; then
+  ort_rate=$("$PYBENCH" bench/python_worker.py --bench-model | python3 -c "import json,sys; print(json.load(sys.stdin)['pictures_per_s'])")
+fi
 
 port=$(free_port)
 nats-server -a 127.0.0.1 -p "$port" >"$tmp/nats.log" 2>&1 &
@@ -110,8 +121,6 @@ stop w1
 stop w2
 
 echo "Rust worker, Python's network ..." >&2
-target/release/profile-trainer train --data tests/fixtures/faces --val-fraction 0.25 \
-  --channels 32,32,64 --epochs 1 --out "$tmp/same.safetensors" >/dev/null 2>&1
 start_worker same --weights "$tmp/same.safetensors"
 PIDS=$(cat "$tmp/same.pid") loads same
 metrics same
@@ -128,9 +137,9 @@ else
   echo "python worker skipped: no $PYBENCH (see the header of this script)" >&2
 fi
 
-python3 - "$tmp" "$model_ns" "$pre_ns" <<'PY'
+python3 - "$tmp" "$model_ns" "$pre_ns" "$same_ns" "$ort_rate" <<'PY'
 import json, os, sys
-tmp, model_ns, pre_ns = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+tmp, model_ns, pre_ns, same_ns, ort_rate = sys.argv[1], *map(float, sys.argv[2:6])
 model_s, pre_s = model_ns / 32 / 1e9, pre_ns / 1e9
 bound = 1 / (model_s + pre_s)
 def load(name):
@@ -161,6 +170,9 @@ print("| component | per picture | pictures/s |\n| --- | ---: | ---: |")
 print(f"| model forward, batch 32 (Direct, shipped model) | {model_s*1e3:.3f} ms | {1/model_s:.0f} |")
 print(f"| preprocess 200x200 JPEG | {pre_s*1e3:.3f} ms | {1/pre_s:.0f} |")
 print(f"| bound 1/(model + preprocess) | {(model_s+pre_s)*1e3:.3f} ms | {bound:.0f} |")
+print(f"| model forward, batch 32, Python's 32/32/64 network, Rust (Direct) | {same_ns/32/1e6:.3f} ms | {32e9/same_ns:.0f} |")
+if ort_rate:
+    print(f"| model forward, batch 32, Python's 32/32/64 network, ONNX Runtime | {1e3/ort_rate:.3f} ms | {ort_rate:.0f} |")
 print("\n## End to end (profile-loadgen, results/s and client-side latency)\n")
 print("| worker | load | requests | results/s | of bound | worker CPU ms/picture | missing | p50 ms | p90 ms | p99 ms | max ms |")
 print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -15,6 +15,7 @@ Runtime releases the GIL) while the event loop keeps receiving and decoding.
 The weights are random: this process is for speed, not accuracy.
 
     python_worker.py --url nats://127.0.0.1:4222 [--max-batch 32]
+    python_worker.py --bench-model     (model only: pictures/s at batch 32, one thread)
 """
 
 import argparse
@@ -81,17 +82,38 @@ def decode(payload: bytes) -> np.ndarray:
     return (small.astype(np.float32) * (2.0 / 255.0) - 1.0).transpose(2, 0, 1)
 
 
-async def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--url", default="nats://127.0.0.1:4222")
-    ap.add_argument("--max-batch", type=int, default=32)
-    args = ap.parse_args()
-
+def open_session() -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(build_model(), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(build_model(), opts, providers=["CPUExecutionProvider"])
+
+
+def bench_model(batch: int = 32, seconds: float = 3.0) -> None:
+    """Prints the model-only rate at `batch`, one thread, after a warm-up."""
+    session = open_session()
+    x = np.random.default_rng(1).random((batch, 3, SIZE, SIZE), dtype=np.float32)
+    for _ in range(20):
+        session.run(None, {"input": x})
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        session.run(None, {"input": x})
+        runs += 1
+    print(json.dumps({"batch": batch, "pictures_per_s": runs * batch / (time.perf_counter() - start)}))
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", default="nats://127.0.0.1:4222")
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--bench-model", action="store_true")
+    args = ap.parse_args()
+    if args.bench_model:
+        bench_model()
+        return
+
+    session = open_session()
     nc = await nats.connect(args.url)
     queue: asyncio.Queue = asyncio.Queue()
     labels = ("female", "male")

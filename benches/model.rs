@@ -5,7 +5,8 @@
 //!
 //! Throughput is reported in pictures per second; effective GFLOP/s is that
 //! rate times `forward_flops` (printed first), and a short summary table with
-//! both is printed at the end. Run: `cargo bench --bench model`.
+//! both is printed at the end. Run: `cargo bench --bench model`; set
+//! `BENCH_WEIGHTS=FILE` to measure another weights file than the shipped one.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -20,12 +21,12 @@ use profile_classifier::preprocess::{Limits, Preprocessor};
 
 const SHIPPED: &str = "weights/gender-cnn.safetensors";
 
-/// The shipped model's metadata and tensors, or the default architecture
-/// with deterministic weights when no weights file is there.
+/// The model in `BENCH_WEIGHTS` or the shipped one, or the default
+/// architecture with deterministic weights when no weights file is there.
 fn network() -> (ModelMeta, HashMap<String, Tensor>) {
-    if Path::new(SHIPPED).exists() {
-        return model::weights::load(Path::new(SHIPPED), &Device::Cpu)
-            .expect("shipped weights load");
+    let path = std::env::var("BENCH_WEIGHTS").unwrap_or_else(|_| SHIPPED.into());
+    if Path::new(&path).exists() {
+        return model::weights::load(Path::new(&path), &Device::Cpu).expect("weights load");
     }
     let meta = ModelMeta {
         labels: vec!["female".into(), "male".into()],
