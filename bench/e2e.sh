@@ -10,11 +10,12 @@
 #      a trickle at 10 requests/s; batch-size distribution from /metrics;
 #   2. the same loads with the fixed-timeout batcher (--batch-policy fixed);
 #   3. two workers in the queue group: combined rate and the split;
-#   4. one worker running the Python alternative's network (3 conv blocks of
+#   4. the Python alternative (bench/python_worker.py: ONNX Runtime, simplejpeg,
+#      nats-py) under the same loads, when its virtualenv exists;
+#   5. one worker running the Python alternative's network (3 conv blocks of
 #      32/32/64 filters, 35.4 MFLOP; weights from a one-epoch smoke training,
-#      since only speed is compared), for a like-for-like row;
-#   5. the Python alternative (bench/python_worker.py: ONNX Runtime, simplejpeg,
-#      nats-py) under the same loads, when its virtualenv exists.
+#      since only speed is compared), for a like-for-like row, also at the
+#      Python worker's own 50% rate.
 # Prints Markdown tables.
 #
 #   bench/e2e.sh [requests]        (run from anywhere; default 10000)
@@ -120,12 +121,6 @@ metrics w2
 stop w1
 stop w2
 
-echo "Rust worker, Python's network ..." >&2
-start_worker same --weights "$tmp/same.safetensors"
-PIDS=$(cat "$tmp/same.pid") loads same
-metrics same
-stop same
-
 if [ -x "$PYBENCH" ]; then
   echo "python worker ..." >&2
   "$PYBENCH" bench/python_worker.py --url "$NATS_URL" >"$tmp/python.log" 2>&1 &
@@ -133,9 +128,21 @@ if [ -x "$PYBENCH" ]; then
   py=$!
   sleep 3
   PIDS=$py loads python
+  kill "$py"; wait "$py" 2>/dev/null || true
 else
   echo "python worker skipped: no $PYBENCH (see the header of this script)" >&2
 fi
+
+echo "Rust worker, Python's network ..." >&2
+start_worker same --weights "$tmp/same.safetensors"
+PIDS=$(cat "$tmp/same.pid") loads same
+if [ -f "$tmp/python.sat.json" ]; then
+  # The same absolute rate as the Python worker's 50% run, for the p99 comparison.
+  pyhalf=$(python3 -c "import json,sys; print(round(json.load(open(sys.argv[1]))['throughput']/2))" "$tmp/python.sat.json")
+  lg --requests "$(python3 -c "print(min($N, int($pyhalf*10)))")" --rate "$pyhalf" --window 1000000 >"$tmp/same.pyhalf.json"
+fi
+metrics same
+stop same
 
 python3 - "$tmp" "$model_ns" "$pre_ns" "$same_ns" "$ort_rate" <<'PY'
 import json, os, sys
@@ -182,7 +189,8 @@ def runs(worker):
 for worker, label in [("adaptive", "Rust, adaptive batcher"), ("fixed", "Rust, fixed-timeout batcher"),
                       ("two", "Rust, two workers"), ("same", "Rust, Python's 32/32/64 network"),
                       ("python", "Python (ONNX Runtime), 32/32/64")]:
-    for load_name, title in [("sat", "saturation, window 256"), ("half", "open loop at 50%"), ("trickle", "trickle 10/s")]:
+    for load_name, title in [("sat", "saturation, window 256"), ("half", "open loop at 50%"),
+                             ("pyhalf", "open loop at 50% of the Python worker's maximum"), ("trickle", "trickle 10/s")]:
         r = load(f"{worker}.{load_name}")
         if r is None:
             continue
