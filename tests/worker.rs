@@ -397,3 +397,21 @@ async fn sigterm_answers_every_taken_request() {
         .collect();
     assert_eq!(ids.len(), got.len(), "no duplicates");
 }
+
+/// SIGTERM after the server has died: the worker cannot flush, but it still
+/// exits (cleanly, within its shutdown timeout) instead of waiting for a
+/// server that is not coming back.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_without_a_server_still_exits() {
+    let mut server = NatsServer::start();
+    let mut worker = Worker::start(&server.url(), &["--shutdown-timeout", "2"]);
+    server.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    assert_eq!(worker.terminate(), Some(0), "the worker did not exit");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+}

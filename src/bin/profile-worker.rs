@@ -83,7 +83,7 @@ struct Cli {
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, env = "PROFILE_METRICS_ADDR", default_value = "0.0.0.0:9464")]
     metrics_addr: SocketAddr,
-    /// Seconds to finish in-flight requests after SIGTERM/SIGINT.
+    /// After SIGTERM/SIGINT, seconds each step may take (drain, in-flight requests, last flush).
     #[arg(long, env = "PROFILE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     shutdown_timeout: u64,
     /// Seconds between checks of the weights file for changes (0: off).

@@ -85,7 +85,7 @@ pub struct WorkerConfig {
     pub infer_threads: usize,
     /// Address of `/metrics`, `/healthz`, `/readyz`.
     pub metrics_addr: SocketAddr,
-    /// Longest wait for in-flight requests at shutdown.
+    /// Longest wait for each shutdown step: draining, in-flight requests, the last flush.
     pub shutdown_timeout: Duration,
     /// How often the weights file is checked for changes (zero: never).
     pub watch_interval: Duration,
@@ -285,14 +285,25 @@ async fn pipeline(
     let reloader = tokio::spawn(watch_reloads(slot.clone(), reloads, cfg.watch_interval));
     let decode_permits = Arc::new(Semaphore::new(cfg.decode_threads.max(1)));
     let mut draining = false;
+    // Once draining, how long the subscription may take to end (it cannot
+    // end while the server is unreachable).
+    let drain_deadline = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(drain_deadline);
     loop {
         let (msg, js) = tokio::select! {
             next = source.next() => match next {
                 Some(m) => m,
                 None => break,
             },
+            _ = &mut drain_deadline, if draining => {
+                tracing::warn!("shutdown timeout: the subscription did not finish draining");
+                break;
+            }
             _ = stop.changed(), if !draining => {
                 draining = true;
+                drain_deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + cfg.shutdown_timeout);
                 match &mut source {
                     Source::Core(sub) => {
                         // Stop taking requests; messages the client already
