@@ -7,10 +7,9 @@
 //! The trainer and the worker share this code, so the network sees the same
 //! input at training and at serving time.
 
+use std::cell::RefCell;
 use std::io::Cursor;
 use std::panic::AssertUnwindSafe;
-
-use std::cell::RefCell;
 
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType as ResizeFilter, PixelType, ResizeAlg, ResizeOptions, Resizer};
@@ -155,8 +154,8 @@ impl Preprocessor {
 
     /// Resizes to the model input with a triangle (bilinear) filter, run by
     /// `fast_image_resize`'s SIMD convolution, and normalises into `out`.
-    /// Within 1/255 per value (rounding; mean 0.11/255 on the fixture faces) of `image`'s own
-    /// `resize(.., Triangle)`, which the tests check on real faces.
+    /// Within 1/255 per value (rounding; mean 0.11/255 on the fixture faces)
+    /// of `image`'s own `resize(.., Triangle)`, which the tests check.
     pub fn resize_normalise(&self, rgb: &image::RgbImage, out: &mut [f32]) {
         if rgb.dimensions() == (self.size, self.size) {
             self.normalise(rgb.as_raw(), out);

@@ -11,8 +11,8 @@
 //! not allocate.
 //!
 //! Only for x86-64 CPUs with AVX-512F and for shapes the tiles fit (output
-//! channels a multiple of 16, sides a multiple of 16 then halving to at least
-//! 8): [`DirectNet::new`] says `None` otherwise and the caller keeps the im2col
+//! channels a multiple of 16, every block's input side a multiple of 8):
+//! [`DirectNet::new`] says `None` otherwise and the caller keeps the im2col
 //! path. This module knows nothing of candle tensors, files or training.
 
 use std::cell::RefCell;
@@ -53,6 +53,8 @@ pub struct DirectNet {
 /// Per-thread scratch: one padded input buffer per block and two conv rows.
 #[derive(Default)]
 struct Scratch {
+    /// `(side, channels)` of each padded buffer, as last laid out.
+    geometry: Vec<(usize, usize)>,
     padded: Vec<Vec<f32>>,
     rows: Vec<f32>,
     /// One pooled pixel's channels.
@@ -216,16 +218,22 @@ impl DirectNet {
         });
     }
 
-    /// Sizes the scratch buffers for this network; zero borders stay zero
-    /// because only interiors are written afterwards.
+    /// Lays the scratch buffers out for this network. The padded buffers are
+    /// zeroed only when the geometry changes (another network, after a
+    /// reload): later pictures write interiors only, so borders stay zero.
     fn prepare(&self, s: &mut Scratch) {
-        s.padded.resize_with(self.blocks.len(), Vec::new);
-        for (buf, b) in s.padded.iter_mut().zip(&self.blocks) {
-            let want = (b.side + 2) * (b.side + 2) * b.cin;
-            if buf.len() != want {
-                buf.clear();
-                buf.resize(want, 0.0);
-            }
+        let same = s.geometry.len() == self.blocks.len()
+            && s.geometry
+                .iter()
+                .zip(&self.blocks)
+                .all(|(&g, b)| g == (b.side, b.cin));
+        if !same {
+            s.geometry = self.blocks.iter().map(|b| (b.side, b.cin)).collect();
+            s.padded = self
+                .blocks
+                .iter()
+                .map(|b| vec![0.0; (b.side + 2) * (b.side + 2) * b.cin])
+                .collect();
         }
         let rows = self
             .blocks
@@ -246,6 +254,7 @@ impl DirectNet {
             rows,
             pixel,
             features: pooled,
+            ..
         } = s;
         // Copy the picture into the first padded buffer's interior.
         let b0 = &self.blocks[0];

@@ -344,21 +344,27 @@ impl Cnn {
 
     /// The inference form of this network, batch norm folded into the convs.
     pub fn classifier(&self, conv_impl: ConvImpl) -> candle_core::Result<Classifier> {
+        let folded = self
+            .blocks
+            .iter()
+            .map(Block::folded)
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let direct = if conv_impl == ConvImpl::Direct {
-            self.direct_net()?
+            self.direct_net(&folded)?
         } else {
             None
         };
         let conv_impl = conv_impl.tensor_path();
-        let mut convs = Vec::with_capacity(self.blocks.len());
-        for b in &self.blocks {
-            let (w, shift) = b.folded()?;
-            let weight = match conv_impl {
-                ConvImpl::Fast | ConvImpl::Direct => conv::weight_matrix(&w)?.contiguous()?,
-                ConvImpl::Candle => w.contiguous()?,
-            };
-            convs.push((weight, shift));
-        }
+        let convs = folded
+            .into_iter()
+            .map(|(w, shift)| {
+                let weight = match conv_impl {
+                    ConvImpl::Fast | ConvImpl::Direct => conv::weight_matrix(&w)?.contiguous()?,
+                    ConvImpl::Candle => w.contiguous()?,
+                };
+                Ok((weight, shift))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Classifier {
             meta: self.meta.clone(),
             convs,
@@ -369,16 +375,19 @@ impl Cnn {
         })
     }
 
-    /// The folded network for the direct kernels, if the CPU and shapes suit.
-    fn direct_net(&self) -> candle_core::Result<Option<direct::DirectNet>> {
-        if !direct::available() || !self.fc_b.device().is_cpu() {
+    /// The direct kernels' network from the folded blocks, if the device,
+    /// the CPU and the shapes suit them.
+    fn direct_net(
+        &self,
+        folded: &[(Tensor, Tensor)],
+    ) -> candle_core::Result<Option<direct::DirectNet>> {
+        if !self.fc_b.device().is_cpu() {
             return Ok(None);
         }
-        let mut convs = Vec::with_capacity(self.blocks.len());
-        for b in &self.blocks {
-            let (w, shift) = b.folded()?;
-            convs.push((w.flatten_all()?.to_vec1::<f32>()?, shift.to_vec1::<f32>()?));
-        }
+        let convs = folded
+            .iter()
+            .map(|(w, shift)| Ok((w.flatten_all()?.to_vec1::<f32>()?, shift.to_vec1::<f32>()?)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(direct::DirectNet::new(
             self.meta.input_size,
             self.meta.input_channels,
@@ -699,6 +708,29 @@ mod tests {
         assert_eq!(split.len(), 9 * by_slice.len());
         for (i, row) in split.iter().enumerate() {
             assert_eq!(row, &by_slice[i % by_slice.len()]);
+        }
+    }
+
+    #[test]
+    fn direct_kernels_switch_networks_on_one_thread() {
+        // Two networks of different geometry, alternated on this thread (as
+        // after a reload): each still matches candle's.
+        let a = ModelMeta {
+            input_size: 32,
+            channels: vec![16, 32, 16],
+            ..tiny_meta()
+        };
+        let b = ModelMeta {
+            input_size: 16,
+            channels: vec![32, 16],
+            ..tiny_meta()
+        };
+        for meta in [&a, &b, &a, &b] {
+            let cnn = Cnn::new(meta.clone(), &random_tensors(meta), ConvImpl::Candle).unwrap();
+            let x = probe_input(meta, &Device::Cpu).unwrap();
+            let reference = cnn.forward(&x, false, None).unwrap();
+            let direct = cnn.classifier(ConvImpl::Direct).unwrap();
+            assert!(max_diff(&direct.logits(&x).unwrap(), &reference) < 1e-4);
         }
     }
 
