@@ -67,7 +67,10 @@ async fn weights_replaced_under_load_lose_nothing() {
         ],
     );
     let load = tokio::spawn({
-        let cfg = common::fixture_load(&server.url(), 3000, 32, None);
+        // Paced (3 s in all) so that the last swap, at 2,400 results, still
+        // has load after it: unpaced, the worker now answers the last 600
+        // requests faster than a 0.1 s file poll notices the new weights.
+        let cfg = common::fixture_load(&server.url(), 3000, 32, Some(1000.0));
         async move { loadgen::run(&cfg).await.unwrap() }
     });
     let worker = tokio::task::spawn_blocking(move || {
