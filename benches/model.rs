@@ -148,6 +148,14 @@ fn preprocess(c: &mut Criterion) {
     group.bench_function("jpeg_200x200", |b| {
         b.iter(|| pre.run(black_box(&bytes), &mut out).unwrap())
     });
+    // The general path (through `image`), which `run` takes for grey or
+    // EXIF-rotated JPEGs and for the other formats.
+    group.bench_function("jpeg_200x200_general", |b| {
+        b.iter(|| {
+            let rgb = pre.decode(black_box(&bytes)).unwrap();
+            pre.resize_normalise(&rgb, &mut out)
+        })
+    });
     group.finish();
 }
 

@@ -60,7 +60,12 @@ impl PreprocessError {
 thread_local! {
     /// Each decoding thread's SIMD resizer and its output buffer.
     static RESIZER: RefCell<(Resizer, Vec<u8>)> = RefCell::new((Resizer::new(), Vec::new()));
+    /// Each decoding thread's buffer for the pixels of a decoded JPEG.
+    static PIXELS: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
+
+/// Largest decoded-pixel buffer a thread keeps between pictures, in bytes.
+const KEEP_PIXELS: usize = 16 << 20;
 
 /// Formats the worker accepts (PROTOCOL §1).
 const SUPPORTED: [ImageFormat; 5] = [
@@ -108,14 +113,45 @@ impl Preprocessor {
 
     /// Decodes `bytes` and writes `input_len()` normalised values into `out`
     /// (HWC order). Never panics: a panic inside a decoder becomes `internal`.
+    ///
+    /// A colour JPEG with no EXIF rotation (the usual profile picture) is
+    /// decoded by zune-jpeg straight into a per-thread buffer, headers parsed
+    /// once; everything else goes through [`Preprocessor::decode`]. Both
+    /// give the same pixels (tested).
     pub fn run(&self, bytes: &[u8], out: &mut [f32]) -> Result<(), PreprocessError> {
-        let rgb = self.decode(bytes)?;
+        let format = self.check(bytes)?;
+        if format == ImageFormat::Jpeg {
+            let limits = self.limits;
+            let done = PIXELS.with_borrow_mut(|pixels| {
+                let size = guarded(format, || decode_plain_jpeg(bytes, limits, pixels))?;
+                Ok::<_, PreprocessError>(size.map(|(w, h)| {
+                    self.resize_normalise_raw(pixels, w, h, out);
+                }))
+            })?;
+            // Keep no huge buffer after a huge (but allowed) picture.
+            PIXELS.with_borrow_mut(|pixels| {
+                if pixels.capacity() > KEEP_PIXELS {
+                    *pixels = Vec::new();
+                }
+            });
+            if done.is_some() {
+                return Ok(());
+            }
+        }
+        let rgb = guarded(format, || decode_with_limits(bytes, format, self.limits))?;
         self.resize_normalise(&rgb, out);
         Ok(())
     }
 
     /// Decodes to an RGB picture of any size, with every limit checked.
     pub fn decode(&self, bytes: &[u8]) -> Result<image::RgbImage, PreprocessError> {
+        let format = self.check(bytes)?;
+        guarded(format, || decode_with_limits(bytes, format, self.limits))
+    }
+
+    /// The checks made before any decoder sees the bytes: not empty, not
+    /// over the byte limit, a supported format.
+    fn check(&self, bytes: &[u8]) -> Result<ImageFormat, PreprocessError> {
         if bytes.is_empty() {
             return Err(PreprocessError::new(
                 ErrorCode::EmptyImage,
@@ -132,24 +168,7 @@ impl Preprocessor {
                 ),
             ));
         }
-        let format = sniff(bytes)?;
-        let limits = self.limits;
-        match std::panic::catch_unwind(AssertUnwindSafe(|| {
-            decode_with_limits(bytes, format, limits)
-        })) {
-            Ok(result) => result,
-            Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                Err(PreprocessError::new(
-                    ErrorCode::Internal,
-                    format!("{format:?} decoder panicked: {msg}"),
-                ))
-            }
-        }
+        sniff(bytes)
     }
 
     /// Resizes to the model input with a triangle (bilinear) filter, run by
@@ -157,28 +176,43 @@ impl Preprocessor {
     /// Within 1/255 per value (rounding; mean 0.11/255 on the fixture faces)
     /// of `image`'s own `resize(.., Triangle)`, which the tests check.
     pub fn resize_normalise(&self, rgb: &image::RgbImage, out: &mut [f32]) {
-        if rgb.dimensions() == (self.size, self.size) {
-            self.normalise(rgb.as_raw(), out);
+        let (w, h) = rgb.dimensions();
+        self.resize_normalise_raw(rgb.as_raw(), w, h, out);
+    }
+
+    /// [`Preprocessor::resize_normalise`] over interleaved RGB bytes of a
+    /// `w` x `h` picture.
+    fn resize_normalise_raw(&self, rgb: &[u8], w: u32, h: u32, out: &mut [f32]) {
+        if (w, h) == (self.size, self.size) {
+            self.normalise(rgb, out);
             return;
         }
         RESIZER.with_borrow_mut(|(resizer, buf)| {
             let side = self.size;
             buf.resize((side * side * 3) as usize, 0);
-            let (w, h) = rgb.dimensions();
             let options =
                 ResizeOptions::new().resize_alg(ResizeAlg::Convolution(ResizeFilter::Bilinear));
             let done = (|| {
-                let src = ImageRef::new(w, h, rgb.as_raw(), PixelType::U8x3).ok()?;
+                let src = ImageRef::new(w, h, rgb, PixelType::U8x3).ok()?;
                 let mut dst = Image::from_slice_u8(side, side, buf, PixelType::U8x3).ok()?;
                 resizer.resize(&src, &mut dst, &options).ok()
             })();
+            let plain = || {
+                let img = image::RgbImage::from_raw(w, h, rgb.to_vec())?;
+                Some(image::imageops::resize(
+                    &img,
+                    side,
+                    side,
+                    FilterType::Triangle,
+                ))
+            };
             match done {
                 Some(()) => self.normalise(buf, out),
-                // Unreachable for a well-formed RgbImage; stay correct anyway.
-                None => self.normalise(
-                    &image::imageops::resize(rgb, side, side, FilterType::Triangle),
-                    out,
-                ),
+                // Unreachable for a well-formed buffer; stay correct anyway.
+                None => match plain() {
+                    Some(small) => self.normalise(&small, out),
+                    None => out.fill(0.0),
+                },
             }
         })
     }
@@ -208,6 +242,80 @@ pub fn sniff(bytes: &[u8]) -> Result<ImageFormat, PreprocessError> {
     }
 }
 
+/// Runs a decoder; a panic inside it becomes `internal`.
+fn guarded<T>(
+    format: ImageFormat,
+    decode: impl FnOnce() -> Result<T, PreprocessError>,
+) -> Result<T, PreprocessError> {
+    std::panic::catch_unwind(AssertUnwindSafe(decode)).unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(PreprocessError::new(
+            ErrorCode::Internal,
+            format!("{format:?} decoder panicked: {msg}"),
+        ))
+    })
+}
+
+/// Decodes a colour (YCbCr or RGB) JPEG without an EXIF rotation into
+/// `pixels` as interleaved RGB, with the checks of [`decode_with_limits`],
+/// and returns its size; `None` (nothing decoded) for any other JPEG, which
+/// the general path handles. The options are those `image` gives zune-jpeg,
+/// so the pixels are the same.
+fn decode_plain_jpeg(
+    bytes: &[u8],
+    limits: Limits,
+    pixels: &mut Vec<u8>,
+) -> Result<Option<(u32, u32)>, PreprocessError> {
+    use zune_core::colorspace::ColorSpace;
+    let jpeg_error = |e: zune_jpeg::errors::DecodeErrors| match e {
+        zune_jpeg::errors::DecodeErrors::Unsupported(u) => PreprocessError::new(
+            ErrorCode::UnsupportedFormat,
+            format!("Jpeg: the decoder does not support the feature {u:?}"),
+        ),
+        zune_jpeg::errors::DecodeErrors::LargeDimensions(d) => PreprocessError::new(
+            ErrorCode::ImageTooLarge,
+            format!("Jpeg: dimension {d} is too large"),
+        ),
+        other => undecodable(ImageFormat::Jpeg, other),
+    };
+    let options = zune_core::options::DecoderOptions::default()
+        .set_strict_mode(false)
+        .set_max_width(usize::MAX)
+        .set_max_height(usize::MAX)
+        .jpeg_set_out_colorspace(ColorSpace::RGB);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(
+        zune_core::bytestream::ZCursor::new(bytes),
+        options,
+    );
+    decoder.decode_headers().map_err(jpeg_error)?;
+    let plain_colour = matches!(
+        decoder.input_colorspace(),
+        Some(ColorSpace::YCbCr | ColorSpace::RGB)
+    );
+    let upright = decoder
+        .exif()
+        .and_then(|exif| image::metadata::Orientation::from_exif_chunk(exif))
+        .is_none_or(|o| o == image::metadata::Orientation::NoTransforms);
+    let Some((w, h)) = decoder.dimensions() else {
+        return Ok(None);
+    };
+    if !plain_colour || !upright {
+        return Ok(None);
+    }
+    let (w, h) = (w as u32, h as u32);
+    check_pixels(ImageFormat::Jpeg, bytes, w, h, limits)?;
+    let len = decoder
+        .output_buffer_size()
+        .ok_or_else(|| undecodable(ImageFormat::Jpeg, "picture too large for memory"))?;
+    pixels.resize(len, 0);
+    decoder.decode_into(pixels).map_err(jpeg_error)?;
+    Ok(Some((w, h)))
+}
+
 fn undecodable(format: ImageFormat, e: impl std::fmt::Display) -> PreprocessError {
     PreprocessError::new(ErrorCode::UndecodableImage, format!("{format:?}: {e}"))
 }
@@ -221,6 +329,36 @@ fn decode_with_limits(
     let (w, h) = ImageReader::with_format(Cursor::new(bytes), format)
         .into_dimensions()
         .map_err(|e| map_image_error(format, e))?;
+    check_pixels(format, bytes, w, h, limits)?;
+    let pixels = u64::from(w) * u64::from(h);
+    // The same limits again inside the decoder, which also bounds what it
+    // allocates beyond the pixels (16 bytes a pixel covers 16-bit RGBA).
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_image_width = Some(w);
+    decoder_limits.max_image_height = Some(h);
+    decoder_limits.max_alloc = Some(pixels.saturating_mul(16).max(1 << 20));
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    reader.limits(decoder_limits);
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| map_image_error(format, e))?;
+    let orientation = decoder.orientation().ok();
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(format, e))?;
+    if let Some(o) = orientation {
+        img.apply_orientation(o);
+    }
+    Ok(img.into_rgb8())
+}
+
+/// The checks between reading a picture's header and decoding its pixels:
+/// a JPEG must be complete, and the size within the pixel limit, not empty.
+fn check_pixels(
+    format: ImageFormat,
+    bytes: &[u8],
+    w: u32,
+    h: u32,
+    limits: Limits,
+) -> Result<(), PreprocessError> {
     if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
         // zune-jpeg fills missing scan data with grey instead of failing.
         return Err(undecodable(
@@ -244,23 +382,7 @@ fn decode_with_limits(
             format!("{format:?}: {w}x{h} picture"),
         ));
     }
-    // The same limits again inside the decoder, which also bounds what it
-    // allocates beyond the pixels (16 bytes a pixel covers 16-bit RGBA).
-    let mut decoder_limits = image::Limits::default();
-    decoder_limits.max_image_width = Some(w);
-    decoder_limits.max_image_height = Some(h);
-    decoder_limits.max_alloc = Some(pixels.saturating_mul(16).max(1 << 20));
-    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    reader.limits(decoder_limits);
-    let mut decoder = reader
-        .into_decoder()
-        .map_err(|e| map_image_error(format, e))?;
-    let orientation = decoder.orientation().ok();
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(format, e))?;
-    if let Some(o) = orientation {
-        img.apply_orientation(o);
-    }
-    Ok(img.into_rgb8())
+    Ok(())
 }
 
 /// True when an end-of-image marker (`FF D9`) follows the last start-of-scan
@@ -356,6 +478,70 @@ mod tests {
         assert!(count > 10 * 64 * 64 * 3, "too few fixture faces");
         let mean = sum / count as f32;
         assert!(worst <= 1.01 && mean < 0.25, "worst {worst}, mean {mean}");
+    }
+
+    /// `jpeg` with an EXIF APP1 segment saying `orientation`, after SOI.
+    fn with_orientation(jpeg: &[u8], orientation: u8) -> Vec<u8> {
+        let mut exif = b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x01".to_vec();
+        exif.extend_from_slice(&[0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, orientation, 0, 0]);
+        exif.extend_from_slice(&[0, 0, 0, 0]);
+        let mut out = jpeg[..2].to_vec();
+        out.extend_from_slice(&[0xFF, 0xE1]);
+        out.extend_from_slice(&((exif.len() + 2) as u16).to_be_bytes());
+        out.extend_from_slice(&exif);
+        out.extend_from_slice(&jpeg[2..]);
+        out
+    }
+
+    /// The direct zune-jpeg path of `run` gives exactly the input of the
+    /// general path (`decode` through `image`, then `resize_normalise`);
+    /// grey and EXIF-rotated JPEGs, which take the general path, come out
+    /// right too.
+    #[test]
+    fn direct_jpeg_path_matches_the_general_one() {
+        let meta = ModelMeta {
+            input_size: 64,
+            ..meta()
+        };
+        let p = Preprocessor::new(&meta, Limits::default());
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/faces");
+        let (mut fast, mut general) = (vec![0f32; p.input_len()], vec![0f32; p.input_len()]);
+        let mut same = |bytes: &[u8]| {
+            p.run(bytes, &mut fast).unwrap();
+            p.resize_normalise(&p.decode(bytes).unwrap(), &mut general);
+            assert_eq!(fast, general);
+            fast.clone()
+        };
+        let mut faces = 0;
+        let mut first = None;
+        for entry in std::fs::read_dir(&dir)
+            .expect("tests/fixtures/faces")
+            .flatten()
+        {
+            if entry.path().extension().is_none_or(|e| e != "jpg") {
+                continue;
+            }
+            let bytes = std::fs::read(entry.path()).unwrap();
+            let upright = same(&bytes);
+            first.get_or_insert(bytes);
+            faces += 1;
+            if faces == 1 {
+                let bytes = first.as_ref().unwrap();
+                // Rotated by EXIF: the general path turns it.
+                assert_ne!(same(&with_orientation(bytes, 6)), upright);
+                assert_eq!(same(&with_orientation(bytes, 1)), upright);
+                // Grey.
+                let grey = image::DynamicImage::ImageLuma8(
+                    image::load_from_memory(bytes).unwrap().to_luma8(),
+                );
+                let mut buf = Vec::new();
+                grey.write_to(&mut Cursor::new(&mut buf), ImageFormat::Jpeg)
+                    .unwrap();
+                let g = same(&buf);
+                assert!(g.chunks(3).all(|px| px[0] == px[1] && px[1] == px[2]));
+            }
+        }
+        assert!(faces > 10, "too few fixture faces");
     }
 
     #[test]
