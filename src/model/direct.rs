@@ -1,14 +1,20 @@
 //! The inference network as direct AVX-512 convolutions: no im2col copy, no
 //! intermediate tensors, batch norm already folded into the weights.
 //!
-//! Each picture runs through every block while its activations stay in cache:
-//! a conv block computes two output rows at a time with a register-tiled
-//! kernel (a strip of pixels times 16 or 32 output channels, accumulated over
-//! the nine taps and every input channel), then max-pools the two rows, adds
-//! the bias, applies ReLU and writes straight into the zero-padded input of
-//! the next block; the last block feeds global average pooling and the linear
-//! layer. Scratch buffers are kept per thread and reused, so the hot path does
-//! not allocate.
+//! Each picture runs through every block while its activations stay in cache.
+//! A block whose input has a multiple of 16 channels (every block but the
+//! first) is a Winograd F(2x2, 3x3) convolution: each 2x2 output tile, which
+//! is exactly one max-pool window, costs 16 multiplies per input/output
+//! channel pair instead of 36; the input and output transforms are adds only,
+//! and the 16 products per tile are 16 small matrix products run by a
+//! register-tiled kernel. The first block (3 input channels) computes two
+//! output rows at a time with a direct register-tiled kernel (a strip of
+//! pixels times 16 or 32 output channels, accumulated over the nine taps and
+//! every input channel). Either way the block then max-pools, adds the bias,
+//! applies ReLU and writes straight into the zero-padded input of the next
+//! block; the last block feeds global average pooling and the linear layer.
+//! Scratch buffers are kept per thread and reused, so the hot path does not
+//! allocate.
 //!
 //! Only for x86-64 CPUs with AVX-512F and for shapes the tiles fit (output
 //! channels a multiple of 16, every block's input side a multiple of 8):
@@ -25,6 +31,11 @@ const LANES: usize = 16;
 const TAPS: usize = 9;
 /// Fewest pictures worth a thread of their own in [`DirectNet::logits`].
 pub const MIN_PER_THREAD: usize = 4;
+/// Winograd tiles transformed and multiplied together (bounds the scratch
+/// to a few hundred KiB, so it stays in L2).
+const WINO_CHUNK: usize = 64;
+/// Positions of a Winograd F(2x2, 3x3) tile (4x4).
+const WINO: usize = 16;
 
 /// One folded conv block: packed weights and bias.
 struct Block {
@@ -32,11 +43,14 @@ struct Block {
     side: usize,
     cin: usize,
     cout: usize,
-    /// Output-channel registers per tile (1 or 2).
+    /// Output-channel registers per register tile (1, 2 or 3).
     group: usize,
-    /// Pixels per tile (8 or 16).
+    /// Pixels (direct) or Winograd tiles per register tile (8 or 16).
     strip: usize,
-    /// `[cout / (16*group)][9][cin][16*group]`.
+    /// Whether this block runs as Winograd F(2x2, 3x3).
+    winograd: bool,
+    /// Direct: `[cout / (16*group)][9][cin][16*group]`.
+    /// Winograd: `[16][cout / (16*group)][cin][16*group]`, transformed.
     weights: Vec<f32>,
     bias: Vec<f32>,
 }
@@ -61,6 +75,10 @@ struct Scratch {
     pixel: Vec<f32>,
     /// Global average pool of the last block.
     features: Vec<f32>,
+    /// Winograd: transformed input `[16][tiles][cin]` and products
+    /// `[16][tiles][cout]` of one chunk of tiles.
+    wino_in: Vec<f32>,
+    wino_out: Vec<f32>,
 }
 
 thread_local! {
@@ -106,32 +124,55 @@ impl DirectNet {
             {
                 return None;
             }
-            let group = if cout.is_multiple_of(2 * LANES) { 2 } else { 1 };
-            let strip = if group == 1 && side.is_multiple_of(16) {
-                16
+            let winograd = cin.is_multiple_of(LANES);
+            let block = if winograd {
+                let group = if cout.is_multiple_of(3 * LANES) {
+                    3
+                } else if cout.is_multiple_of(2 * LANES) {
+                    2
+                } else {
+                    1
+                };
+                Block {
+                    side,
+                    cin,
+                    cout,
+                    group,
+                    strip: if group == 1 { 16 } else { 8 },
+                    winograd,
+                    weights: winograd_weights(w, cin, cout, group * LANES),
+                    bias: b.clone(),
+                }
             } else {
-                8
-            };
-            let width = group * LANES;
-            let mut packed = vec![0f32; w.len()];
-            for co in 0..cout {
-                let (g, lane) = (co / width, co % width);
-                for ci in 0..cin {
-                    for tap in 0..TAPS {
-                        packed[((g * TAPS + tap) * cin + ci) * width + lane] =
-                            w[(co * cin + ci) * TAPS + tap];
+                let group = if cout.is_multiple_of(2 * LANES) { 2 } else { 1 };
+                let strip = if group == 1 && side.is_multiple_of(16) {
+                    16
+                } else {
+                    8
+                };
+                let width = group * LANES;
+                let mut packed = vec![0f32; w.len()];
+                for co in 0..cout {
+                    let (g, lane) = (co / width, co % width);
+                    for ci in 0..cin {
+                        for tap in 0..TAPS {
+                            packed[((g * TAPS + tap) * cin + ci) * width + lane] =
+                                w[(co * cin + ci) * TAPS + tap];
+                        }
                     }
                 }
-            }
-            blocks.push(Block {
-                side,
-                cin,
-                cout,
-                group,
-                strip,
-                weights: packed,
-                bias: b.clone(),
-            });
+                Block {
+                    side,
+                    cin,
+                    cout,
+                    group,
+                    strip,
+                    winograd,
+                    weights: packed,
+                    bias: b.clone(),
+                }
+            };
+            blocks.push(block);
             side /= 2;
             cin = cout;
         }
@@ -246,6 +287,15 @@ impl DirectNet {
         }
         let widest = self.blocks.iter().map(|b| b.cout).max().unwrap_or(0);
         s.pixel.resize(widest, 0.0);
+        for b in self.blocks.iter().filter(|b| b.winograd) {
+            let tiles = b.wino_chunk();
+            if s.wino_in.len() < WINO * tiles * b.cin {
+                s.wino_in.resize(WINO * tiles * b.cin, 0.0);
+            }
+            if s.wino_out.len() < WINO * tiles * b.cout {
+                s.wino_out.resize(WINO * tiles * b.cout, 0.0);
+            }
+        }
     }
 
     fn picture(&self, picture: &[f32], s: &mut Scratch, out: &mut [f32]) {
@@ -254,6 +304,8 @@ impl DirectNet {
             rows,
             pixel,
             features: pooled,
+            wino_in,
+            wino_out,
             ..
         } = s;
         // Copy the picture into the first padded buffer's interior.
@@ -270,6 +322,23 @@ impl DirectNet {
             let (done, rest) = padded.split_at_mut(i + 1);
             let input = &done[i];
             let half = block.side / 2;
+            if block.winograd {
+                let pixel = &mut pixel[..block.cout];
+                if i == last {
+                    block.winograd_pool(input, wino_in, wino_out, pixel, |_, _, v| {
+                        for (p, v) in pooled.iter_mut().zip(v) {
+                            *p += v;
+                        }
+                    });
+                } else {
+                    let next = &mut rest[0];
+                    let c = block.cout;
+                    block.winograd_pool(input, wino_in, wino_out, pixel, |y, x, v| {
+                        next[((y + 1) * (half + 2) + x + 1) * c..][..c].copy_from_slice(v);
+                    });
+                }
+                continue;
+            }
             for y in (0..block.side).step_by(2) {
                 block.conv_rows(input, y, rows);
                 let rows = &rows[..2 * block.side * block.cout];
@@ -347,6 +416,84 @@ impl Block {
         }
     }
 
+    /// Tiles per Winograd chunk: all of them for small sides, else
+    /// [`WINO_CHUNK`] (a multiple of every register tile's `strip`).
+    fn wino_chunk(&self) -> usize {
+        ((self.side / 2) * (self.side / 2)).min(WINO_CHUNK)
+    }
+
+    /// The whole block as Winograd F(2x2, 3x3) from the padded input
+    /// `[side+2][side+2][cin]`: each 2x2 output tile is max-pooled, biased
+    /// and ReLU'd, and handed to `emit(y, x, values)` as pooled pixel (y, x).
+    fn winograd_pool(
+        &self,
+        input: &[f32],
+        v: &mut [f32],
+        m: &mut [f32],
+        pixel: &mut [f32],
+        mut emit: impl FnMut(usize, usize, &[f32]),
+    ) {
+        let (side, cin, cout) = (self.side, self.cin, self.cout);
+        let (half, chunk, width) = (side / 2, self.wino_chunk(), self.group * LANES);
+        let total = half * half;
+        assert!(input.len() == (side + 2) * (side + 2) * cin);
+        assert!(v.len() >= WINO * chunk * cin && m.len() >= WINO * chunk * cout);
+        assert!(pixel.len() == cout && self.bias.len() == cout);
+        assert!(self.weights.len() == WINO * cout * cin);
+        assert!(total.is_multiple_of(chunk) && chunk.is_multiple_of(self.strip));
+        assert!(cin.is_multiple_of(LANES) && cout.is_multiple_of(width));
+        let row_stride = (side + 2) * cin;
+        for start in (0..total).step_by(chunk) {
+            // SAFETY (all three steps): `available()` was checked when the
+            // network was built. Tile t reads padded rows 2y..2y+4 and columns
+            // 2x..2x+4 (y, x < half), inside `input`; the chunk's transformed
+            // input spans WINO * chunk * cin values of `v`, its products
+            // WINO * chunk * cout values of `m`, and the weights of one
+            // position and register group cin * width values of `weights`
+            // (all checked above); channel offsets step by whole registers.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                for k in 0..chunk {
+                    let (y, x) = ((start + k) / half, (start + k) % half);
+                    let src = input.as_ptr().add((2 * y * (side + 2) + 2 * x) * cin);
+                    for c in (0..cin).step_by(LANES) {
+                        let dst = v.as_mut_ptr().add(k * cin + c);
+                        wino_input(src.add(c), row_stride, cin, dst, chunk * cin);
+                    }
+                }
+                for pos in 0..WINO {
+                    let vp = v.as_ptr().add(pos * chunk * cin);
+                    let mp = m.as_mut_ptr().add(pos * chunk * cout);
+                    for g in 0..cout / width {
+                        let u = self
+                            .weights
+                            .as_ptr()
+                            .add((pos * (cout / width) + g) * cin * width);
+                        for k in (0..chunk).step_by(self.strip) {
+                            let (i, o) = (vp.add(k * cin), mp.add(k * cout + g * width));
+                            match self.group {
+                                3 => gemm::<8, 3>(i, cin, u, o, cout),
+                                2 => gemm::<8, 2>(i, cin, u, o, cout),
+                                _ => gemm::<16, 1>(i, cin, u, o, cout),
+                            }
+                        }
+                    }
+                }
+                for k in 0..chunk {
+                    for c in (0..cout).step_by(LANES) {
+                        wino_output(
+                            m.as_ptr().add(k * cout + c),
+                            chunk * cout,
+                            self.bias.as_ptr().add(c),
+                            pixel.as_mut_ptr().add(c),
+                        );
+                    }
+                    emit((start + k) / half, (start + k) % half, pixel);
+                }
+            }
+        }
+    }
+
     /// 2x2 max-pool of two conv rows, plus bias, then ReLU; hands each pooled
     /// pixel's channels to `emit(x, values)`.
     fn pool_rows(&self, rows: &[f32], pixel: &mut [f32], mut emit: impl FnMut(usize, &[f32])) {
@@ -400,6 +547,148 @@ unsafe fn tile<const P: usize, const G: usize>(
                         *r = _mm512_fmadd_ps(a, *v, *r);
                     }
                 }
+            }
+        }
+    }
+    for (p, row) in acc.iter().enumerate() {
+        for (g, r) in row.iter().enumerate() {
+            unsafe { _mm512_storeu_ps(out.add(p * out_stride + g * LANES), *r) };
+        }
+    }
+}
+
+/// Winograd F(2x2, 3x3) weights `U = G g G^T` of a block's `[cout][cin][3][3]`
+/// weights, laid out `[16][cout / width][cin][width]` for [`gemm`].
+fn winograd_weights(w: &[f32], cin: usize, cout: usize, width: usize) -> Vec<f32> {
+    let mut u = vec![0f32; WINO * cout * cin];
+    for co in 0..cout {
+        let (grp, lane) = (co / width, co % width);
+        for ci in 0..cin {
+            let g = |r: usize, c: usize| f64::from(w[(co * cin + ci) * TAPS + r * 3 + c]);
+            // G g: 4x3.
+            let gg: [[f64; 3]; 4] = std::array::from_fn(|i| {
+                std::array::from_fn(|c| match i {
+                    0 => g(0, c),
+                    1 => (g(0, c) + g(1, c) + g(2, c)) / 2.0,
+                    2 => (g(0, c) - g(1, c) + g(2, c)) / 2.0,
+                    _ => g(2, c),
+                })
+            });
+            for (i, [a, b, c]) in gg.into_iter().enumerate() {
+                let row = [a, (a + b + c) / 2.0, (a - b + c) / 2.0, c];
+                for (j, value) in row.into_iter().enumerate() {
+                    let pos = i * 4 + j;
+                    u[((pos * (cout / width) + grp) * cin + ci) * width + lane] = value as f32;
+                }
+            }
+        }
+    }
+    u
+}
+
+/// Input transform `V = B^T d B` of one 4x4 tile for 16 channels: reads
+/// pixel (r, c) at `src + r * row_stride + c * pixel_stride`, writes
+/// position p at `dst + p * pos_stride`.
+///
+/// # Safety
+/// The CPU supports AVX-512F; the reads and writes are in bounds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn wino_input(
+    src: *const f32,
+    row_stride: usize,
+    pixel_stride: usize,
+    dst: *mut f32,
+    pos_stride: usize,
+) {
+    use std::arch::x86_64::*;
+    let d: [[__m512; 4]; 4] = std::array::from_fn(|r| {
+        std::array::from_fn(|c| unsafe {
+            _mm512_loadu_ps(src.add(r * row_stride + c * pixel_stride))
+        })
+    });
+    // t = B^T d (over rows), then V = t B (over columns).
+    let mut t = [[_mm512_setzero_ps(); 4]; 4];
+    for c in 0..4 {
+        t[0][c] = _mm512_sub_ps(d[0][c], d[2][c]);
+        t[1][c] = _mm512_add_ps(d[1][c], d[2][c]);
+        t[2][c] = _mm512_sub_ps(d[2][c], d[1][c]);
+        t[3][c] = _mm512_sub_ps(d[1][c], d[3][c]);
+    }
+    for (i, r) in t.iter().enumerate() {
+        let v = [
+            _mm512_sub_ps(r[0], r[2]),
+            _mm512_add_ps(r[1], r[2]),
+            _mm512_sub_ps(r[2], r[1]),
+            _mm512_sub_ps(r[1], r[3]),
+        ];
+        for (j, v) in v.into_iter().enumerate() {
+            unsafe { _mm512_storeu_ps(dst.add((i * 4 + j) * pos_stride), v) };
+        }
+    }
+}
+
+/// Output transform `Y = A^T M A` of one tile for 16 channels (position p
+/// read at `src + p * pos_stride`), then the max of the 2x2 outputs plus the
+/// bias, ReLU'd, into `out`.
+///
+/// # Safety
+/// The CPU supports AVX-512F; the reads and the write are in bounds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn wino_output(src: *const f32, pos_stride: usize, bias: *const f32, out: *mut f32) {
+    use std::arch::x86_64::*;
+    let m: [__m512; 16] =
+        std::array::from_fn(|p| unsafe { _mm512_loadu_ps(src.add(p * pos_stride)) });
+    // s = A^T m (over rows): 2x4.
+    let s: [[__m512; 4]; 2] = std::array::from_fn(|i| {
+        std::array::from_fn(|j| {
+            let (a, b, c, d) = (m[j], m[4 + j], m[8 + j], m[12 + j]);
+            if i == 0 {
+                _mm512_add_ps(_mm512_add_ps(a, b), c)
+            } else {
+                _mm512_sub_ps(_mm512_sub_ps(b, c), d)
+            }
+        })
+    });
+    let mut best = _mm512_set1_ps(f32::NEG_INFINITY);
+    for r in &s {
+        let y0 = _mm512_add_ps(_mm512_add_ps(r[0], r[1]), r[2]);
+        let y1 = _mm512_sub_ps(_mm512_sub_ps(r[1], r[2]), r[3]);
+        best = _mm512_max_ps(best, _mm512_max_ps(y0, y1));
+    }
+    let b = unsafe { _mm512_loadu_ps(bias) };
+    let y = _mm512_max_ps(_mm512_add_ps(best, b), _mm512_setzero_ps());
+    unsafe { _mm512_storeu_ps(out, y) };
+}
+
+/// One register tile of a Winograd position's product: `P` tiles (rows of
+/// `cin` transformed inputs, `cin` apart) times `G` registers of output
+/// channels (`u`: `[cin][16 * G]`), written `out_stride` apart.
+///
+/// # Safety
+/// The CPU supports AVX-512F; `v` holds `P * cin` values, `u` `cin * 16 * G`,
+/// and `out` has room for `P` rows `out_stride` apart of `16 * G` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gemm<const P: usize, const G: usize>(
+    v: *const f32,
+    cin: usize,
+    u: *const f32,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); G]; P];
+    for ci in 0..cin {
+        let mut wv = [_mm512_setzero_ps(); G];
+        for (g, w) in wv.iter_mut().enumerate() {
+            *w = unsafe { _mm512_loadu_ps(u.add((ci * G + g) * LANES)) };
+        }
+        for (p, row) in acc.iter_mut().enumerate() {
+            let a = _mm512_set1_ps(unsafe { *v.add(p * cin + ci) });
+            for (r, w) in row.iter_mut().zip(&wv) {
+                *r = _mm512_fmadd_ps(a, *w, *r);
             }
         }
     }

@@ -664,12 +664,20 @@ mod tests {
 
     #[test]
     fn direct_kernels_match_candle() {
-        // Sides 32, 16, 8 and widths 16, 32, 16 run all three tile shapes.
-        let meta = ModelMeta {
-            input_size: 32,
-            channels: vec![16, 32, 16],
-            ..tiny_meta()
-        };
+        // Between them these run every register tile: the first (direct)
+        // block as 16 pixels x 16 channels (32/[16..]), 8 x 32 (64/[32..]) and
+        // 8 x 16 (24/[16]); the Winograd blocks with 16, 32 and 48 output
+        // channels, in one chunk of tiles and in several (side 32).
+        for (size, channels) in [(32, vec![16, 32, 16]), (64, vec![32, 48]), (24, vec![16])] {
+            direct_kernels_match_candle_on(ModelMeta {
+                input_size: size,
+                channels,
+                ..tiny_meta()
+            });
+        }
+    }
+
+    fn direct_kernels_match_candle_on(meta: ModelMeta) {
         let t = random_tensors(&meta);
         let x = Tensor::cat(
             &[
