@@ -13,15 +13,14 @@
 //! every input channel). Either way the block then max-pools, adds the bias,
 //! applies ReLU and writes straight into the zero-padded input of the next
 //! block; the last block feeds global average pooling and the linear layer.
-//! Scratch buffers are kept per thread and reused, so the hot path does not
-//! allocate.
+//! Scratch buffers are kept by the network and handed to whichever thread
+//! runs, so the hot path does not allocate.
 //!
 //! Only for x86-64 CPUs with AVX-512F and for shapes the tiles fit (output
 //! channels a multiple of 16, every block's input side a multiple of 8):
 //! [`DirectNet::new`] says `None` otherwise and the caller keeps the im2col
 //! path. This module knows nothing of candle tensors, files or training.
 
-use std::cell::RefCell;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -29,13 +28,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 const LANES: usize = 16;
 /// Taps of a 3x3 kernel.
 const TAPS: usize = 9;
-/// Fewest pictures worth a thread of their own in [`DirectNet::logits`].
-pub const MIN_PER_THREAD: usize = 4;
 /// Winograd tiles transformed and multiplied together (bounds the scratch
 /// to a few hundred KiB, so it stays in L2).
 const WINO_CHUNK: usize = 64;
 /// Positions of a Winograd F(2x2, 3x3) tile (4x4).
 const WINO: usize = 16;
+/// Pictures a thread claims at a time in [`DirectNet::logits`], and the
+/// fewest worth a thread of their own.
+pub const MIN_PER_THREAD: usize = 4;
 
 /// One folded conv block: packed weights and bias.
 struct Block {
@@ -62,9 +62,13 @@ pub struct DirectNet {
     fc_w: Vec<f32>,
     fc_b: Vec<f32>,
     labels: usize,
+    /// Scratch of the threads not running now, kept warm between batches
+    /// (the helper threads of a split batch are new each time).
+    scratch: Mutex<Vec<Scratch>>,
 }
 
-/// Per-thread scratch: one padded input buffer per block and two conv rows.
+/// One thread's scratch while it runs pictures: one padded input buffer per
+/// block, two conv rows, Winograd buffers.
 #[derive(Default)]
 struct Scratch {
     /// `(side, channels)` of each padded buffer, as last laid out.
@@ -79,10 +83,6 @@ struct Scratch {
     /// `[16][tiles][cout]` of one chunk of tiles.
     wino_in: Vec<f32>,
     wino_out: Vec<f32>,
-}
-
-thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// Whether this CPU runs the kernels.
@@ -185,6 +185,7 @@ impl DirectNet {
             fc_w,
             fc_b,
             labels,
+            scratch: Mutex::new(Vec::new()),
         })
     }
 
@@ -248,20 +249,27 @@ impl DirectNet {
 
     /// Runs whole pictures on this thread, writing `labels` logits each.
     fn run(&self, input: &[f32], out: &mut [f32]) {
-        SCRATCH.with_borrow_mut(|scratch| {
-            self.prepare(scratch);
-            for (picture, logits) in input
-                .chunks_exact(self.input_len())
-                .zip(out.chunks_exact_mut(self.labels))
-            {
-                self.picture(picture, scratch, logits);
-            }
-        });
+        let mut scratch = self
+            .scratch
+            .lock()
+            .ok()
+            .and_then(|mut kept| kept.pop())
+            .unwrap_or_default();
+        self.prepare(&mut scratch);
+        for (picture, logits) in input
+            .chunks_exact(self.input_len())
+            .zip(out.chunks_exact_mut(self.labels))
+        {
+            self.picture(picture, &mut scratch, logits);
+        }
+        if let Ok(mut kept) = self.scratch.lock() {
+            kept.push(scratch);
+        }
     }
 
     /// Lays the scratch buffers out for this network. The padded buffers are
-    /// zeroed only when the geometry changes (another network, after a
-    /// reload): later pictures write interiors only, so borders stay zero.
+    /// zeroed only when first laid out (or if the geometry ever differs):
+    /// later pictures write interiors only, so borders stay zero.
     fn prepare(&self, s: &mut Scratch) {
         let same = s.geometry.len() == self.blocks.len()
             && s.geometry
