@@ -425,7 +425,8 @@ impl Block {
     }
 
     /// Tiles per Winograd chunk: all of them for small sides, else
-    /// [`WINO_CHUNK`] (a multiple of every register tile's `strip`).
+    /// [`WINO_CHUNK`]. Every chunk, the last included, is a multiple of 16
+    /// tiles (sides are multiples of 8), so of every register tile's `strip`.
     fn wino_chunk(&self) -> usize {
         ((self.side / 2) * (self.side / 2)).min(WINO_CHUNK)
     }
@@ -448,36 +449,38 @@ impl Block {
         assert!(v.len() >= WINO * chunk * cin && m.len() >= WINO * chunk * cout);
         assert!(pixel.len() == cout && self.bias.len() == cout);
         assert!(self.weights.len() == WINO * cout * cin);
-        assert!(total.is_multiple_of(chunk) && chunk.is_multiple_of(self.strip));
+        assert!(total.is_multiple_of(16) && chunk.is_multiple_of(16) && 16 % self.strip == 0);
         assert!(cin.is_multiple_of(LANES) && cout.is_multiple_of(width));
         let row_stride = (side + 2) * cin;
         for start in (0..total).step_by(chunk) {
+            // The last chunk may be shorter (a multiple of 16 tiles all the same).
+            let n = chunk.min(total - start);
             // SAFETY (all three steps): `available()` was checked when the
             // network was built. Tile t reads padded rows 2y..2y+4 and columns
             // 2x..2x+4 (y, x < half), inside `input`; the chunk's transformed
-            // input spans WINO * chunk * cin values of `v`, its products
-            // WINO * chunk * cout values of `m`, and the weights of one
+            // input spans WINO * n * cin values of `v`, its products
+            // WINO * n * cout values of `m`, and the weights of one
             // position and register group cin * width values of `weights`
             // (all checked above); channel offsets step by whole registers.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                for k in 0..chunk {
+                for k in 0..n {
                     let (y, x) = ((start + k) / half, (start + k) % half);
                     let src = input.as_ptr().add((2 * y * (side + 2) + 2 * x) * cin);
                     for c in (0..cin).step_by(LANES) {
                         let dst = v.as_mut_ptr().add(k * cin + c);
-                        wino_input(src.add(c), row_stride, cin, dst, chunk * cin);
+                        wino_input(src.add(c), row_stride, cin, dst, n * cin);
                     }
                 }
                 for pos in 0..WINO {
-                    let vp = v.as_ptr().add(pos * chunk * cin);
-                    let mp = m.as_mut_ptr().add(pos * chunk * cout);
+                    let vp = v.as_ptr().add(pos * n * cin);
+                    let mp = m.as_mut_ptr().add(pos * n * cout);
                     for g in 0..cout / width {
                         let u = self
                             .weights
                             .as_ptr()
                             .add((pos * (cout / width) + g) * cin * width);
-                        for k in (0..chunk).step_by(self.strip) {
+                        for k in (0..n).step_by(self.strip) {
                             let (i, o) = (vp.add(k * cin), mp.add(k * cout + g * width));
                             match self.group {
                                 3 => gemm::<8, 3>(i, cin, u, o, cout),
@@ -487,11 +490,11 @@ impl Block {
                         }
                     }
                 }
-                for k in 0..chunk {
+                for k in 0..n {
                     for c in (0..cout).step_by(LANES) {
                         wino_output(
                             m.as_ptr().add(k * cout + c),
-                            chunk * cout,
+                            n * cout,
                             self.bias.as_ptr().add(c),
                             pixel.as_mut_ptr().add(c),
                         );

@@ -667,8 +667,14 @@ mod tests {
         // Between them these run every register tile: the first (direct)
         // block as 16 pixels x 16 channels (32/[16..]), 8 x 32 (64/[32..]) and
         // 8 x 16 (24/[16]); the Winograd blocks with 16, 32 and 48 output
-        // channels, in one chunk of tiles and in several (side 32).
-        for (size, channels) in [(32, vec![16, 32, 16]), (64, vec![32, 48]), (24, vec![16])] {
+        // channels, in one chunk of tiles and in several (side 32: 4 chunks
+        // of 64; side 24: 64 + 64 + 16).
+        for (size, channels) in [
+            (32, vec![16, 32, 16]),
+            (64, vec![32, 48]),
+            (24, vec![16]),
+            (48, vec![16, 32]),
+        ] {
             direct_kernels_match_candle_on(ModelMeta {
                 input_size: size,
                 channels,
