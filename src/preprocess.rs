@@ -1,7 +1,8 @@
 //! Picture bytes to model input: sniff the format, enforce the size limits
-//! before any pixel is decoded, decode with limits set in the decoder itself,
-//! apply EXIF orientation, convert to RGB, resize to the model's input and
-//! normalise as the model's metadata says.
+//! before any pixel is decoded, decode (colour JPEGs without EXIF rotation
+//! straight through zune-jpeg; everything else through `image`, with limits
+//! set in the decoder itself and EXIF orientation applied), convert to RGB,
+//! resize to the model's input and normalise as the model's metadata says.
 //!
 //! Plain functions over bytes and slices: no NATS, no tensors, no model.
 //! The trainer and the worker share this code, so the network sees the same
