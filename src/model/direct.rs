@@ -67,12 +67,9 @@ pub struct DirectNet {
     scratch: Mutex<Vec<Scratch>>,
 }
 
-/// One thread's scratch while it runs pictures: one padded input buffer per
-/// block, two conv rows, Winograd buffers.
-#[derive(Default)]
+/// One thread's scratch while it runs pictures of one network: one padded
+/// input buffer per block, two conv rows, Winograd buffers.
 struct Scratch {
-    /// `(side, channels)` of each padded buffer, as last laid out.
-    geometry: Vec<(usize, usize)>,
     padded: Vec<Vec<f32>>,
     rows: Vec<f32>,
     /// One pooled pixel's channels.
@@ -125,7 +122,7 @@ impl DirectNet {
                 return None;
             }
             let winograd = cin.is_multiple_of(LANES);
-            let block = if winograd {
+            let (group, strip, weights) = if winograd {
                 let group = if cout.is_multiple_of(3 * LANES) {
                     3
                 } else if cout.is_multiple_of(2 * LANES) {
@@ -133,16 +130,8 @@ impl DirectNet {
                 } else {
                     1
                 };
-                Block {
-                    side,
-                    cin,
-                    cout,
-                    group,
-                    strip: if group == 1 { 16 } else { 8 },
-                    winograd,
-                    weights: winograd_weights(w, cin, cout, group * LANES),
-                    bias: b.clone(),
-                }
+                let strip = if group == 1 { 16 } else { 8 };
+                (group, strip, winograd_weights(w, cin, cout, group * LANES))
             } else {
                 let group = if cout.is_multiple_of(2 * LANES) { 2 } else { 1 };
                 let strip = if group == 1 && side.is_multiple_of(16) {
@@ -161,18 +150,18 @@ impl DirectNet {
                         }
                     }
                 }
-                Block {
-                    side,
-                    cin,
-                    cout,
-                    group,
-                    strip,
-                    winograd,
-                    weights: packed,
-                    bias: b.clone(),
-                }
+                (group, strip, packed)
             };
-            blocks.push(block);
+            blocks.push(Block {
+                side,
+                cin,
+                cout,
+                group,
+                strip,
+                winograd,
+                weights,
+                bias: b.clone(),
+            });
             side /= 2;
             cin = cout;
         }
@@ -254,8 +243,7 @@ impl DirectNet {
             .lock()
             .ok()
             .and_then(|mut kept| kept.pop())
-            .unwrap_or_default();
-        self.prepare(&mut scratch);
+            .unwrap_or_else(|| self.new_scratch());
         for (picture, logits) in input
             .chunks_exact(self.input_len())
             .zip(out.chunks_exact_mut(self.labels))
@@ -267,42 +255,35 @@ impl DirectNet {
         }
     }
 
-    /// Lays the scratch buffers out for this network. The padded buffers are
-    /// zeroed only when first laid out (or if the geometry ever differs):
-    /// later pictures write interiors only, so borders stay zero.
-    fn prepare(&self, s: &mut Scratch) {
-        let same = s.geometry.len() == self.blocks.len()
-            && s.geometry
-                .iter()
-                .zip(&self.blocks)
-                .all(|(&g, b)| g == (b.side, b.cin));
-        if !same {
-            s.geometry = self.blocks.iter().map(|b| (b.side, b.cin)).collect();
-            s.padded = self
+    /// Scratch laid out for this network. The padded buffers start zeroed;
+    /// pictures write their interiors only, so the borders stay zero.
+    fn new_scratch(&self) -> Scratch {
+        let most = |size: fn(&Block) -> usize| self.blocks.iter().map(size).max().unwrap_or(0);
+        Scratch {
+            padded: self
                 .blocks
                 .iter()
                 .map(|b| vec![0.0; (b.side + 2) * (b.side + 2) * b.cin])
-                .collect();
-        }
-        let rows = self
-            .blocks
-            .iter()
-            .map(|b| 2 * b.side * b.cout)
-            .max()
-            .unwrap_or(0);
-        if s.rows.len() < rows {
-            s.rows.resize(rows, 0.0);
-        }
-        let widest = self.blocks.iter().map(|b| b.cout).max().unwrap_or(0);
-        s.pixel.resize(widest, 0.0);
-        for b in self.blocks.iter().filter(|b| b.winograd) {
-            let tiles = b.wino_chunk();
-            if s.wino_in.len() < WINO * tiles * b.cin {
-                s.wino_in.resize(WINO * tiles * b.cin, 0.0);
-            }
-            if s.wino_out.len() < WINO * tiles * b.cout {
-                s.wino_out.resize(WINO * tiles * b.cout, 0.0);
-            }
+                .collect(),
+            rows: vec![0.0; most(|b| 2 * b.side * b.cout)],
+            pixel: vec![0.0; most(|b| b.cout)],
+            features: Vec::new(),
+            wino_in: vec![
+                0.0;
+                most(|b| if b.winograd {
+                    WINO * b.wino_chunk() * b.cin
+                } else {
+                    0
+                })
+            ],
+            wino_out: vec![
+                0.0;
+                most(|b| if b.winograd {
+                    WINO * b.wino_chunk() * b.cout
+                } else {
+                    0
+                })
+            ],
         }
     }
 
@@ -314,7 +295,6 @@ impl DirectNet {
             features: pooled,
             wino_in,
             wino_out,
-            ..
         } = s;
         // Copy the picture into the first padded buffer's interior.
         let b0 = &self.blocks[0];
@@ -414,9 +394,9 @@ impl Block {
                             rows.as_mut_ptr().add(dst),
                         );
                         match (self.strip, self.group) {
-                            (16, 1) => tile::<16, 1>(i, row_stride, cin, wp, o, cout),
-                            (8, 1) => tile::<8, 1>(i, row_stride, cin, wp, o, cout),
-                            _ => tile::<8, 2>(i, row_stride, cin, wp, o, cout),
+                            (16, 1) => tile::<16, 1, 3>(i, row_stride, cin, wp, o, cout),
+                            (8, 1) => tile::<8, 1, 3>(i, row_stride, cin, wp, o, cout),
+                            _ => tile::<8, 2, 3>(i, row_stride, cin, wp, o, cout),
                         }
                     }
                 }
@@ -483,9 +463,10 @@ impl Block {
                         for k in (0..n).step_by(self.strip) {
                             let (i, o) = (vp.add(k * cin), mp.add(k * cout + g * width));
                             match self.group {
-                                3 => gemm::<8, 3>(i, cin, u, o, cout),
-                                2 => gemm::<8, 2>(i, cin, u, o, cout),
-                                _ => gemm::<16, 1>(i, cin, u, o, cout),
+                                // One position: a 1x1 "convolution" of the tiles.
+                                3 => tile::<8, 3, 1>(i, 0, cin, u, o, cout),
+                                2 => tile::<8, 2, 1>(i, 0, cin, u, o, cout),
+                                _ => tile::<16, 1, 1>(i, 0, cin, u, o, cout),
                             }
                         }
                     }
@@ -522,17 +503,20 @@ impl Block {
     }
 }
 
-/// One register tile: `P` pixels of one output row times `G` registers of
-/// output channels, summed over the 3x3 taps and `cin` input channels.
+/// One register tile: `P` pixels times `G` registers of output channels,
+/// summed over a `K`x`K` window and `cin` input channels. `K = 3` is the
+/// direct 3x3 convolution of one output row; `K = 1` is one Winograd
+/// position's product (each "pixel" then a tile's `cin` transformed inputs).
 ///
 /// # Safety
-/// The CPU supports AVX-512F; `input` points at padded pixel (row, x) of a
-/// buffer with `row_stride` values per padded row and holds rows row..row+2,
-/// columns x..x+P+2; `w` holds `9 * cin * 16 * G` values; `out` has room for
-/// `P` pixels `out_stride` apart of `16 * G` values each.
+/// The CPU supports AVX-512F; `input` points at pixel (row, x) of a buffer
+/// with `row_stride` values per row and `cin` per pixel, and holds rows
+/// row..row+K, columns x..x+P+K-1; `w` holds `K * K * cin * 16 * G` values
+/// (`[K*K][cin][16*G]`); `out` has room for `P` pixels `out_stride` apart of
+/// `16 * G` values each.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile<const P: usize, const G: usize>(
+unsafe fn tile<const P: usize, const G: usize, const K: usize>(
     input: *const f32,
     row_stride: usize,
     cin: usize,
@@ -542,11 +526,11 @@ unsafe fn tile<const P: usize, const G: usize>(
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); G]; P];
-    for ky in 0..3 {
-        for kx in 0..3 {
+    for ky in 0..K {
+        for kx in 0..K {
             // SAFETY: in bounds by the function's contract.
             let ip = unsafe { input.add(ky * row_stride + kx * cin) };
-            let wp = unsafe { w.add((ky * 3 + kx) * cin * G * LANES) };
+            let wp = unsafe { w.add((ky * K + kx) * cin * G * LANES) };
             for ci in 0..cin {
                 let mut wv = [_mm512_setzero_ps(); G];
                 for (g, v) in wv.iter_mut().enumerate() {
@@ -569,7 +553,7 @@ unsafe fn tile<const P: usize, const G: usize>(
 }
 
 /// Winograd F(2x2, 3x3) weights `U = G g G^T` of a block's `[cout][cin][3][3]`
-/// weights, laid out `[16][cout / width][cin][width]` for [`gemm`].
+/// weights, laid out `[16][cout / width][cin][width]` for [`tile`].
 fn winograd_weights(w: &[f32], cin: usize, cout: usize, width: usize) -> Vec<f32> {
     let mut u = vec![0f32; WINO * cout * cin];
     for co in 0..cout {
@@ -671,41 +655,4 @@ unsafe fn wino_output(src: *const f32, pos_stride: usize, bias: *const f32, out:
     let b = unsafe { _mm512_loadu_ps(bias) };
     let y = _mm512_max_ps(_mm512_add_ps(best, b), _mm512_setzero_ps());
     unsafe { _mm512_storeu_ps(out, y) };
-}
-
-/// One register tile of a Winograd position's product: `P` tiles (rows of
-/// `cin` transformed inputs, `cin` apart) times `G` registers of output
-/// channels (`u`: `[cin][16 * G]`), written `out_stride` apart.
-///
-/// # Safety
-/// The CPU supports AVX-512F; `v` holds `P * cin` values, `u` `cin * 16 * G`,
-/// and `out` has room for `P` rows `out_stride` apart of `16 * G` values.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn gemm<const P: usize, const G: usize>(
-    v: *const f32,
-    cin: usize,
-    u: *const f32,
-    out: *mut f32,
-    out_stride: usize,
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); G]; P];
-    for ci in 0..cin {
-        let mut wv = [_mm512_setzero_ps(); G];
-        for (g, w) in wv.iter_mut().enumerate() {
-            *w = unsafe { _mm512_loadu_ps(u.add((ci * G + g) * LANES)) };
-        }
-        for (p, row) in acc.iter_mut().enumerate() {
-            let a = _mm512_set1_ps(unsafe { *v.add(p * cin + ci) });
-            for (r, w) in row.iter_mut().zip(&wv) {
-                *r = _mm512_fmadd_ps(a, *w, *r);
-            }
-        }
-    }
-    for (p, row) in acc.iter().enumerate() {
-        for (g, r) in row.iter().enumerate() {
-            unsafe { _mm512_storeu_ps(out.add(p * out_stride + g * LANES), *r) };
-        }
-    }
 }
