@@ -124,17 +124,16 @@ impl Preprocessor {
         if format == ImageFormat::Jpeg {
             let limits = self.limits;
             let done = PIXELS.with_borrow_mut(|pixels| {
-                let size = guarded(format, || decode_plain_jpeg(bytes, limits, pixels))?;
-                Ok::<_, PreprocessError>(size.map(|(w, h)| {
+                let size = guarded(format, || decode_plain_jpeg(bytes, limits, pixels));
+                if let Ok(Some((w, h))) = size {
                     self.resize_normalise_raw(pixels, w, h, out);
-                }))
-            })?;
-            // Keep no huge buffer after a huge (but allowed) picture.
-            PIXELS.with_borrow_mut(|pixels| {
+                }
+                // Keep no huge buffer after a huge (but allowed) picture.
                 if pixels.capacity() > KEEP_PIXELS {
                     *pixels = Vec::new();
                 }
-            });
+                size
+            })?;
             if done.is_some() {
                 return Ok(());
             }
@@ -435,6 +434,18 @@ mod tests {
         buf
     }
 
+    /// The JPEGs of `tests/fixtures/faces`.
+    fn fixture_faces() -> Vec<Vec<u8>> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/faces");
+        std::fs::read_dir(&dir)
+            .expect("tests/fixtures/faces")
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|e| e == "jpg"))
+            .map(|path| std::fs::read(path).unwrap())
+            .collect()
+    }
+
     #[test]
     fn normalises_as_the_metadata_says() {
         let p = Preprocessor::new(&meta(), Limits::default());
@@ -455,17 +466,10 @@ mod tests {
             ..meta()
         };
         let p = Preprocessor::new(&meta, Limits::default());
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/faces");
         let mut fast = vec![0f32; p.input_len()];
         let (mut worst, mut sum, mut count) = (0f32, 0f32, 0usize);
-        for entry in std::fs::read_dir(&dir)
-            .expect("tests/fixtures/faces")
-            .flatten()
-        {
-            if entry.path().extension().is_none_or(|e| e != "jpg") {
-                continue;
-            }
-            let rgb = p.decode(&std::fs::read(entry.path()).unwrap()).unwrap();
+        for bytes in fixture_faces() {
+            let rgb = p.decode(&bytes).unwrap();
             p.resize_normalise(&rgb, &mut fast);
             let plain = image::imageops::resize(&rgb, 64, 64, FilterType::Triangle);
             for (f, v) in fast.iter().zip(plain.as_raw()) {
@@ -505,7 +509,6 @@ mod tests {
             ..meta()
         };
         let p = Preprocessor::new(&meta, Limits::default());
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/faces");
         let (mut fast, mut general) = (vec![0f32; p.input_len()], vec![0f32; p.input_len()]);
         let mut same = |bytes: &[u8]| {
             p.run(bytes, &mut fast).unwrap();
@@ -513,36 +516,24 @@ mod tests {
             assert_eq!(fast, general);
             fast.clone()
         };
-        let mut faces = 0;
-        let mut first = None;
-        for entry in std::fs::read_dir(&dir)
-            .expect("tests/fixtures/faces")
-            .flatten()
-        {
-            if entry.path().extension().is_none_or(|e| e != "jpg") {
-                continue;
-            }
-            let bytes = std::fs::read(entry.path()).unwrap();
-            let upright = same(&bytes);
-            first.get_or_insert(bytes);
-            faces += 1;
-            if faces == 1 {
-                let bytes = first.as_ref().unwrap();
-                // Rotated by EXIF: the general path turns it.
-                assert_ne!(same(&with_orientation(bytes, 6)), upright);
-                assert_eq!(same(&with_orientation(bytes, 1)), upright);
-                // Grey.
-                let grey = image::DynamicImage::ImageLuma8(
-                    image::load_from_memory(bytes).unwrap().to_luma8(),
-                );
-                let mut buf = Vec::new();
-                grey.write_to(&mut Cursor::new(&mut buf), ImageFormat::Jpeg)
-                    .unwrap();
-                let g = same(&buf);
-                assert!(g.chunks(3).all(|px| px[0] == px[1] && px[1] == px[2]));
-            }
+        let faces = fixture_faces();
+        assert!(faces.len() > 10, "too few fixture faces");
+        for bytes in &faces {
+            same(bytes);
         }
-        assert!(faces > 10, "too few fixture faces");
+        let bytes = &faces[0];
+        let upright = same(bytes);
+        // Rotated by EXIF: the general path turns it.
+        assert_ne!(same(&with_orientation(bytes, 6)), upright);
+        assert_eq!(same(&with_orientation(bytes, 1)), upright);
+        // Grey.
+        let grey =
+            image::DynamicImage::ImageLuma8(image::load_from_memory(bytes).unwrap().to_luma8());
+        let mut buf = Vec::new();
+        grey.write_to(&mut Cursor::new(&mut buf), ImageFormat::Jpeg)
+            .unwrap();
+        let g = same(&buf);
+        assert!(g.chunks(3).all(|px| px[0] == px[1] && px[1] == px[2]));
     }
 
     #[test]
