@@ -1,7 +1,9 @@
 //! Criterion benchmarks of the network: forward pass at batch 1, 8 and 32 with
 //! the direct AVX-512 kernels (`Direct`, the worker's path), the NHWC im2col
 //! convolution (`Fast`) and candle's `conv2d` (`Candle`), one training step,
-//! and preprocessing of a real 200x200 JPEG.
+//! preprocessing of a real 200x200 JPEG, and the BlazeFace face detector's
+//! forward pass at batch 1, 8 and 32 (its own kernels: AVX-512 where the CPU
+//! has it, and the portable loops).
 //!
 //! Throughput is reported in pictures per second; effective GFLOP/s is that
 //! rate times `forward_flops` (printed first), and a short summary table with
@@ -16,6 +18,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::Optimizer;
 use criterion::{BenchmarkId, Criterion, Throughput};
+use profile_classifier::face::{BlazeFace, Kernels};
 use profile_classifier::model::{self, Cnn, ConvImpl, ModelMeta};
 use profile_classifier::preprocess::{Limits, Preprocessor};
 
@@ -159,6 +162,61 @@ fn preprocess(c: &mut Criterion) {
     group.finish();
 }
 
+const DETECTOR: &str = "weights/blazeface-front.safetensors";
+
+fn detector(kernels: Kernels) -> BlazeFace {
+    let bytes = std::fs::read(DETECTOR).expect("detector weights");
+    BlazeFace::from_bytes(&bytes, kernels).expect("detector")
+}
+
+/// Pictures for the detector: a smooth pattern of 0..255 values.
+fn detector_input(net: &BlazeFace, batch: usize) -> Vec<f32> {
+    let s = net.input_side();
+    (0..batch * s * s * 3)
+        .map(|i| ((i * 37 % 256) as f32 * 0.7 + (i / (s * 3) % 64) as f32).min(255.0))
+        .collect()
+}
+
+fn detect(c: &mut Criterion) {
+    let mut group = c.benchmark_group("detector");
+    for kernels in [Kernels::best(), Kernels::Portable] {
+        let net = detector(kernels);
+        for batch in [1usize, 8, 32] {
+            let x = detector_input(&net, batch);
+            group.throughput(Throughput::Elements(batch as u64));
+            group.bench_with_input(
+                BenchmarkId::new(format!("{kernels:?}"), batch),
+                &x,
+                |b, x| b.iter(|| black_box(net.raw(x))),
+            );
+        }
+    }
+    group.finish();
+}
+
+/// The detector's rows of the summary.
+fn detector_summary() {
+    println!("\n| detector kernels | batch | pictures/s | GFLOP/s |\n| --- | ---: | ---: | ---: |");
+    for kernels in [Kernels::best(), Kernels::Portable] {
+        let net = detector(kernels);
+        let flops = net.flops() as f64;
+        for batch in [1usize, 8, 32] {
+            let x = detector_input(&net, batch);
+            net.raw(&x);
+            let runs = (512 / batch).max(8);
+            let start = Instant::now();
+            for _ in 0..runs {
+                black_box(net.raw(&x));
+            }
+            let rate = (runs * batch) as f64 / start.elapsed().as_secs_f64();
+            println!(
+                "| {kernels:?} | {batch} | {rate:.0} | {:.1} |",
+                rate * flops / 1e9
+            );
+        }
+    }
+}
+
 /// A plain summary with both units, after criterion's own report.
 fn summary() {
     let (meta, tensors) = network();
@@ -191,6 +249,11 @@ fn main() {
     forward(&mut c);
     train_step(&mut c);
     preprocess(&mut c);
+    detect(&mut c);
     c.final_summary();
-    summary();
+    // Profiling one benchmark (`--profile-time`) wants nothing else running.
+    if !std::env::args().any(|a| a == "--profile-time") {
+        summary();
+        detector_summary();
+    }
 }

@@ -10,6 +10,7 @@
 pub mod batcher;
 pub mod config;
 pub mod connect;
+pub mod face;
 pub mod loadgen;
 pub mod metrics;
 pub mod model;

@@ -516,7 +516,7 @@ impl Block {
 /// `16 * G` values each.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile<const P: usize, const G: usize, const K: usize>(
+pub(crate) unsafe fn tile<const P: usize, const G: usize, const K: usize>(
     input: *const f32,
     row_stride: usize,
     cin: usize,

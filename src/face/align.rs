@@ -1,0 +1,380 @@
+//! The one alignment function: from a face's box and eyes, rotate so the
+//! eyes are level and cut the square the classifier was trained on, resized
+//! to its input. The worker, `train`, `eval` and `predict` all call
+//! [`align`], so what the model learns is what it serves.
+//!
+//! Works on RGB bytes; knows nothing of the detector's network or of models.
+
+use std::cell::RefCell;
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use serde::{Deserialize, Serialize};
+
+/// Where the classifier's square sits around a detected face, in units of
+/// the face box's size, in the face's own (eyes-level) frame; and the
+/// detector score a face needs. Stored in the classifier's metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FaceCrop {
+    /// Detector score at or above which a face counts.
+    pub threshold: f32,
+    /// Side of the crop over the face box's side.
+    pub side: f32,
+    /// Crop centre minus box centre, along the eye line, over the box side.
+    pub dx: f32,
+    /// Crop centre minus box centre, across the eye line (down), over the box side.
+    pub dy: f32,
+}
+
+impl FaceCrop {
+    /// Checks the values are usable.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.threshold > 0.0 && self.threshold < 1.0) {
+            return Err(format!(
+                "face threshold {} is not in (0, 1)",
+                self.threshold
+            ));
+        }
+        if !(self.side.is_finite() && self.side > 0.1 && self.side < 20.0) {
+            return Err(format!("face crop side {} is not in (0.1, 20)", self.side));
+        }
+        if !(self.dx.is_finite()
+            && self.dy.is_finite()
+            && self.dx.abs() < 5.0
+            && self.dy.abs() < 5.0)
+        {
+            return Err(format!(
+                "face crop offset ({}, {}) is out of range",
+                self.dx, self.dy
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A face in a picture's own pixels (after EXIF orientation), origin top left.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Face {
+    /// Detector confidence.
+    pub score: f32,
+    /// Box left edge.
+    pub x: f32,
+    /// Box top edge.
+    pub y: f32,
+    /// Box width.
+    pub w: f32,
+    /// Box height.
+    pub h: f32,
+    /// The person's right eye (left in the picture), then the left eye.
+    pub eyes: [[f32; 2]; 2],
+}
+
+impl Face {
+    /// Side of the face box (the mean of width and height).
+    pub fn size(&self) -> f32 {
+        (self.w + self.h) / 2.0
+    }
+
+    /// Centre of the box.
+    pub fn centre(&self) -> [f32; 2] {
+        [self.x + self.w / 2.0, self.y + self.h / 2.0]
+    }
+
+    /// Angle of the line from the right eye to the left eye, in radians
+    /// (0: eyes level; positive: clockwise in the picture).
+    pub fn roll(&self) -> f32 {
+        let [r, l] = self.eyes;
+        let (dx, dy) = (l[0] - r[0], l[1] - r[1]);
+        if dx == 0.0 && dy == 0.0 {
+            0.0
+        } else {
+            dy.atan2(dx)
+        }
+    }
+
+    /// Box area, for choosing the largest face.
+    pub fn area(&self) -> f32 {
+        self.w.max(0.0) * self.h.max(0.0)
+    }
+
+    /// The same face moved, scaled about its centre and turned (training
+    /// augmentation: what an imperfect detection of an upload looks like).
+    pub fn jittered(&self, scale: f32, shift: [f32; 2], roll: f32) -> Face {
+        let s = self.size();
+        let [cx, cy] = self.centre();
+        let (cx, cy) = (cx + shift[0] * s, cy + shift[1] * s);
+        let (w, h) = (self.w * scale, self.h * scale);
+        let turn = |p: [f32; 2]| {
+            let (c, sn) = (roll.cos(), roll.sin());
+            let (dx, dy) = (p[0] - cx, p[1] - cy);
+            [cx + c * dx - sn * dy, cy + sn * dx + c * dy]
+        };
+        let ex = |p: [f32; 2]| {
+            let [ox, oy] = self.centre();
+            turn([cx + (p[0] - ox) * scale, cy + (p[1] - oy) * scale])
+        };
+        Face {
+            score: self.score,
+            x: cx - w / 2.0,
+            y: cy - h / 2.0,
+            w,
+            h,
+            eyes: [ex(self.eyes[0]), ex(self.eyes[1])],
+        }
+    }
+}
+
+/// An RGB picture borrowed as bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Rgb<'a> {
+    /// Interleaved RGB, `w * h * 3` bytes.
+    pub pixels: &'a [u8],
+    /// Width in pixels.
+    pub w: u32,
+    /// Height in pixels.
+    pub h: u32,
+}
+
+thread_local! {
+    /// Each thread's resizer and shrunk-region buffer.
+    static SHRINK: RefCell<(Resizer, Vec<u8>)> = RefCell::new((Resizer::new(), Vec::new()));
+}
+
+/// Shrink the region first when the crop is this much larger than the output.
+const SHRINK_ABOVE: f32 = 1.25;
+
+/// Cuts the face's square, eyes level, as `crop` places it, into `out`
+/// (`n x n` RGB bytes). Pixels past the picture's edge repeat the edge.
+///
+/// A crop much larger than `n` is first shrunk (a SIMD triangle filter over
+/// the region it covers), then sampled bilinearly, so large pictures do not
+/// alias.
+pub fn align(picture: Rgb<'_>, face: &Face, crop: &FaceCrop, n: usize, out: &mut [u8]) {
+    let s = face.size().max(1.0);
+    let theta = face.roll();
+    let (sin, cos) = theta.sin_cos();
+    let side = crop.side * s;
+    let [bx, by] = face.centre();
+    let (ox, oy) = (crop.dx * s, crop.dy * s);
+    let centre = [bx + cos * ox - sin * oy, by + sin * ox + cos * oy];
+    let ratio = side / n as f32;
+    let sample = |src: Rgb<'_>, x0: f32, y0: f32, fx: f32, fy: f32, out: &mut [u8]| {
+        warp(src, centre, side, (sin, cos), n, [x0, y0], [fx, fy], out)
+    };
+    if ratio > SHRINK_ABOVE {
+        let reach = side / 2.0 * (cos.abs() + sin.abs()) + 2.0;
+        let x0 = (centre[0] - reach).floor().clamp(0.0, picture.w as f32) as u32;
+        let x1 = (centre[0] + reach).ceil().clamp(0.0, picture.w as f32) as u32;
+        let y0 = (centre[1] - reach).floor().clamp(0.0, picture.h as f32) as u32;
+        let y1 = (centre[1] + reach).ceil().clamp(0.0, picture.h as f32) as u32;
+        if x1 > x0 && y1 > y0 {
+            let (rw, rh) = (x1 - x0, y1 - y0);
+            let sw = ((rw as f32 / ratio).ceil() as u32).max(1);
+            let sh = ((rh as f32 / ratio).ceil() as u32).max(1);
+            let done = SHRINK.with_borrow_mut(|(resizer, buf)| {
+                buf.resize((sw * sh * 3) as usize, 0);
+                let ok = (|| {
+                    let src = ImageRef::new(picture.w, picture.h, picture.pixels, PixelType::U8x3)
+                        .ok()?;
+                    let mut dst = Image::from_slice_u8(sw, sh, buf, PixelType::U8x3).ok()?;
+                    let options = ResizeOptions::new()
+                        .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
+                        .crop(f64::from(x0), f64::from(y0), f64::from(rw), f64::from(rh));
+                    resizer.resize(&src, &mut dst, &options).ok()
+                })();
+                if ok.is_some() {
+                    let small = Rgb {
+                        pixels: buf,
+                        w: sw,
+                        h: sh,
+                    };
+                    sample(
+                        small,
+                        x0 as f32,
+                        y0 as f32,
+                        sw as f32 / rw as f32,
+                        sh as f32 / rh as f32,
+                        out,
+                    );
+                }
+                ok.is_some()
+            });
+            if done {
+                return;
+            }
+        }
+    }
+    sample(picture, 0.0, 0.0, 1.0, 1.0, out);
+}
+
+/// Bilinear sampling of the rotated square into `out`. `src` covers the
+/// picture from `origin` at `scale` source pixels per picture pixel.
+#[allow(clippy::too_many_arguments)]
+fn warp(
+    src: Rgb<'_>,
+    centre: [f32; 2],
+    side: f32,
+    (sin, cos): (f32, f32),
+    n: usize,
+    origin: [f32; 2],
+    scale: [f32; 2],
+    out: &mut [u8],
+) {
+    let (w, h) = (src.w as usize, src.h as usize);
+    if w == 0 || h == 0 {
+        out[..n * n * 3].fill(0);
+        return;
+    }
+    let step = side / n as f32;
+    let px = |x: usize, y: usize| &src.pixels[(y * w + x) * 3..][..3];
+    for v in 0..n {
+        let fy = (v as f32 + 0.5) * step - side / 2.0;
+        for u in 0..n {
+            let fx = (u as f32 + 0.5) * step - side / 2.0;
+            let x = centre[0] + cos * fx - sin * fy;
+            let y = centre[1] + sin * fx + cos * fy;
+            // Into the source's pixel grid, pixel centres at +0.5.
+            let sx = ((x - origin[0]) * scale[0] - 0.5).clamp(0.0, (w - 1) as f32);
+            let sy = ((y - origin[1]) * scale[1] - 0.5).clamp(0.0, (h - 1) as f32);
+            let (x0, y0) = (sx as usize, sy as usize);
+            let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
+            let (ax, ay) = (sx - x0 as f32, sy - y0 as f32);
+            let (p00, p10, p01, p11) = (px(x0, y0), px(x1, y0), px(x0, y1), px(x1, y1));
+            let o = &mut out[(v * n + u) * 3..][..3];
+            for c in 0..3 {
+                let top = f32::from(p00[c]) * (1.0 - ax) + f32::from(p10[c]) * ax;
+                let bottom = f32::from(p01[c]) * (1.0 - ax) + f32::from(p11[c]) * ax;
+                o[c] = (top * (1.0 - ay) + bottom * ay + 0.5) as u8;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A picture with one bright square at a known place.
+    fn marked(w: u32, h: u32, at: (u32, u32, u32)) -> Vec<u8> {
+        let mut p = vec![20u8; (w * h * 3) as usize];
+        for y in at.1..at.1 + at.2 {
+            for x in at.0..at.0 + at.2 {
+                p[((y * w + x) * 3) as usize..][..3].copy_from_slice(&[250, 250, 250]);
+            }
+        }
+        p
+    }
+
+    const PLAIN: FaceCrop = FaceCrop {
+        threshold: 0.75,
+        side: 1.0,
+        dx: 0.0,
+        dy: 0.0,
+    };
+
+    #[test]
+    fn a_face_at_a_known_place_is_cut_there() {
+        // A 40-pixel "face" at (300, 120) in a 640x480 picture.
+        let pixels = marked(640, 480, (300, 120, 40));
+        let face = Face {
+            score: 0.9,
+            x: 300.0,
+            y: 120.0,
+            w: 40.0,
+            h: 40.0,
+            eyes: [[310.0, 135.0], [330.0, 135.0]],
+        };
+        let mut out = vec![0u8; 32 * 32 * 3];
+        let picture = Rgb {
+            pixels: &pixels,
+            w: 640,
+            h: 480,
+        };
+        align(picture, &face, &PLAIN, 32, &mut out);
+        // The crop is the square itself: bright all over but the outermost ring.
+        let inner = (2..30).flat_map(|y| (2..30).map(move |x| (x, y)));
+        assert!(inner.clone().all(|(x, y)| out[(y * 32 + x) * 3] > 200));
+        // Twice as wide: the square fills the middle half, dark around it.
+        let loose = FaceCrop { side: 2.0, ..PLAIN };
+        align(picture, &face, &loose, 32, &mut out);
+        assert!(out[(16 * 32 + 16) * 3] > 200);
+        assert!(out[(2 * 32 + 2) * 3] < 40 && out[(29 * 32 + 29) * 3] < 40);
+    }
+
+    #[test]
+    fn a_turned_face_comes_back_level() {
+        // A horizontal bar (the "eye line") turned by 20 degrees about (100, 100).
+        let (w, h) = (200usize, 200usize);
+        let angle = 20f32.to_radians();
+        let mut pixels = vec![0u8; w * h * 3];
+        for y in 0..h {
+            for x in 0..w {
+                // Undo the turn: is this pixel on the level bar?
+                let (dx, dy) = (x as f32 + 0.5 - 100.0, y as f32 + 0.5 - 100.0);
+                let (c, s) = (angle.cos(), angle.sin());
+                let (lx, ly) = (c * dx + s * dy, -s * dx + c * dy);
+                if lx.abs() < 40.0 && ly.abs() < 4.0 {
+                    pixels[(y * w + x) * 3..][..3].copy_from_slice(&[255, 255, 255]);
+                }
+            }
+        }
+        let eye = |d: f32| [100.0 + d * angle.cos(), 100.0 + d * angle.sin()];
+        let face = Face {
+            score: 0.9,
+            x: 60.0,
+            y: 60.0,
+            w: 80.0,
+            h: 80.0,
+            eyes: [eye(-30.0), eye(30.0)],
+        };
+        assert!((face.roll() - angle).abs() < 1e-5);
+        let mut out = vec![0u8; 64 * 64 * 3];
+        let picture = Rgb {
+            pixels: &pixels,
+            w: 200,
+            h: 200,
+        };
+        align(picture, &face, &PLAIN, 64, &mut out);
+        // Level again: the middle row is bright across, rows 8 px away are dark.
+        let row = |y: usize| {
+            (12..52)
+                .map(|x| u32::from(out[(y * 64 + x) * 3]))
+                .sum::<u32>()
+                / 40
+        };
+        assert!(row(32) > 200, "middle row {}", row(32));
+        assert!(row(24) < 30 && row(40) < 30, "rows {} {}", row(24), row(40));
+    }
+
+    #[test]
+    fn large_crops_are_shrunk_before_sampling() {
+        // Fine stripes average to grey when shrunk; plain sampling would alias.
+        let (w, h) = (800usize, 800usize);
+        let mut pixels = vec![0u8; w * h * 3];
+        for y in 0..h {
+            for x in (0..w).filter(|x| x % 2 == 0) {
+                pixels[(y * w + x) * 3..][..3].copy_from_slice(&[255, 255, 255]);
+            }
+        }
+        let face = Face {
+            score: 0.9,
+            x: 0.0,
+            y: 0.0,
+            w: 800.0,
+            h: 800.0,
+            eyes: [[300.0, 300.0], [500.0, 300.0]],
+        };
+        let mut out = vec![0u8; 32 * 32 * 3];
+        let picture = Rgb {
+            pixels: &pixels,
+            w: 800,
+            h: 800,
+        };
+        align(picture, &face, &PLAIN, 32, &mut out);
+        assert!(
+            out.iter().all(|&v| (100..=155).contains(&v)),
+            "{:?}",
+            &out[..12]
+        );
+    }
+}

@@ -1,0 +1,851 @@
+//! The BlazeFace short-range ("front", 128x128) detector network on the CPU:
+//! a 5x5 stride-2 stem, sixteen BlazeBlocks (depthwise 3x3, pointwise 1x1,
+//! skip, ReLU) and four 1x1 heads, producing the raw outputs that
+//! [`super::decode`] turns into faces.
+//!
+//! Each BlazeBlock runs fused, one output row at a time: the depthwise row
+//! goes into a small buffer, the pointwise product of that row (AVX-512
+//! register tiles shared with the classifier's kernels, or a portable loop)
+//! gets the bias, the skip (max-pooled for stride 2) and ReLU, and is written
+//! straight into the zero-bordered input of the next block. Channels are
+//! padded to multiples of 16 with zero weights, so every row is whole
+//! registers. A picture's activations stay in a per-thread scratch kept by the
+//! network; the hot path does not allocate.
+//!
+//! This module knows the network and its weights file; it does not decode
+//! boxes, pick faces or touch pictures (see [`super::decode`], [`super::align`]).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+/// Register width in f32 lanes: channel counts are padded to a multiple.
+const LANES: usize = 16;
+/// Pixels per register tile of the pointwise products.
+const STRIP: usize = 8;
+/// Output-channel registers per register tile, at most.
+const MAX_GROUP: usize = 3;
+/// Anchors of the front model: 16x16 cells x 2 plus 8x8 cells x 6.
+pub const ANCHORS: usize = 896;
+/// Raw numbers per anchor: box (4) and six landmarks (12).
+pub const COORDS: usize = 16;
+/// Side of the 16x16 feature map and of the 8x8 one.
+const MAP_16: usize = 16;
+const MAP_8: usize = 8;
+
+/// Errors raised while loading detector weights.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectorError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not a BlazeFace front model.
+    #[error("{path}: {detail}")]
+    Format {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+/// Which kernels run the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// AVX-512F register tiles (x86-64 CPUs that have it).
+    Avx512,
+    /// Plain Rust loops, any CPU.
+    Portable,
+}
+
+impl Kernels {
+    /// The fastest kernels this CPU runs.
+    pub fn best() -> Self {
+        if crate::model::direct::available() {
+            Kernels::Avx512
+        } else {
+            Kernels::Portable
+        }
+    }
+}
+
+/// A 1x1 convolution `cin_p -> cout_p` (both padded to 16), weights laid out
+/// per register group as `[cin_p][16 * g]`.
+struct Pointwise {
+    /// Input channels multiplied (the padding past them is zero, so skipped).
+    cin: usize,
+    cin_p: usize,
+    cout_p: usize,
+    /// `(first output channel, registers)` of each group.
+    groups: Vec<(usize, usize)>,
+    /// Offset of each group's weights in `weights`.
+    offsets: Vec<usize>,
+    weights: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl Pointwise {
+    /// From PyTorch `[cout, cin, 1, 1]` weights (or any `[cout][cin]` rows).
+    fn new(w: &[f32], b: &[f32], cin: usize, cout: usize) -> Self {
+        let (cin_p, cout_p) = (pad16(cin), pad16(cout));
+        let mut groups = Vec::new();
+        let mut left = cout_p / LANES;
+        let mut first = 0;
+        while left > 0 {
+            // Prefer even splits (3+3, 2+2, 3+2) over a lone register.
+            let g = if left == 4 { 2 } else { left.min(MAX_GROUP) };
+            groups.push((first, g));
+            first += g * LANES;
+            left -= g;
+        }
+        let mut weights = Vec::with_capacity(cin_p * cout_p);
+        let mut offsets = Vec::new();
+        for &(first, g) in &groups {
+            offsets.push(weights.len());
+            for ci in 0..cin_p {
+                for lane in 0..g * LANES {
+                    let co = first + lane;
+                    weights.push(if ci < cin && co < cout {
+                        w[co * cin + ci]
+                    } else {
+                        0.0
+                    });
+                }
+            }
+        }
+        let mut bias = vec![0.0; cout_p];
+        bias[..cout].copy_from_slice(&b[..cout]);
+        Self {
+            cin,
+            cin_p,
+            cout_p,
+            groups,
+            offsets,
+            weights,
+            bias,
+        }
+    }
+
+    /// `out[p][..cout_p] = epilogue(bias + in[p][..cin_p] x W)` for `n`
+    /// pixels (a multiple of [`STRIP`]), `cin_p` values each, back to back.
+    fn run(&self, kernels: Kernels, input: &[f32], n: usize, then: Epilogue<'_>, out: &mut [f32]) {
+        assert!(n.is_multiple_of(STRIP));
+        assert!(input.len() >= n * self.cin_p && out.len() >= n * self.cout_p);
+        let (skip, skip_c, relu) = match then {
+            Epilogue::Bias => (None, 0, false),
+            Epilogue::BiasRelu => (None, 0, true),
+            Epilogue::BiasSkipRelu(skip, c) => {
+                assert!(c.is_multiple_of(LANES) && c <= self.cout_p && skip.len() >= n * c);
+                (Some(skip), c, true)
+            }
+        };
+        match kernels {
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx512 => {
+                for (&(first, g), &off) in self.groups.iter().zip(&self.offsets) {
+                    let w = self.weights[off..].as_ptr();
+                    let bias = self.bias[first..].as_ptr();
+                    for p in (0..n).step_by(STRIP) {
+                        let ip = input[p * self.cin_p..].as_ptr();
+                        let op = out[p * self.cout_p + first..].as_mut_ptr();
+                        let sp = skip.map_or(std::ptr::null(), |s| s[p * skip_c..].as_ptr());
+                        // SAFETY: the CPU has AVX-512F (`Kernels::best`); the
+                        // input holds STRIP pixels of cin_p values, the group's
+                        // weights cin_p * 16g values, bias and out 16g values
+                        // from `first` per pixel, skip STRIP pixels of skip_c
+                        // values (asserted above).
+                        unsafe {
+                            let run = match g {
+                                1 => pw_strip::<1>,
+                                2 => pw_strip::<2>,
+                                _ => pw_strip::<3>,
+                            };
+                            run(
+                                ip,
+                                self.cin,
+                                self.cin_p,
+                                w,
+                                bias,
+                                sp,
+                                skip_c,
+                                first,
+                                relu,
+                                op,
+                                self.cout_p,
+                            )
+                        };
+                    }
+                }
+            }
+            _ => {
+                for (&(first, g), &off) in self.groups.iter().zip(&self.offsets) {
+                    let width = g * LANES;
+                    let w = &self.weights[off..off + self.cin_p * width];
+                    for p in 0..n {
+                        let o = &mut out[p * self.cout_p + first..][..width];
+                        o.copy_from_slice(&self.bias[first..first + width]);
+                        let px = &input[p * self.cin_p..][..self.cin];
+                        for (a, row) in px.iter().zip(w.chunks_exact(width)) {
+                            for (o, w) in o.iter_mut().zip(row) {
+                                *o += a * w;
+                            }
+                        }
+                    }
+                }
+                for (p, px) in out[..n * self.cout_p]
+                    .chunks_exact_mut(self.cout_p)
+                    .enumerate()
+                {
+                    if let Some(skip) = skip {
+                        for (o, s) in px.iter_mut().zip(&skip[p * skip_c..][..skip_c]) {
+                            *o += s;
+                        }
+                    }
+                    if relu {
+                        px.iter_mut().for_each(|v| *v = v.max(0.0));
+                    }
+                }
+            }
+        }
+    }
+
+    fn flops(&self, cin: usize, cout: usize, pixels: usize) -> u64 {
+        let _ = self;
+        2 * (cin * cout * pixels) as u64
+    }
+}
+
+/// What a pointwise product gets before it is stored.
+#[derive(Clone, Copy)]
+enum Epilogue<'a> {
+    /// The bias only (heads).
+    Bias,
+    /// Bias, then ReLU (the stem).
+    BiasRelu,
+    /// Bias, plus the skip (pixels of `.1` channels; channels past them get
+    /// none), then ReLU (a BlazeBlock).
+    BiasSkipRelu(&'a [f32], usize),
+}
+
+/// One strip of [`STRIP`] pixels times `G` registers of a pointwise product,
+/// with its epilogue, in registers from the first multiply to the store.
+///
+/// # Safety
+/// The CPU supports AVX-512F; `input` holds STRIP pixels `in_stride` apart
+/// of at least `cin` values, `w` `cin * 16 G` values, `bias` 16 G values, `out` STRIP pixels
+/// `out_stride` apart of 16 G values; `skip` is null or holds STRIP pixels
+/// of `skip_c` values, indexed by absolute channel (`first + ..`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pw_strip<const G: usize>(
+    input: *const f32,
+    cin: usize,
+    in_stride: usize,
+    w: *const f32,
+    bias: *const f32,
+    skip: *const f32,
+    skip_c: usize,
+    first: usize,
+    relu: bool,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); G]; STRIP];
+    for ci in 0..cin {
+        let mut wv = [_mm512_setzero_ps(); G];
+        for (k, v) in wv.iter_mut().enumerate() {
+            *v = unsafe { _mm512_loadu_ps(w.add((ci * G + k) * LANES)) };
+        }
+        for (p, row) in acc.iter_mut().enumerate() {
+            let a = _mm512_set1_ps(unsafe { *input.add(p * in_stride + ci) });
+            for (r, v) in row.iter_mut().zip(&wv) {
+                *r = _mm512_fmadd_ps(a, *v, *r);
+            }
+        }
+    }
+    let zero = _mm512_setzero_ps();
+    for (p, row) in acc.iter().enumerate() {
+        for (k, r) in row.iter().enumerate() {
+            let mut v = _mm512_add_ps(*r, unsafe { _mm512_loadu_ps(bias.add(k * LANES)) });
+            let c = first + k * LANES;
+            if !skip.is_null() && c < skip_c {
+                v = _mm512_add_ps(v, unsafe { _mm512_loadu_ps(skip.add(p * skip_c + c)) });
+            }
+            if relu {
+                v = _mm512_max_ps(v, zero);
+            }
+            unsafe { _mm512_storeu_ps(out.add(p * out_stride + k * LANES), v) };
+        }
+    }
+}
+
+/// One BlazeBlock: depthwise 3x3 (stride 1 or 2), pointwise, skip, ReLU.
+struct Block {
+    /// Input side; the output side is `side / stride`.
+    side: usize,
+    stride: usize,
+    cin: usize,
+    cout: usize,
+    cin_p: usize,
+    /// Depthwise weights `[9][cin_p]` and bias `[cin_p]`.
+    dw_w: Vec<f32>,
+    dw_b: Vec<f32>,
+    pw: Pointwise,
+}
+
+impl Block {
+    fn out_side(&self) -> usize {
+        self.side / self.stride
+    }
+
+    fn flops(&self) -> u64 {
+        let px = self.out_side() * self.out_side();
+        2 * (9 * self.cin * px) as u64 + self.pw.flops(self.cin, self.cout, px)
+    }
+}
+
+/// The 5x5 stride-2 stem: 3 -> 24 channels, as an im2col row times `[75][32]`.
+struct Stem {
+    pw: Pointwise,
+}
+
+/// Taps of the stem: 5x5 window over 3 channels.
+const STEM_K: usize = 75;
+/// Stem output channels (before padding).
+const STEM_OUT: usize = 24;
+
+/// The detector's network, ready to run.
+pub struct BlazeFace {
+    side: usize,
+    stem: Stem,
+    blocks: Vec<Block>,
+    /// Blocks of `backbone1` (the 16x16 map feeds the first two heads).
+    backbone1: usize,
+    /// `classifier_8` (2) and `regressor_8` (32) as one 1x1 conv on 16x16x88.
+    head16: Pointwise,
+    /// `classifier_16` (6) and `regressor_16` (96) on 8x8x96.
+    head8: Pointwise,
+    anchors: Vec<[f32; 4]>,
+    default_threshold: f32,
+    kernels: Kernels,
+    scratch: Mutex<Vec<Scratch>>,
+}
+
+/// One thread's buffers for one picture.
+struct Scratch {
+    /// Normalised input with its zero border (1 top/left, 2 bottom/right).
+    input: Vec<f32>,
+    /// One im2col row of the stem.
+    patch: Vec<f32>,
+    /// Output of the stem and of each block, each with a one-pixel zero border.
+    maps: Vec<Vec<f32>>,
+    /// One depthwise row and one max-pooled (skip) row.
+    dw_row: Vec<f32>,
+    pool_row: Vec<f32>,
+    /// Head outputs.
+    head16: Vec<f32>,
+    head8: Vec<f32>,
+}
+
+/// `(cin, cout, stride)` of the front model's blocks, `backbone1` then `backbone2`.
+const FRONT: [(usize, usize, usize); 16] = [
+    (24, 24, 1),
+    (24, 28, 1),
+    (28, 32, 2),
+    (32, 36, 1),
+    (36, 42, 1),
+    (42, 48, 2),
+    (48, 56, 1),
+    (56, 64, 1),
+    (64, 72, 1),
+    (72, 80, 1),
+    (80, 88, 1),
+    (88, 96, 2),
+    (96, 96, 1),
+    (96, 96, 1),
+    (96, 96, 1),
+    (96, 96, 1),
+];
+const FRONT_BACKBONE1: usize = 11;
+
+fn pad16(c: usize) -> usize {
+    c.div_ceil(LANES) * LANES
+}
+
+impl BlazeFace {
+    /// Reads a front model from a safetensors file (PyTorch names and layout,
+    /// as in `shared/models/blazeface/front.safetensors`).
+    pub fn load(path: &Path) -> Result<Self, DetectorError> {
+        let shown = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| DetectorError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::from_bytes(&bytes, Kernels::best()).map_err(|detail| DetectorError::Format {
+            path: shown,
+            detail,
+        })
+    }
+
+    /// Builds the network from the bytes of a weights file.
+    pub fn from_bytes(bytes: &[u8], kernels: Kernels) -> Result<Self, String> {
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| format!("not a safetensors file: {e}"))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| format!("not a safetensors file: {e}"))?;
+        let side: usize = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("input_size"))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(128);
+        if side != 128 {
+            return Err(format!(
+                "input_size {side}: only the 128x128 front model is supported"
+            ));
+        }
+        let default_threshold = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("min_score_thresh"))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0.75);
+        let mut tensors: HashMap<String, (Vec<usize>, Vec<f32>)> = HashMap::new();
+        for (name, view) in st.tensors() {
+            if view.dtype() != safetensors::Dtype::F32 {
+                return Err(format!("{name}: expected f32, found {:?}", view.dtype()));
+            }
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            tensors.insert(name, (view.shape().to_vec(), values));
+        }
+        let mut get = |name: &str, shape: &[usize]| -> Result<Vec<f32>, String> {
+            let (s, v) = tensors
+                .remove(name)
+                .ok_or_else(|| format!("tensor `{name}` is missing"))?;
+            if s != shape {
+                return Err(format!(
+                    "tensor `{name}` has shape {s:?}, expected {shape:?}"
+                ));
+            }
+            Ok(v)
+        };
+
+        let stem_w = get("backbone1.0.weight", &[STEM_OUT, 3, 5, 5])?;
+        let stem_b = get("backbone1.0.bias", &[STEM_OUT])?;
+        // PyTorch [co][c][i][j] -> im2col rows ordered (i, j, c).
+        let mut rows = vec![0f32; STEM_OUT * STEM_K];
+        for co in 0..STEM_OUT {
+            for c in 0..3 {
+                for i in 0..5 {
+                    for j in 0..5 {
+                        rows[co * STEM_K + (i * 5 + j) * 3 + c] =
+                            stem_w[((co * 3 + c) * 5 + i) * 5 + j];
+                    }
+                }
+            }
+        }
+        let stem = Stem {
+            pw: Pointwise::new(&rows, &stem_b, STEM_K, STEM_OUT),
+        };
+
+        let mut blocks = Vec::new();
+        let mut side = side / 2;
+        for (i, &(cin, cout, stride)) in FRONT.iter().enumerate() {
+            let prefix = if i < FRONT_BACKBONE1 {
+                format!("backbone1.{}.convs", i + 2)
+            } else {
+                format!("backbone2.{}.convs", i - FRONT_BACKBONE1)
+            };
+            let dw = get(&format!("{prefix}.0.weight"), &[cin, 1, 3, 3])?;
+            let db = get(&format!("{prefix}.0.bias"), &[cin])?;
+            let pw = get(&format!("{prefix}.1.weight"), &[cout, cin, 1, 1])?;
+            let pb = get(&format!("{prefix}.1.bias"), &[cout])?;
+            let cin_p = pad16(cin);
+            let mut dw_w = vec![0f32; 9 * cin_p];
+            for c in 0..cin {
+                for t in 0..9 {
+                    dw_w[t * cin_p + c] = dw[c * 9 + t];
+                }
+            }
+            let mut dw_b = vec![0f32; cin_p];
+            dw_b[..cin].copy_from_slice(&db);
+            blocks.push(Block {
+                side,
+                stride,
+                cin,
+                cout,
+                cin_p,
+                dw_w,
+                dw_b,
+                pw: Pointwise::new(&pw, &pb, cin, cout),
+            });
+            side /= stride;
+        }
+
+        // Each pair of heads as one 1x1 conv: the logits first, then the boxes.
+        let mut heads = Vec::new();
+        for (cls, reg, cin, per_cell) in [
+            ("classifier_8", "regressor_8", 88, 2),
+            ("classifier_16", "regressor_16", 96, 6),
+        ] {
+            let mut w = get(&format!("{cls}.weight"), &[per_cell, cin, 1, 1])?;
+            let mut b = get(&format!("{cls}.bias"), &[per_cell])?;
+            w.extend(get(
+                &format!("{reg}.weight"),
+                &[per_cell * COORDS, cin, 1, 1],
+            )?);
+            b.extend(get(&format!("{reg}.bias"), &[per_cell * COORDS])?);
+            heads.push(Pointwise::new(&w, &b, cin, per_cell * (1 + COORDS)));
+        }
+        let (head16, head8) = (heads.remove(0), heads.remove(0));
+        let anchors = get("anchors", &[ANCHORS, 4])?
+            .chunks_exact(4)
+            .map(|a| [a[0], a[1], a[2], a[3]])
+            .collect();
+        Ok(Self {
+            side: 128,
+            stem,
+            blocks,
+            backbone1: FRONT_BACKBONE1,
+            head16,
+            head8,
+            anchors,
+            default_threshold,
+            kernels,
+            scratch: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Side of the square input picture (128).
+    pub fn input_side(&self) -> usize {
+        self.side
+    }
+
+    /// The score threshold written in the weights file (0.75).
+    pub fn default_threshold(&self) -> f32 {
+        self.default_threshold
+    }
+
+    /// Anchors `(x_center, y_center, w, h)`, relative to the input.
+    pub fn anchors(&self) -> &[[f32; 4]] {
+        &self.anchors
+    }
+
+    /// The kernels this network runs with.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// The same network on other kernels (tests compare the two).
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// Multiply-adds times two of one forward pass.
+    pub fn flops(&self) -> u64 {
+        let stem_px = (self.side / 2) * (self.side / 2);
+        let heads =
+            self.head16.flops(88, 34, MAP_16 * MAP_16) + self.head8.flops(96, 102, MAP_8 * MAP_8);
+        self.stem.pw.flops(STEM_K, STEM_OUT, stem_px)
+            + self.blocks.iter().map(Block::flops).sum::<u64>()
+            + heads
+    }
+
+    /// Raw outputs for `n` pictures of `side x side` RGB values in 0..=255
+    /// (HWC, back to back): per picture `ANCHORS * COORDS` box numbers and
+    /// `ANCHORS` logits, in the anchors' order.
+    pub fn raw(&self, pictures: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let len = self.side * self.side * 3;
+        let n = pictures.len() / len;
+        let mut boxes = vec![0f32; n * ANCHORS * COORDS];
+        let mut logits = vec![0f32; n * ANCHORS];
+        let mut s = self.take_scratch();
+        for (i, pic) in pictures.chunks_exact(len).enumerate() {
+            self.picture(
+                pic,
+                &mut s,
+                &mut boxes[i * ANCHORS * COORDS..][..ANCHORS * COORDS],
+                &mut logits[i * ANCHORS..][..ANCHORS],
+            );
+        }
+        self.give_scratch(s);
+        (boxes, logits)
+    }
+
+    /// [`BlazeFace::raw`] for one picture of RGB bytes.
+    pub fn raw_u8(&self, picture: &[u8], boxes: &mut [f32], logits: &mut [f32]) {
+        let mut s = self.take_scratch();
+        let side = self.side;
+        let stride = (side + 3) * 3;
+        for (y, row) in picture.chunks_exact(side * 3).enumerate().take(side) {
+            let dst = &mut s.input[(y + 1) * stride + 3..][..side * 3];
+            for (d, &v) in dst.iter_mut().zip(row) {
+                *d = f32::from(v) * (1.0 / 127.5) - 1.0;
+            }
+        }
+        self.network(&mut s, boxes, logits);
+        self.give_scratch(s);
+    }
+
+    fn take_scratch(&self) -> Scratch {
+        self.scratch
+            .lock()
+            .ok()
+            .and_then(|mut p| p.pop())
+            .unwrap_or_else(|| self.new_scratch())
+    }
+
+    fn give_scratch(&self, s: Scratch) {
+        if let Ok(mut p) = self.scratch.lock() {
+            p.push(s);
+        }
+    }
+
+    fn new_scratch(&self) -> Scratch {
+        let stem_side = self.side / 2;
+        let mut maps = vec![vec![0f32; (stem_side + 2).pow(2) * pad16(STEM_OUT)]];
+        let mut widest = pad16(STEM_K);
+        for b in &self.blocks {
+            maps.push(vec![0f32; (b.out_side() + 2).pow(2) * b.pw.cout_p]);
+            widest = widest.max(b.pw.cout_p).max(b.cin_p);
+        }
+        Scratch {
+            input: vec![0f32; (self.side + 3).pow(2) * 3],
+            patch: vec![0f32; stem_side * self.stem.pw.cin_p],
+            maps,
+            dw_row: vec![0f32; stem_side * widest],
+            pool_row: vec![0f32; stem_side * widest],
+            head16: vec![0f32; MAP_16 * MAP_16 * self.head16.cout_p],
+            head8: vec![0f32; MAP_8 * MAP_8 * self.head8.cout_p],
+        }
+    }
+
+    fn picture(&self, pic: &[f32], s: &mut Scratch, boxes: &mut [f32], logits: &mut [f32]) {
+        let side = self.side;
+        let stride = (side + 3) * 3;
+        for (y, row) in pic.chunks_exact(side * 3).enumerate() {
+            let dst = &mut s.input[(y + 1) * stride + 3..][..side * 3];
+            for (d, &v) in dst.iter_mut().zip(row) {
+                *d = v * (1.0 / 127.5) - 1.0;
+            }
+        }
+        self.network(s, boxes, logits);
+    }
+
+    /// Runs the network on `s.input` (already normalised and bordered).
+    fn network(&self, s: &mut Scratch, boxes: &mut [f32], logits: &mut [f32]) {
+        self.stem(s);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (done, rest) = s.maps.split_at_mut(i + 1);
+            run_block(
+                block,
+                self.kernels,
+                &done[i],
+                &mut rest[0],
+                &mut s.dw_row,
+                &mut s.pool_row,
+            );
+        }
+        // Heads: 16x16 map after backbone1, 8x8 map after backbone2.
+        let map16 = &s.maps[self.backbone1];
+        let map8 = &s.maps[self.blocks.len()];
+        head(&self.head16, self.kernels, map16, MAP_16, &mut s.head16);
+        head(&self.head8, self.kernels, map8, MAP_8, &mut s.head8);
+        let mut anchor = 0;
+        for (map, side, per_cell, width) in [
+            (&s.head16, MAP_16, 2, self.head16.cout_p),
+            (&s.head8, MAP_8, 6, self.head8.cout_p),
+        ] {
+            for px in map.chunks_exact(width).take(side * side) {
+                for a in 0..per_cell {
+                    logits[anchor] = px[a];
+                    boxes[anchor * COORDS..][..COORDS]
+                        .copy_from_slice(&px[per_cell + a * COORDS..][..COORDS]);
+                    anchor += 1;
+                }
+            }
+        }
+    }
+
+    /// 5x5 stride-2 convolution with ReLU into the first map.
+    fn stem(&self, s: &mut Scratch) {
+        let out_side = self.side / 2;
+        let in_stride = (self.side + 3) * 3;
+        let (cin_p, cout_p) = (self.stem.pw.cin_p, self.stem.pw.cout_p);
+        let map_stride = (out_side + 2) * cout_p;
+        for y in 0..out_side {
+            for x in 0..out_side {
+                // Taps in (row, column, channel) order; the padding past
+                // STEM_K stays zero.
+                let patch = &mut s.patch[x * cin_p..][..STEM_K];
+                for i in 0..5 {
+                    let src = &s.input[(2 * y + i) * in_stride + 2 * x * 3..][..15];
+                    patch[i * 15..][..15].copy_from_slice(src);
+                }
+            }
+            let dst = &mut s.maps[0][(y + 1) * map_stride + cout_p..][..out_side * cout_p];
+            self.stem
+                .pw
+                .run(self.kernels, &s.patch, out_side, Epilogue::BiasRelu, dst);
+        }
+    }
+}
+
+/// A head's 1x1 convolution over every pixel of a bordered map.
+fn head(pw: &Pointwise, kernels: Kernels, map: &[f32], side: usize, out: &mut [f32]) {
+    let row = (side + 2) * pw.cin_p;
+    for y in 0..side {
+        let input = &map[(y + 1) * row + pw.cin_p..][..side * pw.cin_p];
+        pw.run(
+            kernels,
+            input,
+            side,
+            Epilogue::Bias,
+            &mut out[y * side * pw.cout_p..],
+        );
+    }
+}
+
+/// One BlazeBlock, row by row, from `input` (bordered, `cin_p` channels) into
+/// `output` (bordered, `cout_p` channels).
+fn run_block(
+    b: &Block,
+    kernels: Kernels,
+    input: &[f32],
+    output: &mut [f32],
+    dw_row: &mut [f32],
+    pool_row: &mut [f32],
+) {
+    let (cin_p, cout_p) = (b.cin_p, b.pw.cout_p);
+    let in_row = (b.side + 2) * cin_p;
+    let out_side = b.out_side();
+    let out_row = (out_side + 2) * cout_p;
+    for y in 0..out_side {
+        match kernels {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512F present (`Kernels::best`).
+            Kernels::Avx512 => unsafe { depthwise_row_avx512(b, input, y, dw_row) },
+            _ => depthwise_row(b, input, y, dw_row),
+        }
+        let skip: &[f32] = if b.stride == 1 {
+            &input[(y + 1) * in_row + cin_p..][..out_side * cin_p]
+        } else {
+            // 2x2 max-pool of the input rows 2y, 2y+1.
+            for x in 0..out_side {
+                let at = |dy: usize, dx: usize| {
+                    &input[(2 * y + dy + 1) * in_row + (2 * x + dx + 1) * cin_p..][..cin_p]
+                };
+                let (a, bb, c, d) = (at(0, 0), at(0, 1), at(1, 0), at(1, 1));
+                let o = &mut pool_row[x * cin_p..][..cin_p];
+                for i in 0..cin_p {
+                    o[i] = a[i].max(bb[i]).max(c[i]).max(d[i]);
+                }
+            }
+            &pool_row[..out_side * cin_p]
+        };
+        let dst = &mut output[(y + 1) * out_row + cout_p..][..out_side * cout_p];
+        b.pw.run(
+            kernels,
+            dw_row,
+            out_side,
+            Epilogue::BiasSkipRelu(skip, cin_p),
+            dst,
+        );
+    }
+}
+
+/// Depthwise 3x3 of output row `y` into `out` (`out_side x cin_p`).
+///
+/// Stride 1 reads bordered rows `y..y+3` (a one-pixel zero border is the
+/// padding); stride 2 reads input rows `2y..2y+3`, i.e. bordered rows
+/// `2y+1..2y+4`, which reaches the bottom/right border only (PyTorch pads
+/// those sides by 2 and the last row/column past the picture is never read).
+fn depthwise_row(b: &Block, input: &[f32], y: usize, out: &mut [f32]) {
+    let cin_p = b.cin_p;
+    let in_row = (b.side + 2) * cin_p;
+    let off = if b.stride == 1 { 0 } else { 1 };
+    for x in 0..b.out_side() {
+        let o = &mut out[x * cin_p..][..cin_p];
+        o.copy_from_slice(&b.dw_b);
+        for ky in 0..3 {
+            for kx in 0..3 {
+                let at = (b.stride * y + ky + off) * in_row + (b.stride * x + kx + off) * cin_p;
+                let px = &input[at..][..cin_p];
+                let w = &b.dw_w[(ky * 3 + kx) * cin_p..][..cin_p];
+                for ((o, p), w) in o.iter_mut().zip(px).zip(w) {
+                    *o += p * w;
+                }
+            }
+        }
+    }
+}
+
+/// [`depthwise_row`] in AVX-512 registers: for each 16 channels, the nine
+/// taps and the bias stay in registers along the row.
+///
+/// # Safety
+/// The CPU supports AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn depthwise_row_avx512(b: &Block, input: &[f32], y: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let cin_p = b.cin_p;
+    let in_row = (b.side + 2) * cin_p;
+    let off = if b.stride == 1 { 0 } else { 1 };
+    let n = b.out_side();
+    let first = (b.stride * y + off) * in_row + off * cin_p;
+    let last = first + 2 * in_row + (b.stride * (n - 1) + 2) * cin_p + cin_p;
+    assert!(last <= input.len() && out.len() >= n * cin_p);
+    let ip = input.as_ptr();
+    let op = out.as_mut_ptr();
+    for k in (0..cin_p).step_by(LANES) {
+        // SAFETY: weights and bias hold 9 * cin_p and cin_p values; every
+        // input index is below `last` and every output below n * cin_p
+        // (asserted above).
+        unsafe {
+            let mut w = [_mm512_setzero_ps(); 9];
+            for (t, v) in w.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(b.dw_w.as_ptr().add(t * cin_p + k));
+            }
+            let bias = _mm512_loadu_ps(b.dw_b.as_ptr().add(k));
+            for x in 0..n {
+                let base = ip.add(first + b.stride * x * cin_p + k);
+                let mut acc = bias;
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        let v = _mm512_loadu_ps(base.add(ky * in_row + kx * cin_p));
+                        acc = _mm512_fmadd_ps(v, w[ky * 3 + kx], acc);
+                    }
+                }
+                _mm512_storeu_ps(op.add(x * cin_p + k), acc);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pointwise_groups_cover_every_channel() {
+        for cout in [2usize, 24, 34, 48, 64, 80, 96, 102] {
+            let pw = Pointwise::new(&vec![1.0; cout * 3], &vec![0.0; cout], 3, cout);
+            let covered: usize = pw.groups.iter().map(|g| g.1 * LANES).sum();
+            assert_eq!(covered, pw.cout_p, "cout {cout}");
+            assert!(pw.groups.iter().all(|g| g.1 <= MAX_GROUP));
+        }
+    }
+}
