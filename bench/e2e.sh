@@ -17,9 +17,13 @@
 #      32/32/64 filters, 35.4 MFLOP; weights from a one-epoch smoke training,
 #      since only speed is compared), for a like-for-like row, also at the
 #      Python worker's own 50% rate.
+# The worker of 1. runs with face detection on (the default); a worker with
+# `--face-detection off` (whole pictures, as the Python worker) runs the same
+# loads right after it. The Python worker detects nothing.
 # Prints Markdown tables.
 #
 #   bench/e2e.sh [requests]        (run from anywhere; default 10000)
+#   E2E_SHORT=1 bench/e2e.sh       (only: detection on, detection off, Python)
 #   PYBENCH=path/to/python bench/e2e.sh   (default target/pybench-venv/bin/python)
 # Make the Python environment once with:
 #   python3 -m venv target/pybench-venv && target/pybench-venv/bin/pip install \
@@ -41,10 +45,12 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 export MACHINE="$(nproc) vCPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $(date -u +%FT%TZ)"
 echo "machine: $MACHINE" >&2
 echo "measuring components (cargo bench --bench model) ..." >&2
-cargo bench -q --bench model -- 'forward/Direct/32$|preprocess/' >"$tmp/criterion.log" 2>&1
+cargo bench -q --bench model -- 'forward/Direct/32$|preprocess/|detector/Avx512/1$' >"$tmp/criterion.log" 2>&1
 est() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['mean']['point_estimate'])" "target/criterion/$1/new/estimates.json"; }
 model_ns=$(est forward/Direct/32)
 pre_ns=$(est preprocess/jpeg_200x200)
+face_ns=$(est preprocess/jpeg_200x200_face)
+detector_ns=$(est detector/Avx512/1)
 # The Python worker's network (3 conv blocks of 32/32/64 filters) in Rust,
 # weights from a one-epoch smoke training (only speed is compared), and in
 # ONNX Runtime when the Python environment is there.
@@ -125,6 +131,13 @@ PIDS=$(cat "$tmp/adaptive.pid") loads adaptive
 metrics adaptive
 stop adaptive
 
+echo "face detection off ..." >&2
+start_worker nodetect --face-detection off
+PIDS=$(cat "$tmp/nodetect.pid") loads nodetect
+metrics nodetect
+stop nodetect
+
+if [ -z "${E2E_SHORT:-}" ]; then
 echo "fixed-timeout batcher ..." >&2
 start_worker fixed --batch-policy fixed
 PIDS=$(cat "$tmp/fixed.pid") loads fixed
@@ -139,6 +152,7 @@ metrics w1
 metrics w2
 stop w1
 stop w2
+fi
 
 if [ -x "$PYBENCH" ]; then
   echo "python worker ..." >&2
@@ -152,8 +166,9 @@ else
   echo "python worker skipped: no $PYBENCH (see the header of this script)" >&2
 fi
 
+if [ -z "${E2E_SHORT:-}" ]; then
 echo "Rust worker, Python's network ..." >&2
-start_worker same --weights "$tmp/same.safetensors"
+start_worker same --weights "$tmp/same.safetensors" --face-detection off
 PIDS=$(cat "$tmp/same.pid") loads same
 if [ -f "$tmp/python.sat.json" ]; then
   # The same absolute rate as the Python worker's 50% run, for the p99 comparison.
@@ -162,12 +177,13 @@ if [ -f "$tmp/python.sat.json" ]; then
 fi
 metrics same
 stop same
+fi
 
-python3 - "$tmp" "$model_ns" "$pre_ns" "$same_ns" "$ort_rate" <<'PY'
+python3 - "$tmp" "$model_ns" "$pre_ns" "$same_ns" "$ort_rate" "$face_ns" "$detector_ns" <<'PY'
 import json, os, sys
-tmp, model_ns, pre_ns, same_ns, ort_rate = sys.argv[1], *map(float, sys.argv[2:6])
-model_s, pre_s = model_ns / 32 / 1e9, pre_ns / 1e9
-bound = 1 / (model_s + pre_s)
+tmp, model_ns, pre_ns, same_ns, ort_rate, face_ns, detector_ns = sys.argv[1], *map(float, sys.argv[2:8])
+model_s, pre_s, face_s = model_ns / 32 / 1e9, pre_ns / 1e9, face_ns / 1e9
+bound = 1 / (model_s + face_s)
 def load(name):
     p = os.path.join(tmp, name + ".json")
     return json.load(open(p)) if os.path.exists(p) else None
@@ -194,8 +210,11 @@ print(f"machine: {os.environ['MACHINE']}, release build\n")
 print("## Components (criterion, one thread)\n")
 print("| component | per picture | pictures/s |\n| --- | ---: | ---: |")
 print(f"| model forward, batch 32 (Direct, shipped model) | {model_s*1e3:.3f} ms | {1/model_s:.0f} |")
-print(f"| preprocess 200x200 JPEG | {pre_s*1e3:.3f} ms | {1/pre_s:.0f} |")
-print(f"| bound 1/(model + preprocess) | {(model_s+pre_s)*1e3:.3f} ms | {bound:.0f} |")
+print(f"| face detector forward, batch 1 (own AVX-512 kernels) | {detector_ns/1e6:.3f} ms | {1e9/detector_ns:.0f} |")
+print(f"| preprocess 200x200 JPEG, detection on (decode, detect, align) | {face_s*1e3:.3f} ms | {1/face_s:.0f} |")
+print(f"| preprocess 200x200 JPEG, detection off | {pre_s*1e3:.3f} ms | {1/pre_s:.0f} |")
+print(f"| bound 1/(model + preprocess), detection on | {(model_s+face_s)*1e3:.3f} ms | {bound:.0f} |")
+print(f"| bound 1/(model + preprocess), detection off | {(model_s+pre_s)*1e3:.3f} ms | {1/(model_s+pre_s):.0f} |")
 print(f"| model forward, batch 32, Python's 32/32/64 network, Rust (Direct) | {same_ns/32/1e6:.3f} ms | {32e9/same_ns:.0f} |")
 if ort_rate:
     print(f"| model forward, batch 32, Python's 32/32/64 network, ONNX Runtime | {1e3/ort_rate:.3f} ms | {ort_rate:.0f} |")
@@ -206,7 +225,8 @@ def runs(worker, kind):
     p = os.path.join(tmp, f"{worker}.{kind}all")
     what = "runs" if kind == "sat" else "p99 of runs"
     return f" ({what} {open(p).read()})" if os.path.exists(p) else ""
-for worker, label in [("adaptive", "Rust, adaptive batcher"), ("fixed", "Rust, fixed-timeout batcher"),
+for worker, label in [("adaptive", "Rust, detection on (default), adaptive batcher"),
+                      ("nodetect", "Rust, --face-detection off"), ("fixed", "Rust, fixed-timeout batcher"),
                       ("two", "Rust, two workers"), ("same", "Rust, Python's 32/32/64 network"),
                       ("python", "Python (ONNX Runtime), 32/32/64")]:
     for load_name, title in [("sat", "saturation, window 256"), ("half", "open loop at 50%"),
@@ -215,18 +235,25 @@ for worker, label in [("adaptive", "Rust, adaptive batcher"), ("fixed", "Rust, f
         if r is None:
             continue
         l = r["latency_ms"]
-        ratio = f"{r['throughput']/bound*100:.0f}%" if load_name == "sat" else ""
+        b = bound if worker in ("adaptive", "fixed", "two") else 1 / (model_s + pre_s)
+        ratio = f"{r['throughput']/b*100:.0f}%" if load_name == "sat" and worker != "python" else ""
         title = title + runs(worker, load_name)
         cpu_path = os.path.join(tmp, worker + ".cpu")
         cpu = f"{float(open(cpu_path).read()):.3f}" if load_name == "sat" and os.path.exists(cpu_path) else ""
         print(f"| {label} | {title} | {r['sent']} | {r['throughput']:.0f} | {ratio} | {cpu} | {r['missing']} | "
               f"{l['p50']:.1f} | {l['p90']:.1f} | {l['p99']:.1f} | {l['max']:.1f} |")
 print()
-for name in ["adaptive", "fixed"]:
-    print(f"batch sizes, {name} (all its loads): {batches(name)}")
-w1, w2 = (counter(w, "profile_worker_requests_total") for w in ["w1", "w2"])
-print(f"two workers: requests taken {int(w1)} + {int(w2)} (warm-up included); "
-      f"batch sizes w1: {batches('w1')}; w2: {batches('w2')}")
+for name in ["adaptive", "nodetect", "fixed"]:
+    if os.path.exists(os.path.join(tmp, name + ".metrics")):
+        print(f"batch sizes, {name} (all its loads): {batches(name)}")
+if os.path.exists(os.path.join(tmp, "w1.metrics")):
+    w1, w2 = (counter(w, "profile_worker_requests_total") for w in ["w1", "w2"])
+    print(f"two workers: requests taken {int(w1)} + {int(w2)} (warm-up included); "
+          f"batch sizes w1: {batches('w1')}; w2: {batches('w2')}")
+py, ad, nd = load("python.sat"), load("adaptive.sat"), load("nodetect.sat")
+if py and ad and nd:
+    print(f"against the Python worker at saturation: detection on {ad['throughput']/py['throughput']:.2f}x, "
+          f"detection off {nd['throughput']/py['throughput']:.2f}x")
 acc = load("adaptive.sat").get("accuracy")
 if acc is not None:
     print(f"accuracy over the adaptive saturation run: {acc:.4f}")

@@ -41,6 +41,7 @@ fn network() -> (ModelMeta, HashMap<String, Tensor>) {
         version: "bench".into(),
         training: serde_json::Value::Null,
         probe: vec![],
+        face: None,
     };
     let tensors = model::tensor_shapes(&meta)
         .into_iter()
@@ -159,6 +160,23 @@ fn preprocess(c: &mut Criterion) {
             pre.resize_normalise(&rgb, &mut out)
         })
     });
+    // What the worker does by default: decode, find the face (detector
+    // included), align and cut it out, normalise.
+    if let Some(crop) = meta.face {
+        let finder = std::sync::Arc::new(profile_classifier::face::FaceFinder::new(detector(
+            Kernels::best(),
+        )));
+        let faces = Preprocessor::new(&meta, Limits::default()).with_faces(
+            profile_classifier::preprocess::FaceStage {
+                finder,
+                crop,
+                threshold: crop.threshold,
+            },
+        );
+        group.bench_function("jpeg_200x200_face", |b| {
+            b.iter(|| faces.run(black_box(&bytes), &mut out).unwrap())
+        });
+    }
     group.finish();
 }
 

@@ -1,8 +1,50 @@
-//! Settings shared by the binaries: device selection and label lists.
+//! Settings shared by the binaries: device selection and the face
+//! detection flags.
 //!
 //! Parsing only; nothing here opens connections or files.
 
+use std::path::PathBuf;
+
 use candle_core::Device;
+
+/// The face detection flags, shared by `profile-worker` and
+/// `profile-trainer eval`/`predict` so they frame pictures alike.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FaceArgs {
+    /// Find the face and classify it (on), or classify the whole picture (off,
+    /// for pipelines that already send aligned face crops).
+    #[arg(long, env = "PROFILE_FACE_DETECTION", default_value = "on", value_parser = ["on", "off"])]
+    pub face_detection: String,
+    /// Face detector weights (BlazeFace front, safetensors).
+    #[arg(
+        long,
+        env = "PROFILE_DETECTOR",
+        default_value = "weights/blazeface-front.safetensors"
+    )]
+    pub detector: PathBuf,
+    /// Detector score (0-1) a face needs (default: the model's metadata, 0.75 shipped).
+    #[arg(long, env = "PROFILE_FACE_THRESHOLD", value_parser = parse_threshold)]
+    pub face_threshold: Option<f32>,
+}
+
+impl FaceArgs {
+    /// The detector file to load, `None` when detection is off.
+    pub fn detector(&self) -> Option<&PathBuf> {
+        (self.face_detection == "on").then_some(&self.detector)
+    }
+}
+
+/// A detector score strictly between 0 and 1.
+pub fn parse_threshold(s: &str) -> Result<f32, String> {
+    let v: f32 = s.parse().map_err(|e| format!("{s}: {e}"))?;
+    if v > 0.0 && v < 1.0 {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{s}: a face threshold is a score between 0 and 1 (exclusive)"
+        ))
+    }
+}
 
 /// Errors in a `--device` value or an unusable device.
 #[derive(Debug, thiserror::Error)]

@@ -95,7 +95,10 @@ pub struct LoadReport {
     pub throughput: f64,
     /// Request published to answer received, client side.
     pub latency_ms: Latency,
-    /// Share of results matching `profile.csv`, when it has labels.
+    /// Results saying the picture has no face (`faces: 0`).
+    pub no_face: usize,
+    /// Share of results matching `profile.csv`, when it has labels (a
+    /// `none` row expects a "no face" answer).
     pub accuracy: Option<f64>,
     /// Results by the `model` field.
     pub models: BTreeMap<String, usize>,
@@ -265,6 +268,7 @@ pub async fn run(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
 
     let mut answered = vec![false; total];
     let (mut n_results, mut n_errors, mut duplicates, mut correct, mut labelled) = (0, 0, 0, 0, 0);
+    let mut no_face = 0;
     let mut by_code: BTreeMap<String, usize> = BTreeMap::new();
     let mut models: BTreeMap<String, usize> = BTreeMap::new();
     let mut latencies = Vec::with_capacity(total);
@@ -315,9 +319,14 @@ pub async fn run(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
             *models
                 .entry(value["model"].as_str().unwrap_or("?").to_owned())
                 .or_default() += 1;
+            let answered_none = value["faces"].as_u64() == Some(0);
+            no_face += usize::from(answered_none);
             if let Some(truth) = &pictures[i % pictures.len()].truth {
                 labelled += 1;
-                if value["gender"].as_str() == Some(truth.as_str()) {
+                let said = value["gender"]
+                    .as_str()
+                    .unwrap_or(crate::train::dataset::NO_FACE);
+                if said == truth.as_str() {
                     correct += 1;
                 }
             }
@@ -350,6 +359,7 @@ pub async fn run(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
             0.0
         },
         latency_ms: latency_summary(latencies),
+        no_face,
         accuracy: (labelled > 0).then(|| correct as f64 / labelled as f64),
         models,
     })
@@ -364,6 +374,7 @@ impl std::fmt::Display for LoadReport {
             "errors:           {} {:?}",
             self.errors, self.errors_by_code
         )?;
+        writeln!(f, "no face found:    {}", self.no_face)?;
         writeln!(f, "missing answers:  {}", self.missing)?;
         writeln!(f, "duplicates:       {}", self.duplicates)?;
         writeln!(

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub model_reloads: IntCounterVec,
     /// JetStream requests given up after their last delivery.
     pub dead_letters: IntCounter,
+    /// Pictures answered, by faces found (`0`, `1`, `2+`; detection on only).
+    pub faces_total: IntCounterVec,
 }
 
 fn buckets(start: f64, factor: f64, count: usize) -> Vec<f64> {
@@ -120,9 +122,17 @@ impl Metrics {
                 "JetStream requests published to the dead-letter subject.",
             ))
             .expect("valid"),
+            faces_total: IntCounterVec::new(
+                opts(
+                    "faces_total",
+                    "Pictures answered, by number of faces found (face detection on).",
+                ),
+                &["faces"],
+            )
+            .expect("valid"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
             Box::new(m.requests.clone()),
             Box::new(m.results.clone()),
             Box::new(m.errors.clone()),
@@ -134,6 +144,7 @@ impl Metrics {
             Box::new(m.model_info.clone()),
             Box::new(m.model_reloads.clone()),
             Box::new(m.dead_letters.clone()),
+            Box::new(m.faces_total.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -145,7 +156,20 @@ impl Metrics {
         for outcome in ["ok", "rejected"] {
             m.model_reloads.with_label_values(&[outcome]);
         }
+        for faces in ["0", "1", "2+"] {
+            m.faces_total.with_label_values(&[faces]);
+        }
         m
+    }
+
+    /// Counts a picture answered with `n` faces found.
+    pub fn faces(&self, n: usize) {
+        let label = match n {
+            0 => "0",
+            1 => "1",
+            _ => "2+",
+        };
+        self.faces_total.with_label_values(&[label]).inc();
     }
 
     /// Counts an error reply.

@@ -2,9 +2,11 @@
 //! before any pixel is decoded, decode (colour JPEGs without EXIF rotation
 //! straight through zune-jpeg; everything else through `image`, with limits
 //! set in the decoder itself and EXIF orientation applied), convert to RGB,
-//! resize to the model's input and normalise as the model's metadata says.
+//! frame the picture (find the face and cut it out with [`crate::face`], or
+//! take the whole picture when face detection is off), resize to the model's
+//! input and normalise as the model's metadata says.
 //!
-//! Plain functions over bytes and slices: no NATS, no tensors, no model.
+//! Plain functions over bytes and slices: no NATS, no tensors, no classifier.
 //! The trainer and the worker share this code, so the network sees the same
 //! input at training and at serving time.
 
@@ -17,8 +19,10 @@ use fast_image_resize::{FilterType as ResizeFilter, PixelType, ResizeAlg, Resize
 use image::imageops::FilterType;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 
+use crate::face::{Face, FaceCrop, FaceFinder, Rgb};
 use crate::model::ModelMeta;
 use crate::protocol::ErrorCode;
+use std::sync::Arc;
 
 /// Size limits of PROTOCOL §3.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +81,55 @@ const SUPPORTED: [ImageFormat; 5] = [
     ImageFormat::Bmp,
 ];
 
+/// How pictures are prepared for whichever model is served: size limits
+/// and, when face detection is on, the detector and a threshold other than
+/// the model's own.
+#[derive(Clone, Default)]
+pub struct Preparation {
+    /// Size limits of PROTOCOL §3.
+    pub limits: Limits,
+    /// The face detector; `None` classifies whole pictures.
+    pub detector: Option<Arc<FaceFinder>>,
+    /// Detector score a face needs, instead of the model's metadata.
+    pub face_threshold: Option<f32>,
+}
+
+/// Finding and cutting out the face before classifying it.
+#[derive(Clone)]
+pub struct FaceStage {
+    /// The detector.
+    pub finder: Arc<FaceFinder>,
+    /// Where the crop sits around the face (from the model's metadata).
+    pub crop: FaceCrop,
+    /// Detector score a face needs.
+    pub threshold: f32,
+}
+
+impl std::fmt::Debug for FaceStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaceStage")
+            .field("crop", &self.crop)
+            .field("threshold", &self.threshold)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What part of the picture became the model input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Framing {
+    /// The whole picture (face detection off).
+    Whole,
+    /// The largest of `faces` faces, aligned.
+    Face {
+        /// Faces found.
+        faces: usize,
+        /// The one classified.
+        face: Face,
+    },
+    /// No face found: the input was not written and must not be classified.
+    NoFace,
+}
+
 /// Turns picture bytes into normalised NHWC input for one model.
 #[derive(Debug, Clone)]
 pub struct Preprocessor {
@@ -84,6 +137,12 @@ pub struct Preprocessor {
     mean: [f32; 3],
     inv_std: [f32; 3],
     limits: Limits,
+    face: Option<FaceStage>,
+}
+
+thread_local! {
+    /// Each thread's aligned face, as RGB bytes.
+    static ALIGNED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Preprocessor {
@@ -99,7 +158,41 @@ impl Preprocessor {
                 1.0 / ch(&meta.std, 2),
             ],
             limits,
+            face: None,
         }
+    }
+
+    /// The preprocessing `meta`'s model is served with, as `prep` says.
+    pub fn for_model(meta: &ModelMeta, prep: &Preparation) -> Result<Self, String> {
+        let pre = Self::new(meta, prep.limits);
+        let Some(finder) = &prep.detector else {
+            return Ok(pre);
+        };
+        let crop = meta.face.ok_or_else(|| {
+            format!(
+                "model {} was trained on whole pictures (no face crop in its metadata): \
+                 serve it with face detection off",
+                meta.version
+            )
+        })?;
+        let threshold = prep.face_threshold.unwrap_or(crop.threshold);
+        Ok(pre.with_faces(FaceStage {
+            finder: finder.clone(),
+            crop,
+            threshold,
+        }))
+    }
+
+    /// The same preprocessing with face detection in front: pictures are
+    /// framed by [`crate::face::align`] around their largest face.
+    pub fn with_faces(mut self, stage: FaceStage) -> Self {
+        self.face = Some(stage);
+        self
+    }
+
+    /// The face stage, when detection is on.
+    pub fn face_stage(&self) -> Option<&FaceStage> {
+        self.face.as_ref()
     }
 
     /// Number of f32 values one picture occupies (`size * size * 3`).
@@ -112,35 +205,67 @@ impl Preprocessor {
         self.size
     }
 
-    /// Decodes `bytes` and writes `input_len()` normalised values into `out`
-    /// (HWC order). Never panics: a panic inside a decoder becomes `internal`.
+    /// Decodes `bytes`, frames the picture and writes `input_len()`
+    /// normalised values into `out` (HWC order), except for
+    /// [`Framing::NoFace`]. Never panics: a panic inside a decoder becomes
+    /// `internal`.
     ///
     /// A colour JPEG with no EXIF rotation (the usual profile picture) is
     /// decoded by zune-jpeg straight into a per-thread buffer, headers parsed
     /// once; everything else goes through [`Preprocessor::decode`]. Both
     /// give the same pixels (tested).
-    pub fn run(&self, bytes: &[u8], out: &mut [f32]) -> Result<(), PreprocessError> {
+    pub fn run(&self, bytes: &[u8], out: &mut [f32]) -> Result<Framing, PreprocessError> {
         let format = self.check(bytes)?;
         if format == ImageFormat::Jpeg {
             let limits = self.limits;
             let done = PIXELS.with_borrow_mut(|pixels| {
                 let size = guarded(format, || decode_plain_jpeg(bytes, limits, pixels));
-                if let Ok(Some((w, h))) = size {
-                    self.resize_normalise_raw(pixels, w, h, out);
-                }
+                let framed = match size {
+                    Ok(Some((w, h))) => Ok(Some(self.frame(Rgb { pixels, w, h }, out))),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e),
+                };
                 // Keep no huge buffer after a huge (but allowed) picture.
                 if pixels.capacity() > KEEP_PIXELS {
                     *pixels = Vec::new();
                 }
-                size
+                framed
             })?;
-            if done.is_some() {
-                return Ok(());
+            if let Some(framing) = done {
+                return Ok(framing);
             }
         }
         let rgb = guarded(format, || decode_with_limits(bytes, format, self.limits))?;
-        self.resize_normalise(&rgb, out);
-        Ok(())
+        Ok(self.frame(rgb_view(&rgb), out))
+    }
+
+    /// Frames a decoded picture into `out`: around its largest face when
+    /// detection is on, the whole picture otherwise.
+    pub fn frame(&self, picture: Rgb<'_>, out: &mut [f32]) -> Framing {
+        let Some(stage) = &self.face else {
+            self.resize_normalise_raw(picture.pixels, picture.w, picture.h, out);
+            return Framing::Whole;
+        };
+        let faces = stage.finder.find(picture, stage.threshold);
+        let Some(face) = faces.first().copied() else {
+            return Framing::NoFace;
+        };
+        self.align_normalise(picture, &face, &stage.crop, out);
+        Framing::Face {
+            faces: faces.len(),
+            face,
+        }
+    }
+
+    /// [`crate::face::align`] into the model's input size, then normalised
+    /// into `out`: the one way a face becomes model input.
+    pub fn align_normalise(&self, picture: Rgb<'_>, face: &Face, crop: &FaceCrop, out: &mut [f32]) {
+        ALIGNED.with_borrow_mut(|buf| {
+            let n = self.size as usize;
+            buf.resize(n * n * 3, 0);
+            crate::face::align(picture, face, crop, n, buf);
+            self.normalise(buf, out);
+        })
     }
 
     /// Decodes to an RGB picture of any size, with every limit checked.
@@ -218,12 +343,21 @@ impl Preprocessor {
     }
 
     /// Scales interleaved RGB bytes to the model's normalised floats.
-    fn normalise(&self, rgb: &[u8], out: &mut [f32]) {
+    pub fn normalise(&self, rgb: &[u8], out: &mut [f32]) {
         for (px, dst) in rgb.chunks_exact(3).zip(out.chunks_exact_mut(3)) {
             for c in 0..3 {
                 dst[c] = (px[c] as f32 * (1.0 / 255.0) - self.mean[c]) * self.inv_std[c];
             }
         }
+    }
+}
+
+/// An `image` picture as borrowed RGB bytes.
+pub fn rgb_view(img: &image::RgbImage) -> Rgb<'_> {
+    Rgb {
+        pixels: img.as_raw(),
+        w: img.width(),
+        h: img.height(),
     }
 }
 
@@ -421,6 +555,7 @@ mod tests {
             version: "t".into(),
             training: serde_json::Value::Null,
             probe: vec![],
+            face: None,
         }
     }
 

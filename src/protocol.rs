@@ -229,21 +229,68 @@ fn kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
-/// The result JSON of PROTOCOL §2.
+/// The result JSON of PROTOCOL §2: a label for the face in the picture, or
+/// nulls with `faces: 0` when there is no face.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProfileResult {
     /// Whose picture.
     pub userid: String,
-    /// The label with the highest score.
-    pub gender: String,
-    /// That label's score.
-    pub confidence: f32,
-    /// Every label's probability.
-    pub scores: BTreeMap<String, f32>,
+    /// The label with the highest score; `null` when no face was found.
+    pub gender: Option<String>,
+    /// That label's score; `null` when no face was found.
+    pub confidence: Option<f32>,
+    /// Every label's probability; `null` when no face was found.
+    pub scores: Option<BTreeMap<String, f32>>,
+    /// Faces found; `null` when face detection is off.
+    pub faces: Option<usize>,
+    /// The face classified (the largest); `null` without one.
+    pub face: Option<FaceBox>,
     /// The weights that produced it.
     pub model: String,
     /// Milliseconds from receipt to publication.
     pub latency_ms: f64,
+}
+
+/// A face's box in the picture's own pixels (after EXIF orientation),
+/// origin top left, and the detector's confidence.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FaceBox {
+    /// Left edge (may be negative for a face cut by the picture's edge).
+    pub x: i64,
+    /// Top edge.
+    pub y: i64,
+    /// Width.
+    pub w: i64,
+    /// Height.
+    pub h: i64,
+    /// Detector confidence, 0..1.
+    pub score: f32,
+}
+
+impl From<&crate::face::Face> for FaceBox {
+    fn from(f: &crate::face::Face) -> Self {
+        Self {
+            x: f.x.round() as i64,
+            y: f.y.round() as i64,
+            w: f.w.round() as i64,
+            h: f.h.round() as i64,
+            score: (f.score * 1e4).round() / 1e4,
+        }
+    }
+}
+
+/// What the worker saw in the picture, as §2 reports it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Seen {
+    /// Face detection off: the whole picture was classified.
+    Whole,
+    /// `faces` faces; `face` was classified.
+    Face {
+        /// Faces found.
+        faces: usize,
+        /// The one classified.
+        face: FaceBox,
+    },
 }
 
 impl ProfileResult {
@@ -252,19 +299,36 @@ impl ProfileResult {
         userid: &UserId,
         labels: &[String],
         probs: &[f32],
+        seen: Seen,
         model: &str,
         latency_ms: f64,
     ) -> Self {
-        let (best, confidence) =
-            probs.iter().enumerate().fold(
-                (0, f32::MIN),
-                |acc, (i, &p)| if p > acc.1 { (i, p) } else { acc },
-            );
+        let best = crate::model::argmax(probs);
+        let (faces, face) = match seen {
+            Seen::Whole => (None, None),
+            Seen::Face { faces, face } => (Some(faces), Some(face)),
+        };
         Self {
             userid: userid.to_string(),
-            gender: labels.get(best).cloned().unwrap_or_default(),
-            confidence,
-            scores: labels.iter().cloned().zip(probs.iter().copied()).collect(),
+            gender: labels.get(best).cloned(),
+            confidence: probs.get(best).copied(),
+            scores: Some(labels.iter().cloned().zip(probs.iter().copied()).collect()),
+            faces,
+            face,
+            model: model.to_owned(),
+            latency_ms,
+        }
+    }
+
+    /// The answer for a picture without a face: no label, `faces: 0`.
+    pub fn no_face(userid: &UserId, model: &str, latency_ms: f64) -> Self {
+        Self {
+            userid: userid.to_string(),
+            gender: None,
+            confidence: None,
+            scores: None,
+            faces: Some(0),
+            face: None,
             model: model.to_owned(),
             latency_ms,
         }
@@ -350,11 +414,32 @@ mod tests {
     fn result_and_error_json() {
         let u = UserId::parse(b"u").unwrap();
         let labels = vec!["female".to_string(), "male".to_string()];
-        let r = ProfileResult::new(&u, &labels, &[0.25, 0.75], "m/1", 1.5);
+        let r = ProfileResult::new(&u, &labels, &[0.25, 0.75], Seen::Whole, "m/1", 1.5);
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
         assert_eq!(v["gender"], "male");
         assert_eq!(v["confidence"], 0.75);
         assert_eq!(v["scores"]["female"], 0.25);
+        // Detection off: the face fields are there, and null.
+        assert!(v["faces"].is_null() && v["face"].is_null());
+        assert!(v.as_object().unwrap().contains_key("faces"));
+        let face = FaceBox {
+            x: -3,
+            y: 10,
+            w: 120,
+            h: 118,
+            score: 0.98,
+        };
+        let seen = Seen::Face { faces: 2, face };
+        let v = serde_json::to_value(ProfileResult::new(&u, &labels, &[0.9, 0.1], seen, "m", 1.0))
+            .unwrap();
+        assert_eq!(v["faces"], 2);
+        assert_eq!(v["face"]["x"], -3);
+        assert_eq!(v["face"]["w"], 120);
+        let none = serde_json::to_value(ProfileResult::no_face(&u, "m/1", 2.0)).unwrap();
+        for key in ["gender", "confidence", "scores", "face"] {
+            assert!(none[key].is_null(), "{key}: {none}");
+        }
+        assert_eq!(none["faces"], 0);
         let e =
             serde_json::to_value(ErrorReply::new(None, ErrorCode::ImageTooLarge, "big")).unwrap();
         assert_eq!(

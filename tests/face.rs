@@ -101,3 +101,109 @@ fn the_reference_face_is_found_where_the_reference_says() {
     }
     assert!(f.score > 0.999, "score {}", f.score);
 }
+
+/// A fixture face, `side` pixels square, pasted at `(x, y)` on a grey
+/// `w x h` canvas, then turned by `degrees` about the face's centre.
+fn pasted(side: u32, x: u32, y: u32, w: u32, h: u32, degrees: f32) -> image::RgbImage {
+    let dir = root().join("tests/fixtures/faces");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+        .collect();
+    files.sort();
+    let face = image::open(&files[0]).unwrap().to_rgb8();
+    let face = image::imageops::resize(&face, side, side, image::imageops::FilterType::Triangle);
+    let mut canvas = image::RgbImage::from_pixel(w, h, image::Rgb([110, 120, 130]));
+    image::imageops::overlay(&mut canvas, &face, i64::from(x), i64::from(y));
+    if degrees == 0.0 {
+        return canvas;
+    }
+    // Turn about the face centre (inverse mapping, nearest pixel is enough here).
+    let (cx, cy) = ((x + side / 2) as f32, (y + side / 2) as f32);
+    let (s, c) = degrees.to_radians().sin_cos();
+    image::RgbImage::from_fn(w, h, |u, v| {
+        let (dx, dy) = (u as f32 - cx, v as f32 - cy);
+        let (sx, sy) = (cx + c * dx + s * dy, cy - s * dx + c * dy);
+        if sx >= 0.0 && sy >= 0.0 && (sx as u32) < w && (sy as u32) < h {
+            *canvas.get_pixel(sx as u32, sy as u32)
+        } else {
+            image::Rgb([110, 120, 130])
+        }
+    })
+}
+
+fn find(img: &image::RgbImage) -> Vec<profile_classifier::face::Face> {
+    let finder = FaceFinder::new(shipped(Kernels::best()));
+    finder.find(
+        Rgb {
+            pixels: img.as_raw(),
+            w: img.width(),
+            h: img.height(),
+        },
+        0.75,
+    )
+}
+
+#[test]
+fn a_face_pasted_at_a_known_place_is_found_there() {
+    // 220 px face at (380, 90) of a 720x480 picture: the detector's box lies
+    // on the pasted square (the face fills most of the aligned crop).
+    let img = pasted(220, 380, 90, 720, 480, 0.0);
+    let faces = find(&img);
+    assert_eq!(faces.len(), 1, "{faces:?}");
+    let [cx, cy] = faces[0].centre();
+    assert!(
+        (cx - 490.0).abs() < 25.0 && (cy - 200.0).abs() < 25.0,
+        "{:?}",
+        faces[0]
+    );
+    assert!(
+        faces[0].size() > 150.0 && faces[0].size() < 260.0,
+        "{:?}",
+        faces[0]
+    );
+}
+
+#[test]
+fn a_turned_face_is_measured_and_comes_back_level() {
+    let straight = find(&pasted(240, 180, 120, 600, 480, 0.0))[0].roll();
+    for degrees in [-20.0f32, 15.0] {
+        let img = pasted(240, 180, 120, 600, 480, degrees);
+        let faces = find(&img);
+        assert_eq!(faces.len(), 1, "{degrees}: {faces:?}");
+        // The picture was turned by `degrees` clockwise (y down): so is the eye line.
+        let roll = (faces[0].roll() - straight).to_degrees();
+        assert!(
+            (roll - degrees).abs() < 5.0,
+            "turned {degrees}, measured {roll}"
+        );
+        // Cut out level, the face is found upright again.
+        let crop = profile_classifier::face::FaceCrop {
+            threshold: 0.75,
+            side: 1.6,
+            dx: 0.0,
+            dy: 0.0,
+        };
+        let mut out = vec![0u8; 128 * 128 * 3];
+        profile_classifier::face::align(
+            Rgb {
+                pixels: img.as_raw(),
+                w: img.width(),
+                h: img.height(),
+            },
+            &faces[0],
+            &crop,
+            128,
+            &mut out,
+        );
+        let level = image::RgbImage::from_raw(128, 128, out).unwrap();
+        let again = find(&level);
+        assert_eq!(again.len(), 1, "{degrees}: {again:?}");
+        let residual = (again[0].roll() - straight).to_degrees();
+        assert!(
+            residual.abs() < 5.0,
+            "turned {degrees}, left {residual} after alignment"
+        );
+    }
+}

@@ -25,6 +25,7 @@ fn preprocessor() -> Preprocessor {
         version: "t".into(),
         training: serde_json::Value::Null,
         probe: vec![],
+        face: None,
     };
     Preprocessor::new(&meta, Limits::default())
 }

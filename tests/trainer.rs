@@ -24,6 +24,7 @@ fn meta() -> ModelMeta {
         version: "t".into(),
         training: serde_json::Value::Null,
         probe: vec![],
+        face: None,
     }
 }
 
@@ -134,6 +135,12 @@ fn smoke_training_writes_weights_that_load_and_predict() {
     assert!(m.version.starts_with("gender-cnn/"));
     assert_eq!(m.training["epochs"], 2);
     assert!(m.training["val_accuracy"].as_f64().is_some());
+    // The crop geometry was measured on the (aligned) training faces: the
+    // picture is about one detector box wide, centred on it.
+    let face = m.face.expect("face crop geometry in the metadata");
+    assert!((0.8..1.5).contains(&face.side), "{face:?}");
+    assert!(face.dx.abs() < 0.2 && face.dy.abs() < 0.2, "{face:?}");
+    assert_eq!(face.threshold, 0.75);
     // No temporary file is left beside the weights.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 
@@ -148,7 +155,8 @@ fn smoke_training_writes_weights_that_load_and_predict() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let line = String::from_utf8_lossy(&o.stdout).to_string();
     let fields: Vec<&str> = line.trim().split('\t').collect();
-    assert_eq!(fields.len(), 3, "{line}");
+    assert_eq!(fields.len(), 4, "{line}");
+    assert!(fields[3].starts_with("1 face(s)"), "{line}");
     assert!(["female", "male"].contains(&fields[1]));
     let p: f32 = fields[2].parse().unwrap();
     assert!((0.5..=1.0).contains(&p));

@@ -415,3 +415,123 @@ async fn sigterm_without_a_server_still_exits() {
         started.elapsed()
     );
 }
+
+/// A JPEG of `faces` fixture faces side by side on grey, each `sides[i]`
+/// pixels square, left to right; returns the bytes and each face's left edge.
+fn faces_side_by_side(sides: &[u32]) -> (Vec<u8>, Vec<u32>) {
+    let pics = fixture_pictures();
+    let width: u32 = sides.iter().sum::<u32>() + 40 * sides.len() as u32;
+    let height = sides.iter().max().copied().unwrap_or(1) + 40;
+    let mut canvas = image::RgbImage::from_pixel(width, height, image::Rgb([128, 128, 128]));
+    let (mut x, mut lefts) = (20, Vec::new());
+    for (i, &side) in sides.iter().enumerate() {
+        let face = image::load_from_memory(&pics[i].1).unwrap().to_rgb8();
+        let face =
+            image::imageops::resize(&face, side, side, image::imageops::FilterType::Triangle);
+        image::imageops::overlay(&mut canvas, &face, i64::from(x), 20);
+        lefts.push(x);
+        x += side + 40;
+    }
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 92)
+        .encode_image(&canvas)
+        .unwrap();
+    (out, lefts)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn faces_are_counted_and_no_face_gets_no_label() {
+    let server = NatsServer::start();
+    let worker = Worker::start(&server.url(), &[]);
+    let c = client(&server.url()).await;
+    let ask = |userid: &'static str, picture: Vec<u8>| {
+        let c = c.clone();
+        async move {
+            let reply = tokio::time::timeout(
+                Duration::from_secs(20),
+                c.request_with_headers("profiles.images", binary(userid), picture.into()),
+            )
+            .await
+            .expect("answered in time")
+            .expect("answered");
+            serde_json::from_slice::<Value>(&reply.payload).unwrap()
+        }
+    };
+
+    // One aligned face: a label, one face, a box inside the 200x200 picture.
+    let one = ask("one", fixture_pictures()[0].1.clone()).await;
+    assert!(one["gender"].is_string(), "{one}");
+    assert_eq!(one["faces"], 1, "{one}");
+    let face = &one["face"];
+    for key in ["x", "y", "w", "h"] {
+        assert!(face[key].is_i64(), "{one}");
+    }
+    assert!(face["w"].as_i64().unwrap() > 100 && face["score"].as_f64().unwrap() >= 0.75);
+
+    // A flat default avatar: answered on the result subject, nothing guessed.
+    let mut flat = Vec::new();
+    image::RgbImage::from_pixel(160, 160, image::Rgb([200, 200, 205]))
+        .write_to(
+            &mut std::io::Cursor::new(&mut flat),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+    let none = ask("flat", flat).await;
+    assert_eq!(none["faces"], 0, "{none}");
+    for key in ["gender", "confidence", "scores", "face"] {
+        assert!(none[key].is_null(), "{key} should be null: {none}");
+    }
+    assert!(none["model"].as_str().unwrap().starts_with("gender-cnn/"));
+
+    // Two faces: both counted, the larger classified, its box where it was pasted.
+    let (two, lefts) = faces_side_by_side(&[120, 200]);
+    let both = ask("two", two).await;
+    assert_eq!(both["faces"], 2, "{both}");
+    assert!(both["gender"].is_string(), "{both}");
+    let x = both["face"]["x"].as_i64().unwrap();
+    let larger = i64::from(lefts[1]);
+    assert!(
+        (x - larger).abs() < 40,
+        "classified the face at x {x}, the larger is at {larger}: {both}"
+    );
+
+    assert_eq!(
+        worker.metric("profile_worker_faces_total{faces=\"0\"}"),
+        1.0
+    );
+    assert_eq!(
+        worker.metric("profile_worker_faces_total{faces=\"1\"}"),
+        1.0
+    );
+    assert_eq!(
+        worker.metric("profile_worker_faces_total{faces=\"2+\"}"),
+        1.0
+    );
+    assert_eq!(
+        worker.metric("profile_worker_results_total{label=\"none\"}"),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn detection_off_classifies_the_whole_picture() {
+    let server = NatsServer::start();
+    let _worker = Worker::start(&server.url(), &["--face-detection", "off"]);
+    let c = client(&server.url()).await;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(20),
+        c.request_with_headers(
+            "profiles.images",
+            binary("whole"),
+            fixture_pictures()[0].1.clone().into(),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let r: Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(r["gender"].is_string(), "{r}");
+    let obj = r.as_object().unwrap();
+    assert!(obj.contains_key("faces") && r["faces"].is_null(), "{r}");
+    assert!(obj.contains_key("face") && r["face"].is_null(), "{r}");
+}

@@ -3,13 +3,15 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use profile_classifier::config::parse_device;
+use profile_classifier::config::{FaceArgs, parse_device};
 use profile_classifier::connect::{NatsArgs, notify_reload};
+use profile_classifier::face::FaceFinder;
 use profile_classifier::model::Classifier;
-use profile_classifier::preprocess::{Limits, Preprocessor};
+use profile_classifier::preprocess::{Framing, Limits, Preparation, Preprocessor};
 use profile_classifier::train::{self, TrainConfig, Validation};
 
 #[derive(Parser)]
@@ -26,7 +28,8 @@ struct Cli {
 enum Command {
     /// Train on a folder of <userid>.jpg plus profile.csv and write a weights file.
     Train(TrainArgs),
-    /// Evaluate a weights file on a labelled folder.
+    /// Evaluate a weights file on a labelled folder, through the worker's own
+    /// preprocessing (face detection and alignment included).
     Eval {
         /// Weights file to evaluate.
         #[arg(
@@ -35,9 +38,12 @@ enum Command {
             default_value = "weights/gender-cnn.safetensors"
         )]
         weights: PathBuf,
-        /// Folder of <userid>.jpg plus profile.csv.
+        /// Folder of pictures (any supported format) plus profile.csv
+        /// (userid,gender[,age,race]); gender `none` marks a picture without a face.
         #[arg(long)]
         data: PathBuf,
+        #[command(flatten)]
+        faces: FaceArgs,
         /// Print one JSON object instead of tables.
         #[arg(long)]
         json: bool,
@@ -57,17 +63,40 @@ enum Command {
             default_value = "weights/gender-cnn.safetensors"
         )]
         weights: PathBuf,
+        #[command(flatten)]
+        faces: FaceArgs,
         /// Pictures to classify.
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
 }
 
+/// The preprocessing of `cls`, as the worker would run it.
+fn preprocessor(faces: &FaceArgs, cls: &Classifier) -> anyhow::Result<Preprocessor> {
+    let detector = match faces.detector() {
+        Some(path) => Some(Arc::new(FaceFinder::load(path)?)),
+        None => None,
+    };
+    let prep = Preparation {
+        limits: Limits::default(),
+        detector,
+        face_threshold: faces.face_threshold,
+    };
+    Preprocessor::for_model(cls.meta(), &prep).map_err(anyhow::Error::msg)
+}
+
 #[derive(clap::Args)]
 struct TrainArgs {
-    /// Training folder: <userid>.jpg files plus profile.csv (userid,gender[,...]).
+    /// Training folder: <userid>.jpg files plus profile.csv (userid,gender[,...]);
+    /// repeat to train on several folders together.
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
+    /// Face detector weights: every training picture is framed around its face.
+    #[arg(long, default_value = "weights/blazeface-front.safetensors")]
+    detector: PathBuf,
+    /// Detector score a face needs (default: the detector file's own, 0.75).
     #[arg(long)]
-    data: PathBuf,
+    face_threshold: Option<f32>,
     /// Validation folder in the same layout.
     #[arg(long, conflicts_with = "val_fraction")]
     val: Option<PathBuf>,
@@ -78,7 +107,7 @@ struct TrainArgs {
     #[arg(long, default_value = "weights/gender-cnn.safetensors")]
     out: PathBuf,
     /// Passes over the training data.
-    #[arg(long, default_value_t = 24)]
+    #[arg(long, default_value_t = 14)]
     epochs: usize,
     /// Pictures per optimiser step.
     #[arg(long, default_value_t = 64)]
@@ -139,6 +168,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => {
             let cfg = TrainConfig {
                 data: a.data,
+                detector: a.detector,
+                face_threshold: a.face_threshold,
                 validation: a
                     .val
                     .map_or(Validation::Fraction(a.val_fraction), Validation::Dir),
@@ -176,13 +207,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval {
             weights,
             data,
+            faces,
             json,
             out,
             device,
         } => {
             let device = parse_device(&device)?;
             let cls = Classifier::load(&weights, &device)?;
-            let pre = Preprocessor::new(cls.meta(), Limits::default());
+            let pre = preprocessor(&faces, &cls)?;
             let set = train::dataset::load(&data, &cls.meta().labels, &pre)?;
             for s in &set.skipped {
                 eprintln!("skipped {}: {}", s.userid, s.reason);
@@ -201,9 +233,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .with_context(|| format!("writing {}", path.display()))?;
             }
         }
-        Command::Predict { weights, images } => {
+        Command::Predict {
+            weights,
+            faces,
+            images,
+        } => {
             let cls = Classifier::load(&weights, &candle_core::Device::Cpu)?;
-            let pre = Preprocessor::new(cls.meta(), Limits::default());
+            let pre = preprocessor(&faces, &cls)?;
             let size = cls.meta().input_size;
             let mut failed = false;
             for path in images {
@@ -212,15 +248,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .map_err(|e| e.to_string())
                     .and_then(|bytes| pre.run(&bytes, &mut input).map_err(|e| e.to_string()));
                 match outcome {
-                    Ok(()) => {
+                    Ok(Framing::NoFace) => println!("{}\tno face", path.display()),
+                    Ok(framing) => {
                         let x =
                             candle_core::Tensor::from_vec(input, (1, size, size, 3), cls.device())?;
                         let probs = cls.probabilities(&x)?.remove(0);
-                        let (best, p) = probs
-                            .iter()
-                            .enumerate()
-                            .fold((0, f32::MIN), |a, (i, &p)| if p > a.1 { (i, p) } else { a });
-                        println!("{}\t{}\t{p:.4}", path.display(), cls.meta().labels[best]);
+                        let best = profile_classifier::model::argmax(&probs);
+                        let face = match framing {
+                            Framing::Face { faces, face } => format!(
+                                "\t{faces} face(s), classified at x {:.0} y {:.0} w {:.0} h {:.0}",
+                                face.x, face.y, face.w, face.h
+                            ),
+                            _ => String::new(),
+                        };
+                        println!(
+                            "{}\t{}\t{:.4}{face}",
+                            path.display(),
+                            cls.meta().labels[best],
+                            probs[best]
+                        );
                     }
                     Err(e) => {
                         failed = true;

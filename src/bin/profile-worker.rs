@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use clap::Parser;
 use profile_classifier::batcher::{BatchConfig, Policy};
-use profile_classifier::config::parse_device;
+use profile_classifier::config::{FaceArgs, parse_device};
 use profile_classifier::connect::NatsArgs;
 use profile_classifier::preprocess::Limits;
 use profile_classifier::worker::jetstream::JsConfig;
-use profile_classifier::worker::{self, Subjects, WorkerConfig};
+use profile_classifier::worker::{self, FaceConfig, Subjects, WorkerConfig};
 
 #[derive(Parser)]
 #[command(version, about = "Classify profile pictures streaming through NATS")]
@@ -56,6 +56,8 @@ struct Cli {
         default_value = "weights/gender-cnn.safetensors"
     )]
     weights: PathBuf,
+    #[command(flatten)]
+    faces: FaceArgs,
     /// Inference device: cpu, cuda or cuda:N (CUDA needs --features cuda).
     #[arg(long, env = "PROFILE_DEVICE", default_value = "cpu")]
     device: String,
@@ -165,6 +167,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             max_bytes: cli.max_image_bytes,
             max_pixels: cli.max_pixels,
         },
+        faces: cli.faces.detector().map(|detector| FaceConfig {
+            detector: detector.clone(),
+            threshold: cli.faces.face_threshold,
+        }),
         decode_threads: cli.decode_threads.unwrap_or(cores).max(1),
         infer_threads: cli.infer_threads.unwrap_or(cores).max(1),
         metrics_addr: cli.metrics_addr,

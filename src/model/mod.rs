@@ -83,6 +83,19 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
+/// Index of the highest of a picture's scores (the first of equals); 0 for
+/// an empty slice. The one place a label is chosen from scores.
+pub fn argmax(scores: &[f32]) -> usize {
+    scores
+        .iter()
+        .enumerate()
+        .fold(
+            (0, f32::MIN),
+            |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc },
+        )
+        .0
+}
+
 /// Floating-point operations of one forward pass per picture (multiply-adds
 /// count two), convolutions and the linear layer only.
 pub fn forward_flops(meta: &ModelMeta) -> f64 {
@@ -608,6 +621,7 @@ mod tests {
             version: "test".into(),
             training: serde_json::Value::Null,
             probe: vec![],
+            face: None,
         }
     }
 

@@ -71,6 +71,10 @@ pub struct ModelMeta {
     /// Expected outputs of the network on [`super::probe_input`], row by row,
     /// used to validate a file before serving it.
     pub probe: Vec<Vec<f32>>,
+    /// Where the classifier's input sits around a detected face, and the
+    /// detector threshold; `None` for a model trained on whole pictures.
+    #[serde(default)]
+    pub face: Option<crate::face::FaceCrop>,
 }
 
 const KEYS: [&str; 9] = [
@@ -108,6 +112,9 @@ impl ModelMeta {
         }
         if self.channels.is_empty() {
             return Err("channels is empty".into());
+        }
+        if let Some(face) = &self.face {
+            face.validate()?;
         }
         let shrink = 1usize << self.channels.len().min(16);
         if self.input_size < shrink
@@ -148,6 +155,10 @@ impl ModelMeta {
                 serde_json::from_str(raw).map_err(|e| format!("key `{key}`: {e}"))?
             };
             obj.insert(key.to_string(), value);
+        }
+        if let Some(raw) = map.get("face") {
+            let value = serde_json::from_str(raw).map_err(|e| format!("key `face`: {e}"))?;
+            obj.insert("face".into(), value);
         }
         let meta: Self =
             serde_json::from_value(serde_json::Value::Object(obj)).map_err(|e| e.to_string())?;
@@ -290,6 +301,7 @@ mod tests {
             version: "gender-cnn/test".into(),
             training: serde_json::json!({"epochs": 1}),
             probe: vec![vec![0.25, 0.75]],
+            face: None,
         }
     }
 

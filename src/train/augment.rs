@@ -1,51 +1,204 @@
-//! Training-time augmentation on normalised HWC inputs: random horizontal
-//! flip, random shift (edge pixels repeated), and brightness and contrast
-//! jitter. Deterministic for a given random generator; never used at serving.
+//! Training-time augmentation that makes aligned training faces look like
+//! uploads: an imperfect detection (the crop moved, scaled and turned before
+//! alignment), a mirror image, a small picture blown up or a blurred one,
+//! light (brightness, contrast, a dim room), greyscale, and JPEG
+//! re-compression. Deterministic for a given random generator; never used at
+//! serving.
 
+use std::io::Cursor;
+
+use image::{ImageFormat, RgbImage};
 use rand::Rng;
 
-/// How strongly to augment.
+use crate::face::Face;
+
+/// How strongly to augment. Probabilities are per picture.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Augment {
-    /// Largest shift in pixels, each axis.
-    pub max_shift: usize,
+    /// Largest move of the face centre, in face sizes, each axis.
+    pub shift: f32,
+    /// Face size drawn from `1 ± scale`.
+    pub scale: f32,
+    /// Largest error of the eye-line angle, in degrees.
+    pub roll_degrees: f32,
+    /// Chance of greyscale.
+    pub grey: f64,
+    /// Chance of a blur.
+    pub blur: f64,
+    /// Chance of shrinking to a small picture and back.
+    pub small: f64,
+    /// Chance of JPEG re-compression at quality 10-70.
+    pub jpeg: f64,
+    /// Chance of dim light (values scaled by 0.3-0.8).
+    pub dim: f64,
     /// Contrast factor drawn from `1 ± contrast`.
     pub contrast: f32,
-    /// Brightness offset (in normalised units) drawn from `± brightness`.
+    /// Brightness offset drawn from `± brightness` (0-255 scale).
     pub brightness: f32,
 }
 
 impl Default for Augment {
     fn default() -> Self {
         Self {
-            max_shift: 4,
-            contrast: 0.2,
-            brightness: 0.2,
+            shift: 0.06,
+            scale: 0.12,
+            roll_degrees: 10.0,
+            grey: 0.15,
+            blur: 0.15,
+            small: 0.15,
+            jpeg: 0.25,
+            dim: 0.15,
+            contrast: 0.25,
+            brightness: 25.0,
         }
     }
 }
 
 impl Augment {
-    /// Writes an augmented copy of `src` (`size x size x 3`) into `dst`.
-    pub fn apply<R: Rng>(&self, src: &[f32], size: usize, dst: &mut [f32], rng: &mut R) {
-        let flip = rng.random_bool(0.5);
-        let range = self.max_shift as i64;
-        let dx = rng.random_range(-range..=range) as isize;
-        let dy = rng.random_range(-range..=range) as isize;
-        let contrast = 1.0 + rng.random_range(-self.contrast..=self.contrast);
-        let brightness = rng.random_range(-self.brightness..=self.brightness);
-        let last = size as isize - 1;
-        for y in 0..size {
-            let sy = (y as isize + dy).clamp(0, last) as usize;
-            for x in 0..size {
-                let xx = if flip { size - 1 - x } else { x };
-                let sx = (xx as isize + dx).clamp(0, last) as usize;
-                let s = &src[(sy * size + sx) * 3..][..3];
-                let d = &mut dst[(y * size + x) * 3..][..3];
-                for c in 0..3 {
-                    d[c] = s[c] * contrast + brightness;
+    /// No augmentation at all (validation, tests).
+    pub fn none() -> Self {
+        Self {
+            shift: 0.0,
+            scale: 0.0,
+            roll_degrees: 0.0,
+            grey: 0.0,
+            blur: 0.0,
+            small: 0.0,
+            jpeg: 0.0,
+            dim: 0.0,
+            contrast: 0.0,
+            brightness: 0.0,
+        }
+    }
+
+    /// The face as an imperfect detection would report it.
+    pub fn face<R: Rng>(&self, face: &Face, rng: &mut R) -> Face {
+        let mut sym = |r: f32| {
+            if r > 0.0 {
+                rng.random_range(-r..=r)
+            } else {
+                0.0
+            }
+        };
+        let scale = 1.0 + sym(self.scale);
+        let shift = [sym(self.shift), sym(self.shift)];
+        let roll = sym(self.roll_degrees).to_radians();
+        face.jittered(scale, shift, roll)
+    }
+
+    /// Changes an aligned `n x n` RGB crop in place.
+    pub fn pixels<R: Rng>(&self, rgb: &mut [u8], n: usize, rng: &mut R) {
+        if rng.random_bool(0.5) {
+            for row in rgb.chunks_exact_mut(n * 3) {
+                for x in 0..n / 2 {
+                    for c in 0..3 {
+                        row.swap(x * 3 + c, (n - 1 - x) * 3 + c);
+                    }
                 }
             }
+        }
+        if self.small > 0.0 && rng.random_bool(self.small) {
+            let m = rng.random_range((n / 5).max(8)..=(n / 2).max(8)) as u32;
+            resample(rgb, n, m);
+        } else if self.blur > 0.0 && rng.random_bool(self.blur) {
+            box_blur(rgb, n);
+        }
+        let contrast = 1.0
+            + if self.contrast > 0.0 {
+                rng.random_range(-self.contrast..=self.contrast)
+            } else {
+                0.0
+            };
+        let brightness = if self.brightness > 0.0 {
+            rng.random_range(-self.brightness..=self.brightness)
+        } else {
+            0.0
+        };
+        let dim = if self.dim > 0.0 && rng.random_bool(self.dim) {
+            rng.random_range(0.3..0.8)
+        } else {
+            1.0
+        };
+        if contrast != 1.0 || brightness != 0.0 || dim != 1.0 {
+            for v in rgb.iter_mut() {
+                let x = ((f32::from(*v) - 128.0) * contrast + 128.0 + brightness) * dim;
+                *v = x.clamp(0.0, 255.0) as u8;
+            }
+        }
+        if self.grey > 0.0 && rng.random_bool(self.grey) {
+            for px in rgb.chunks_exact_mut(3) {
+                let y = (0.299 * f32::from(px[0])
+                    + 0.587 * f32::from(px[1])
+                    + 0.114 * f32::from(px[2]))
+                .round() as u8;
+                px.fill(y);
+            }
+        }
+        if self.jpeg > 0.0 && rng.random_bool(self.jpeg) {
+            recompress(rgb, n, rng.random_range(10..=70));
+        }
+    }
+}
+
+/// Shrinks to `m x m` and blows back up (a small upload).
+fn resample(rgb: &mut [u8], n: usize, m: u32) {
+    let Some(img) = RgbImage::from_raw(n as u32, n as u32, rgb.to_vec()) else {
+        return;
+    };
+    let small = image::imageops::resize(&img, m, m, image::imageops::FilterType::Triangle);
+    let big = image::imageops::resize(
+        &small,
+        n as u32,
+        n as u32,
+        image::imageops::FilterType::Triangle,
+    );
+    rgb.copy_from_slice(big.as_raw());
+}
+
+/// A 3x3 box blur, edges repeated.
+fn box_blur(rgb: &mut [u8], n: usize) {
+    let src = rgb.to_vec();
+    let at = |x: isize, y: isize, c: usize| {
+        let (x, y) = (
+            x.clamp(0, n as isize - 1) as usize,
+            y.clamp(0, n as isize - 1) as usize,
+        );
+        u32::from(src[(y * n + x) * 3 + c])
+    };
+    for y in 0..n as isize {
+        for x in 0..n as isize {
+            for c in 0..3 {
+                let mut sum = 0;
+                for dy in -1..=1 {
+                    for dx in -1..=1 {
+                        sum += at(x + dx, y + dy, c);
+                    }
+                }
+                rgb[(y as usize * n + x as usize) * 3 + c] = ((sum + 4) / 9) as u8;
+            }
+        }
+    }
+}
+
+/// Encodes as JPEG at `quality` and decodes again.
+fn recompress(rgb: &mut [u8], n: usize, quality: u8) {
+    let mut bytes = Vec::new();
+    let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, quality);
+    if image::ImageEncoder::write_image(
+        encoder,
+        rgb,
+        n as u32,
+        n as u32,
+        image::ExtendedColorType::Rgb8,
+    )
+    .is_err()
+    {
+        return;
+    }
+    if let Ok(img) = image::load(Cursor::new(&bytes), ImageFormat::Jpeg) {
+        let img = img.to_rgb8();
+        if img.as_raw().len() == rgb.len() {
+            rgb.copy_from_slice(img.as_raw());
         }
     }
 }
@@ -55,40 +208,56 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
 
+    fn face() -> Face {
+        Face {
+            score: 0.9,
+            x: 50.0,
+            y: 50.0,
+            w: 100.0,
+            h: 100.0,
+            eyes: [[80.0, 90.0], [120.0, 90.0]],
+        }
+    }
+
     #[test]
-    fn identity_when_disabled_up_to_flip() {
-        let size = 4;
-        let src: Vec<f32> = (0..size * size * 3).map(|v| v as f32).collect();
-        let none = Augment {
-            max_shift: 0,
-            contrast: 0.0,
-            brightness: 0.0,
-        };
+    fn nothing_changes_without_augmentation_but_the_mirror() {
+        let n = 8;
+        let src: Vec<u8> = (0..n * n * 3).map(|v| (v * 7 % 256) as u8).collect();
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let none = Augment::none();
         for _ in 0..8 {
-            let mut dst = vec![0.0; src.len()];
-            none.apply(&src, size, &mut dst, &mut rng);
-            let mut flipped = vec![0.0; src.len()];
-            for y in 0..size {
-                for x in 0..size {
-                    for c in 0..3 {
-                        flipped[(y * size + x) * 3 + c] = src[(y * size + size - 1 - x) * 3 + c];
-                    }
-                }
+            let mut dst = src.clone();
+            none.pixels(&mut dst, n, &mut rng);
+            let mut mirrored = src.clone();
+            for row in mirrored.chunks_exact_mut(n * 3) {
+                let px: Vec<[u8; 3]> = row
+                    .chunks_exact(3)
+                    .rev()
+                    .map(|p| [p[0], p[1], p[2]])
+                    .collect();
+                row.copy_from_slice(&px.concat());
             }
-            assert!(dst == src || dst == flipped);
+            assert!(dst == src || dst == mirrored);
+            assert_eq!(none.face(&face(), &mut rng), face());
         }
     }
 
     #[test]
     fn same_seed_same_output() {
-        let src: Vec<f32> = (0..8 * 8 * 3).map(|v| (v as f32).sin()).collect();
+        let n = 16;
+        let src: Vec<u8> = (0..n * n * 3).map(|v| (v * 13 % 256) as u8).collect();
         let run = || {
             let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-            let mut dst = vec![0.0; src.len()];
-            Augment::default().apply(&src, 8, &mut dst, &mut rng);
-            dst
+            let aug = Augment {
+                jpeg: 1.0,
+                grey: 1.0,
+                ..Augment::default()
+            };
+            let mut dst = src.clone();
+            aug.pixels(&mut dst, n, &mut rng);
+            (dst, aug.face(&face(), &mut rng))
         };
         assert_eq!(run(), run());
+        assert_ne!(run().0, src);
     }
 }

@@ -1,6 +1,7 @@
 //! Reads the seed layout (a folder of `<userid>.jpg` plus `profile.csv` with
-//! at least `userid,gender`), decodes and resizes every picture once through
-//! [`crate::preprocess`], and keeps the model inputs in memory.
+//! at least `userid,gender`), decodes, frames and resizes every picture once
+//! through [`crate::preprocess`], and keeps the model inputs in memory. A row
+//! whose gender is `none` names a picture without a face (evaluation sets).
 //!
 //! Bad rows never abort a load: a missing picture, a picture without a row,
 //! an undecodable file or an unknown label is recorded in [`Dataset::skipped`]
@@ -9,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use crate::preprocess::Preprocessor;
+use crate::preprocess::{Framing, Preprocessor};
 
 /// Errors that make a folder unusable as a whole.
 #[derive(Debug, thiserror::Error)]
@@ -32,13 +33,16 @@ pub enum DatasetError {
     },
 }
 
+/// The `gender` value of a picture without a face.
+pub const NO_FACE: &str = "none";
+
 /// One usable picture's labels and the optional group columns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sample {
     /// The user id (file stem).
     pub userid: String,
-    /// Index into the label list.
-    pub label: usize,
+    /// Index into the label list; `None` for a picture without a face.
+    pub label: Option<usize>,
     /// Age in years, when the CSV has an `age` column.
     pub age: Option<u32>,
     /// Group name, when the CSV has a `race` column.
@@ -62,6 +66,9 @@ pub struct Dataset {
     pub inputs: Vec<f32>,
     /// The usable samples, in user-id order.
     pub samples: Vec<Sample>,
+    /// Faces found in each picture (`None`: detection off). A picture with
+    /// none has zeros as input and must not count as classified.
+    pub found: Vec<Option<usize>>,
     /// What was left out.
     pub skipped: Vec<Skipped>,
 }
@@ -85,8 +92,8 @@ impl Dataset {
     /// Count of pictures per label index.
     pub fn label_counts(&self, n_labels: usize) -> Vec<usize> {
         let mut counts = vec![0; n_labels];
-        for s in &self.samples {
-            counts[s.label] += 1;
+        for l in self.samples.iter().filter_map(|s| s.label) {
+            counts[l] += 1;
         }
         counts
     }
@@ -98,15 +105,17 @@ impl Dataset {
             input_len: self.input_len,
             inputs: Vec::new(),
             samples: Vec::new(),
+            found: Vec::new(),
             skipped: self.skipped,
         };
         let mut val = Dataset {
             input_len: self.input_len,
             inputs: Vec::new(),
             samples: Vec::new(),
+            found: Vec::new(),
             skipped: Vec::new(),
         };
-        for (i, s) in self.samples.into_iter().enumerate() {
+        for (i, (s, found)) in self.samples.into_iter().zip(self.found).enumerate() {
             let h = fnv1a(s.userid.as_bytes());
             let to = if (h % 10_000) as f64 / 10_000.0 < fraction {
                 &mut val
@@ -116,12 +125,14 @@ impl Dataset {
             to.inputs
                 .extend_from_slice(&self.inputs[i * self.input_len..(i + 1) * self.input_len]);
             to.samples.push(s);
+            to.found.push(found);
         }
         (train, val)
     }
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
+/// Stable hash of a user id, for splits.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
     })
@@ -130,9 +141,14 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// The extensions looked for, in order, next to a CSV row.
 const EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "bmp"];
 
-/// Reads `dir/profile.csv` and the pictures beside it. `labels` are the known
-/// label names; rows with another label are skipped.
-pub fn load(dir: &Path, labels: &[String], pre: &Preprocessor) -> Result<Dataset, DatasetError> {
+/// The pictures of a folder with their CSV rows: what can be loaded, and
+/// what is left out already (no picture, no row, unknown label).
+pub type Listing = (Vec<(Sample, PathBuf)>, Vec<Skipped>);
+
+/// Reads `dir/profile.csv` and lists the pictures beside it. `labels` are
+/// the known label names; rows with another label (other than `none`) are
+/// skipped.
+pub fn list(dir: &Path, labels: &[String]) -> Result<Listing, DatasetError> {
     let csv_path = dir.join("profile.csv");
     let rows = read_csv(&csv_path)?;
     let mut files: HashMap<String, PathBuf> = HashMap::new();
@@ -155,16 +171,21 @@ pub fn load(dir: &Path, labels: &[String], pre: &Preprocessor) -> Result<Dataset
     let mut skipped = Vec::new();
     let mut todo = Vec::new();
     for (userid, row) in &rows {
-        let Some(label) = labels.iter().position(|l| l == &row.gender) else {
-            skipped.push(Skipped {
-                userid: userid.clone(),
-                reason: format!(
-                    "unknown label `{}` (known: {})",
-                    row.gender,
-                    labels.join(", ")
-                ),
-            });
-            continue;
+        let label = if row.gender == NO_FACE {
+            None
+        } else {
+            let Some(label) = labels.iter().position(|l| l == &row.gender) else {
+                skipped.push(Skipped {
+                    userid: userid.clone(),
+                    reason: format!(
+                        "unknown label `{}` (known: {}, or `{NO_FACE}` for no face)",
+                        row.gender,
+                        labels.join(", ")
+                    ),
+                });
+                continue;
+            };
+            Some(label)
         };
         let Some(path) = files.get(userid) else {
             skipped.push(Skipped {
@@ -189,15 +210,29 @@ pub fn load(dir: &Path, labels: &[String], pre: &Preprocessor) -> Result<Dataset
             reason: "picture without a CSV row".into(),
         });
     }
-    let decoded = decode_all(&todo, pre);
+    Ok((todo, skipped))
+}
+
+/// Reads `dir/profile.csv` and the pictures beside it, each through `pre`
+/// (decoded, framed, normalised). `labels` as for [`list`].
+pub fn load(dir: &Path, labels: &[String], pre: &Preprocessor) -> Result<Dataset, DatasetError> {
+    let (todo, mut skipped) = list(dir, labels)?;
     let input_len = pre.input_len();
+    let decoded = par_map(&todo, |path| {
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut out = vec![0f32; input_len];
+        let framing = pre.run(&bytes, &mut out).map_err(|e| e.to_string())?;
+        Ok((out, faces_found(&framing)))
+    });
     let mut inputs = Vec::with_capacity(todo.len() * input_len);
     let mut samples = Vec::with_capacity(todo.len());
+    let mut found = Vec::with_capacity(todo.len());
     for ((sample, _), result) in todo.into_iter().zip(decoded) {
         match result {
-            Ok(v) => {
+            Ok((v, f)) => {
                 inputs.extend_from_slice(&v);
                 samples.push(sample);
+                found.push(f);
             }
             Err(reason) => skipped.push(Skipped {
                 userid: sample.userid,
@@ -210,39 +245,47 @@ pub fn load(dir: &Path, labels: &[String], pre: &Preprocessor) -> Result<Dataset
         input_len,
         inputs,
         samples,
+        found,
         skipped,
     })
 }
 
-/// Decodes pictures on every core, keeping the input order.
-fn decode_all(todo: &[(Sample, PathBuf)], pre: &Preprocessor) -> Vec<Result<Vec<f32>, String>> {
+/// Faces found, as [`Dataset::found`] records it.
+pub fn faces_found(framing: &Framing) -> Option<usize> {
+    match framing {
+        Framing::Whole => None,
+        Framing::Face { faces, .. } => Some(*faces),
+        Framing::NoFace => Some(0),
+    }
+}
+
+/// Runs `f` over every file on every core, keeping the input order.
+pub fn par_map<T: Send>(
+    todo: &[(Sample, PathBuf)],
+    f: impl Fn(&Path) -> Result<T, String> + Sync,
+) -> Vec<Result<T, String>> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(todo.len().max(1));
     let chunk = todo.len().div_ceil(threads).max(1);
+    let f = &f;
     std::thread::scope(|scope| {
         let handles: Vec<_> = todo
             .chunks(chunk)
             .map(|part| {
-                let handle = scope.spawn(move || {
-                    part.iter()
-                        .map(|(_, path)| {
-                            let bytes = std::fs::read(path)
-                                .map_err(|e| format!("{}: {e}", path.display()))?;
-                            let mut out = vec![0f32; pre.input_len()];
-                            pre.run(&bytes, &mut out).map_err(|e| e.to_string())?;
-                            Ok(out)
-                        })
-                        .collect::<Vec<_>>()
-                });
+                let handle =
+                    scope.spawn(move || part.iter().map(|(_, path)| f(path)).collect::<Vec<_>>());
                 (part.len(), handle)
             })
             .collect();
         handles
             .into_iter()
             .flat_map(|(n, h)| {
-                h.join()
-                    .unwrap_or_else(|_| vec![Err("decoder thread panicked".into()); n])
+                h.join().unwrap_or_else(|_| {
+                    (0..n)
+                        .map(|_| Err("decoder thread panicked".into()))
+                        .collect()
+                })
             })
             .collect()
     })

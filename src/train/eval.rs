@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use super::dataset::Dataset;
-use crate::model::Classifier;
+use crate::model::{Classifier, argmax};
 
 /// Age bands of the per-group report, as (name, lowest age, highest age).
 pub const AGE_BANDS: [(&str, u32, u32); 5] = [
@@ -68,6 +68,22 @@ pub struct Report {
     pub by_race: Vec<GroupStats>,
     /// Accuracy per age band, when the CSV has an `age` column.
     pub by_age: Vec<GroupStats>,
+    /// Face detection outcomes (all zero when detection is off).
+    pub faces: FaceStats,
+}
+
+/// How face detection went on a labelled set. A face missed and a face
+/// "found" in a picture without one both count as wrong answers.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FaceStats {
+    /// Pictures answered "no face".
+    pub answered_no_face: usize,
+    /// Pictures labelled `none` (no face in them).
+    pub without_face: usize,
+    /// Pictures with a face answered "no face".
+    pub missed: usize,
+    /// Pictures without a face that got a label.
+    pub false_faces: usize,
 }
 
 /// Runs the classifier over every picture of `data`, `batch` at a time.
@@ -85,16 +101,6 @@ pub fn predict_all(
         out.extend(cls.probabilities(&x)?);
     }
     Ok(out)
-}
-
-fn argmax(p: &[f32]) -> usize {
-    p.iter()
-        .enumerate()
-        .fold(
-            (0, f32::MIN),
-            |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc },
-        )
-        .0
 }
 
 /// Area under the ROC curve for `scores` of positives vs negatives (ties count half).
@@ -119,22 +125,35 @@ pub fn roc_auc(scores: &[(f32, bool)]) -> f64 {
     (rank_sum - pos * (pos + 1.0) / 2.0) / (pos * neg)
 }
 
-/// Builds the report from the true labels in `data` and the predicted probabilities.
+/// Builds the report from the true labels in `data` and the predicted
+/// probabilities. A picture where no face was found is answered "no face":
+/// right for a picture labelled `none`, wrong for any other.
 pub fn evaluate(labels: &[String], data: &Dataset, probs: &[Vec<f32>]) -> Report {
     let k = labels.len();
-    let mut confusion = vec![vec![0usize; k]; k];
+    // Rows and columns past the labels: "no face".
+    let mut confusion = vec![vec![0usize; k + 1]; k + 1];
     let mut correct = Vec::with_capacity(probs.len());
-    for (s, p) in data.samples.iter().zip(probs) {
-        let pred = argmax(p);
-        confusion[s.label][pred] += 1;
-        correct.push(pred == s.label);
+    let mut faces = FaceStats::default();
+    let mut scored = Vec::new();
+    for ((s, p), found) in data.samples.iter().zip(probs).zip(&data.found) {
+        let pred = if *found == Some(0) { k } else { argmax(p) };
+        let truth = s.label.unwrap_or(k);
+        confusion[truth][pred] += 1;
+        correct.push(pred == truth);
+        faces.answered_no_face += usize::from(pred == k);
+        faces.without_face += usize::from(truth == k);
+        faces.missed += usize::from(pred == k && truth != k);
+        faces.false_faces += usize::from(pred != k && truth == k);
+        if pred != k && truth != k {
+            scored.push((s, p));
+        }
     }
     let n = correct.len();
     let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
     let per_class = (0..k)
         .map(|c| {
             let tp = confusion[c][c];
-            let predicted: usize = (0..k).map(|t| confusion[t][c]).sum();
+            let predicted: usize = (0..=k).map(|t| confusion[t][c]).sum();
             let support: usize = confusion[c].iter().sum();
             let (precision, recall) = (ratio(tp, predicted), ratio(tp, support));
             let f1 = if precision + recall > 0.0 {
@@ -153,11 +172,9 @@ pub fn evaluate(labels: &[String], data: &Dataset, probs: &[Vec<f32>]) -> Report
         .collect::<Vec<_>>();
     let aucs: Vec<f64> = (0..k)
         .map(|c| {
-            let scores: Vec<_> = data
-                .samples
+            let scores: Vec<_> = scored
                 .iter()
-                .zip(probs)
-                .map(|(s, p)| (p[c], s.label == c))
+                .map(|(s, p)| (p[c], s.label == Some(c)))
                 .collect();
             roc_auc(&scores)
         })
@@ -207,6 +224,7 @@ pub fn evaluate(labels: &[String], data: &Dataset, probs: &[Vec<f32>]) -> Report
         },
         by_race: group(&|s| s.race.clone(), races),
         by_age: group(&band, AGE_BANDS.iter().map(|b| b.0.to_string()).collect()),
+        faces,
     }
 }
 
@@ -219,6 +237,13 @@ impl fmt::Display for Report {
             self.accuracy, self.majority_baseline
         )?;
         writeln!(f, "ROC AUC:  {:.4}", self.roc_auc)?;
+        let faces = &self.faces;
+        writeln!(
+            f,
+            "no face:  {} answered (pictures without a face: {}; faces missed: {}; \
+             faces found where there is none: {})",
+            faces.answered_no_face, faces.without_face, faces.missed, faces.false_faces
+        )?;
         writeln!(f)?;
         writeln!(f, "| label | precision | recall | F1 | support |")?;
         writeln!(f, "| --- | ---: | ---: | ---: | ---: |")?;
@@ -231,9 +256,15 @@ impl fmt::Display for Report {
         }
         writeln!(f)?;
         writeln!(f, "confusion (rows: true, columns: predicted)")?;
-        writeln!(f, "| | {} |", self.labels.join(" | "))?;
-        writeln!(f, "| --- |{}", " ---: |".repeat(self.labels.len()))?;
-        for (label, row) in self.labels.iter().zip(&self.confusion) {
+        let names: Vec<&str> = self
+            .labels
+            .iter()
+            .map(String::as_str)
+            .chain(["(no face)"])
+            .collect();
+        writeln!(f, "| | {} |", names.join(" | "))?;
+        writeln!(f, "| --- |{}", " ---: |".repeat(names.len()))?;
+        for (label, row) in names.iter().zip(&self.confusion) {
             let cells: Vec<String> = row.iter().map(|c| c.to_string()).collect();
             writeln!(f, "| {label} | {} |", cells.join(" | "))?;
         }

@@ -6,6 +6,7 @@
 pub mod augment;
 pub mod dataset;
 pub mod eval;
+pub mod pictures;
 pub mod trainer;
 
 pub use trainer::{TrainConfig, TrainReport, Validation};

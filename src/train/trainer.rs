@@ -1,11 +1,15 @@
-//! The training loop: seeded initialisation, shuffled augmented batches,
-//! AdamW with linear warm-up then cosine decay, validation after every epoch,
-//! the best epoch kept and written atomically with its metadata.
+//! The training loop: the pictures decoded and their faces found once, the
+//! crop geometry measured from them, seeded initialisation, shuffled batches
+//! of faces cut out anew each epoch by [`crate::face::align`] with
+//! upload-like augmentation, AdamW with linear warm-up then cosine decay,
+//! validation (through the worker's own framing) after every epoch, the best
+//! epoch kept and written atomically with its metadata.
 //!
 //! The network itself lives in [`crate::model`]; this module only drives it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -20,8 +24,10 @@ use serde::Serialize;
 use super::augment::Augment;
 use super::dataset::{self, Dataset};
 use super::eval;
+use super::pictures::Pictures;
+use crate::face::{FaceCrop, FaceFinder};
 use crate::model::{self, Cnn, ConvImpl, ModelMeta};
-use crate::preprocess::{Limits, Preprocessor};
+use crate::preprocess::{FaceStage, Limits, Preprocessor, rgb_view};
 
 /// Where the validation pictures come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,8 +41,12 @@ pub enum Validation {
 /// Everything a training run needs.
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
-    /// Folder of `<userid>.jpg` plus `profile.csv`.
-    pub data: PathBuf,
+    /// Folders of `<userid>.jpg` plus `profile.csv`, read together.
+    pub data: Vec<PathBuf>,
+    /// The face detector's weights.
+    pub detector: PathBuf,
+    /// Detector score a face needs (default: the detector file's own).
+    pub face_threshold: Option<f32>,
     /// Validation source.
     pub validation: Validation,
     /// Weights file to write.
@@ -118,7 +128,15 @@ fn base_meta(cfg: &TrainConfig) -> ModelMeta {
         version: "untrained".into(),
         training: serde_json::Value::Null,
         probe: Vec::new(),
+        face: None,
     }
+}
+
+fn folders(dirs: &[PathBuf]) -> String {
+    dirs.iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" + ")
 }
 
 /// Seeded He-normal conv weights, unit batch norm, small linear layer.
@@ -182,26 +200,61 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
         cfg.epochs > 0 && cfg.batch_size > 0,
         "epochs and batch size must be positive"
     );
+    anyhow::ensure!(!cfg.data.is_empty(), "no training folder given");
     let mut meta = base_meta(cfg);
     meta.validate().map_err(anyhow::Error::msg)?;
-    let pre = Preprocessor::new(&meta, Limits::default());
-    let data = dataset::load(&cfg.data, &cfg.labels, &pre)
-        .with_context(|| format!("reading {}", cfg.data.display()))?;
-    report_skipped("training data", &data);
+    let finder = Arc::new(
+        FaceFinder::load(&cfg.detector)
+            .with_context(|| format!("loading the face detector {}", cfg.detector.display()))?,
+    );
+    let threshold = cfg
+        .face_threshold
+        .unwrap_or_else(|| finder.net().default_threshold());
+    let decoder = Preprocessor::new(&meta, Limits::default());
+    let pictures = Pictures::load(&cfg.data, &cfg.labels, &decoder, &finder, threshold)
+        .with_context(|| format!("reading {}", folders(&cfg.data)))?;
+    for s in &pictures.skipped {
+        tracing::warn!(userid = %s.userid, "training data: skipped: {}", s.reason);
+    }
+    anyhow::ensure!(
+        !pictures.is_empty(),
+        "no usable training pictures in {}",
+        folders(&cfg.data)
+    );
+    let crop = pictures.measure_crop(threshold).with_context(|| {
+        format!(
+            "the face detector found no face in the {} training pictures",
+            pictures.len()
+        )
+    })?;
+    eprintln!(
+        "faces found in {} of {} training pictures; crop: side {:.3}, offset ({:.3}, {:.3}) face sizes; threshold {threshold}",
+        pictures.with_face(),
+        pictures.len(),
+        crop.side,
+        crop.dx,
+        crop.dy
+    );
+    meta.face = Some(crop);
+    let pre = Preprocessor::new(&meta, Limits::default()).with_faces(FaceStage {
+        finder,
+        crop,
+        threshold,
+    });
     let (train, val) = match &cfg.validation {
         Validation::Dir(dir) => {
             let val = dataset::load(dir, &cfg.labels, &pre)
                 .with_context(|| format!("reading {}", dir.display()))?;
             report_skipped("validation data", &val);
-            (data, val)
+            (pictures, val)
         }
-        Validation::Fraction(f) => data.split(*f),
+        Validation::Fraction(f) => {
+            let (train, val) = pictures.split(*f);
+            let val = val.to_dataset(&pre);
+            (train, val)
+        }
     };
-    anyhow::ensure!(
-        !train.is_empty(),
-        "no usable training pictures in {}",
-        cfg.data.display()
-    );
+    anyhow::ensure!(!train.is_empty(), "no usable training pictures");
     anyhow::ensure!(!val.is_empty(), "no usable validation pictures");
     let skipped = train.skipped.len() + val.skipped.len();
     eprintln!(
@@ -238,7 +291,7 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
     )?;
 
     let size = cfg.input_size;
-    let len = train.input_len;
+    let len = pre.input_len();
     let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
     let total_steps = steps_per_epoch * cfg.epochs;
     let augment = Augment::default();
@@ -269,18 +322,20 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
         let mut lr = cfg.lr;
         for chunk in order.chunks(cfg.batch_size) {
             let n = chunk.len();
-            for (slot, &i) in chunk.iter().enumerate() {
-                augment.apply(
-                    train.input(i),
-                    size,
-                    &mut batch[slot * len..(slot + 1) * len],
-                    &mut rng,
-                );
-            }
+            let seeds: Vec<u64> = chunk.iter().map(|_| rng.random()).collect();
+            prepare_batch(
+                &train,
+                chunk,
+                &seeds,
+                &augment,
+                &crop,
+                &pre,
+                &mut batch[..n * len],
+            );
             let x = Tensor::from_slice(&batch[..n * len], (n, size, size, 3), &cfg.device)?;
             let targets: Vec<u32> = chunk
                 .iter()
-                .map(|&i| train.samples[i].label as u32)
+                .map(|&i| train.samples[i].label.unwrap_or(0) as u32)
                 .collect();
             let y = Tensor::from_vec(targets.clone(), n, &cfg.device)?;
             let mask = dropout_mask(cfg.dropout, n, feature_dim, &mut rng, &cfg.device)?;
@@ -342,7 +397,8 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
         .unwrap_or_else(|_| "unknown".into());
     meta.version = format!("gender-cnn/{stamp}");
     meta.training = serde_json::json!({
-        "data": cfg.data.display().to_string(),
+        "data": folders(&cfg.data),
+        "faces_found": train.with_face(),
         "validation": match &cfg.validation {
             Validation::Dir(d) => d.display().to_string(),
             Validation::Fraction(f) => format!("{f} of the training folder"),
@@ -403,4 +459,39 @@ fn dropout_mask(
         .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
         .collect();
     Tensor::from_vec(v, (n, dim), device).map(Some)
+}
+
+/// Cuts out and augments the pictures `chunk` of `train` into `out`, one
+/// seed per picture, on every core.
+fn prepare_batch(
+    train: &Pictures,
+    chunk: &[usize],
+    seeds: &[u64],
+    augment: &Augment,
+    crop: &FaceCrop,
+    pre: &Preprocessor,
+    out: &mut [f32],
+) {
+    let len = pre.input_len();
+    let n = pre.size() as usize;
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let per = chunk.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for ((part, seeds), out) in chunk
+            .chunks(per)
+            .zip(seeds.chunks(per))
+            .zip(out.chunks_mut(per * len))
+        {
+            scope.spawn(move || {
+                let mut rgb = vec![0u8; n * n * 3];
+                for ((&i, &seed), out) in part.iter().zip(seeds).zip(out.chunks_exact_mut(len)) {
+                    let mut rng = StdRng::seed_from_u64(seed);
+                    let face = augment.face(&train.face_or_whole(i, crop), &mut rng);
+                    crate::face::align(rgb_view(&train.images[i]), &face, crop, n, &mut rgb);
+                    augment.pixels(&mut rgb, n, &mut rng);
+                    pre.normalise(&rgb, out);
+                }
+            });
+        }
+    });
 }

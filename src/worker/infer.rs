@@ -14,7 +14,8 @@ use super::model_slot::ModelSlot;
 use super::{Answer, Envelope};
 use crate::batcher::Batcher;
 use crate::metrics::Metrics;
-use crate::protocol::ErrorCode;
+use crate::preprocess::Framing;
+use crate::protocol::{ErrorCode, Seen};
 
 /// A picture ready for the model.
 pub struct Decoded {
@@ -25,6 +26,8 @@ pub struct Decoded {
     pub image: bytes::Bytes,
     /// Normalised input for a model of this input length.
     pub input: Vec<f32>,
+    /// What the input shows: the whole picture or a face.
+    pub seen: Seen,
 }
 
 /// Input buffers passed back from the inference thread to the decoders, so
@@ -82,18 +85,28 @@ pub fn run(
             if item.input.len() != len {
                 // Decoded for a previous model with another input size.
                 item.input.resize(len, 0.0);
-                if let Err(e) = model.pre.run(&item.image, &mut item.input) {
-                    let _ = answers.send(Answer::Failure {
-                        env: item.env,
-                        code: e.code,
-                        detail: e.detail,
-                    });
-                    continue;
+                match model.pre.run(&item.image, &mut item.input) {
+                    Ok(Framing::NoFace) => {
+                        let _ = answers.send(Answer::NoFace {
+                            env: item.env,
+                            model: model.id.clone(),
+                        });
+                        continue;
+                    }
+                    Ok(framing) => item.seen = super::seen(&framing),
+                    Err(e) => {
+                        let _ = answers.send(Answer::Failure {
+                            env: item.env,
+                            code: e.code,
+                            detail: e.detail,
+                        });
+                        continue;
+                    }
                 }
             }
             buffer.extend_from_slice(&item.input);
             pool.give(item.input);
-            items.push(item.env);
+            items.push((item.env, item.seen));
         }
         if items.is_empty() {
             continue;
@@ -109,11 +122,12 @@ pub fn run(
         metrics.batch_size.observe(n as f64);
         match result {
             Ok(Ok(probs)) if probs.len() == n => {
-                for (env, scores) in items.into_iter().zip(probs) {
+                for ((env, seen), scores) in items.into_iter().zip(probs) {
                     let _ = answers.send(Answer::Label {
                         env,
                         scores,
                         labels: model.labels.clone(),
+                        seen,
                         model: model.id.clone(),
                     });
                 }
@@ -125,7 +139,7 @@ pub fn run(
                     Ok(Ok(p)) => format!("inference returned {} rows for {n} pictures", p.len()),
                 };
                 tracing::error!("{detail}");
-                for env in items {
+                for (env, _) in items {
                     let _ = answers.send(Answer::Failure {
                         env,
                         code: ErrorCode::Internal,

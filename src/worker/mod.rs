@@ -28,9 +28,10 @@ use futures::StreamExt;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::batcher::{BatchConfig, Batcher, Inflow};
+use crate::face::FaceFinder;
 use crate::metrics::{Metrics, Readiness};
-use crate::preprocess::Limits;
-use crate::protocol::{ErrorCode, ErrorReply, ProfileResult, Request, USERID_HEADER, UserId};
+use crate::preprocess::{Framing, Limits, Preparation};
+use crate::protocol::{ErrorCode, ErrorReply, ProfileResult, Request, Seen, USERID_HEADER, UserId};
 use infer::{Decoded, InputPool};
 use jetstream::{ConfirmedPublisher, JsAck, JsConfig, JsSource, Settle, Tracker};
 use model_slot::{ModelSlot, ReloadOutcome, file_stamp};
@@ -79,6 +80,8 @@ pub struct WorkerConfig {
     pub batch: BatchConfig,
     /// PROTOCOL §3 size limits.
     pub limits: Limits,
+    /// Face detection (PROTOCOL §2); `None` classifies whole pictures.
+    pub faces: Option<FaceConfig>,
     /// Pictures decoded at the same time.
     pub decode_threads: usize,
     /// Threads one forward pass may split a batch over (CPU direct kernels).
@@ -91,6 +94,15 @@ pub struct WorkerConfig {
     pub watch_interval: Duration,
     /// JetStream mode settings; `None` runs in core NATS mode.
     pub jetstream: Option<JsConfig>,
+}
+
+/// Where the face detector comes from and how sure it must be.
+#[derive(Debug, Clone)]
+pub struct FaceConfig {
+    /// The detector's weights file.
+    pub detector: PathBuf,
+    /// Detector score a face needs, instead of the model's metadata.
+    pub threshold: Option<f32>,
 }
 
 /// Who asked and where to answer; travels with a request through the stages.
@@ -118,7 +130,16 @@ pub enum Answer {
         scores: Vec<f32>,
         /// Label names.
         labels: Arc<[String]>,
+        /// What was classified: the whole picture or one of its faces.
+        seen: Seen,
         /// The model that produced the scores.
+        model: Arc<str>,
+    },
+    /// A picture without a face: answered, not classified.
+    NoFace {
+        /// The request.
+        env: Envelope,
+        /// The model (and so the detector settings) that looked.
         model: Arc<str>,
     },
     /// An error reply.
@@ -158,8 +179,19 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<Running> {
     let metrics = Metrics::new();
     let ready = Arc::new(Readiness::default());
     let weights = cfg.weights.clone();
-    let (device, limits, m) = (cfg.device.clone(), cfg.limits, metrics.clone());
-    let slot = tokio::task::spawn_blocking(move || ModelSlot::open(weights, device, limits, m))
+    let detector = match &cfg.faces {
+        Some(f) => Some(Arc::new(FaceFinder::load(&f.detector).with_context(|| {
+            "loading the face detector (--detector; --face-detection off classifies whole pictures)"
+        })?)),
+        None => None,
+    };
+    let prep = Preparation {
+        limits: cfg.limits,
+        detector,
+        face_threshold: cfg.faces.as_ref().and_then(|f| f.threshold),
+    };
+    let (device, m) = (cfg.device.clone(), metrics.clone());
+    let slot = tokio::task::spawn_blocking(move || ModelSlot::open(weights, device, prep, m))
         .await?
         .with_context(|| format!("loading weights {}", cfg.weights.display()))?;
     tracing::info!(model = %slot.current().id, "model loaded");
@@ -385,13 +417,20 @@ async fn pipeline(
             metrics
                 .decode_seconds
                 .observe(started.elapsed().as_secs_f64());
-            drop(model);
             match outcome {
-                Ok(()) => {
+                Ok(Framing::NoFace) => {
+                    pool.give(input);
+                    let _ = answers.send(Answer::NoFace {
+                        env,
+                        model: model.id.clone(),
+                    });
+                }
+                Ok(framing) => {
                     let item = Decoded {
                         env,
                         image: request.image,
                         input,
+                        seen: seen(&framing),
                     };
                     if let Err(std::sync::mpsc::SendError(item)) = tx.send(item) {
                         let _ = answers.send(Answer::Failure {
@@ -409,6 +448,7 @@ async fn pipeline(
                     });
                 }
             }
+            drop(model);
             drop(guard);
             drop(permit);
         });
@@ -517,21 +557,32 @@ async fn publish_answers(
                 env,
                 scores,
                 labels,
+                seen,
                 model,
             } => {
-                let userid = env
-                    .userid
-                    .clone()
-                    .unwrap_or_else(|| UserId::parse(b"?").expect("valid id"));
+                let userid = answered_userid(&env);
                 let latency = env.received.elapsed().as_secs_f64() * 1e3;
-                let result = ProfileResult::new(&userid, &labels, &scores, &model, latency);
+                let result = ProfileResult::new(&userid, &labels, &scores, seen, &model, latency);
                 let payload = serde_json::to_vec(&result).unwrap_or_default();
                 (
                     env,
                     subjects.results.clone(),
                     payload,
                     Settle::Done,
-                    Counted::Result(result.gender),
+                    Counted::Result(result.gender.unwrap_or_default(), result.faces),
+                )
+            }
+            Answer::NoFace { env, model } => {
+                let userid = answered_userid(&env);
+                let latency = env.received.elapsed().as_secs_f64() * 1e3;
+                let result = ProfileResult::no_face(&userid, &model, latency);
+                let payload = serde_json::to_vec(&result).unwrap_or_default();
+                (
+                    env,
+                    subjects.results.clone(),
+                    payload,
+                    Settle::Done,
+                    Counted::Result(NO_FACE_LABEL.into(), Some(0)),
                 )
             }
             Answer::Failure { env, code, detail } => {
@@ -608,16 +659,43 @@ async fn publish_answers(
     }
 }
 
+/// The `label` of `results_total` for an answer without a face.
+pub const NO_FACE_LABEL: &str = "none";
+
+/// The user id an answer carries (every request that reaches the model has one).
+fn answered_userid(env: &Envelope) -> UserId {
+    env.userid
+        .clone()
+        .unwrap_or_else(|| UserId::parse(b"?").expect("valid id"))
+}
+
+/// What §2 reports of a framing that was classified.
+fn seen(framing: &Framing) -> Seen {
+    match framing {
+        Framing::Face { faces, face } => Seen::Face {
+            faces: *faces,
+            face: face.into(),
+        },
+        Framing::Whole | Framing::NoFace => Seen::Whole,
+    }
+}
+
 /// What an answer adds to the counters once it is out.
 enum Counted {
-    Result(String),
+    /// A result: its label and the faces found (`None`: detection off).
+    Result(String, Option<usize>),
     Error(ErrorCode),
 }
 
 impl Counted {
     fn record(&self, metrics: &Metrics) {
         match self {
-            Self::Result(label) => metrics.results.with_label_values(&[label.as_str()]).inc(),
+            Self::Result(label, faces) => {
+                metrics.results.with_label_values(&[label.as_str()]).inc();
+                if let Some(n) = faces {
+                    metrics.faces(*n);
+                }
+            }
             Self::Error(code) => metrics.error(*code),
         }
     }

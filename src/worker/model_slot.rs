@@ -14,7 +14,7 @@ use candle_core::Device;
 use crate::config::device_name;
 use crate::metrics::Metrics;
 use crate::model::{Classifier, ModelError};
-use crate::preprocess::{Limits, Preprocessor};
+use crate::preprocess::{Preparation, Preprocessor};
 
 /// A loaded, validated model with what the worker needs next to it.
 pub struct LoadedModel {
@@ -29,8 +29,9 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Reads and validates a weights file (tensors, shapes, probe batch).
-    pub fn load(path: &Path, device: &Device, limits: Limits) -> Result<Self, ModelError> {
+    /// Reads and validates a weights file (tensors, shapes, probe batch) and
+    /// sets up its preprocessing as `prep` says.
+    pub fn load(path: &Path, device: &Device, prep: &Preparation) -> Result<Self, ModelError> {
         let bytes = std::fs::read(path).map_err(|source| {
             ModelError::Weights(crate::model::WeightsError::Io {
                 path: path.to_owned(),
@@ -44,7 +45,7 @@ impl LoadedModel {
         let id: Arc<str> = format!("{}#{:08x}", meta.version, hash as u32).into();
         let classifier =
             Classifier::from_parts(meta, &tensors, crate::model::ConvImpl::for_device(device))?;
-        let pre = Preprocessor::new(classifier.meta(), limits);
+        let pre = Preprocessor::for_model(classifier.meta(), prep).map_err(ModelError::Invalid)?;
         let labels = classifier.meta().labels.clone().into();
         Ok(Self {
             classifier,
@@ -61,7 +62,7 @@ pub struct ModelSlot {
     current: Arc<ArcSwap<LoadedModel>>,
     path: PathBuf,
     device: Device,
-    limits: Limits,
+    prep: Preparation,
     metrics: Metrics,
     reload_lock: Arc<tokio::sync::Mutex<()>>,
 }
@@ -82,16 +83,16 @@ impl ModelSlot {
     pub fn open(
         path: PathBuf,
         device: Device,
-        limits: Limits,
+        prep: Preparation,
         metrics: Metrics,
     ) -> Result<Self, ModelError> {
-        let model = LoadedModel::load(&path, &device, limits)?;
+        let model = LoadedModel::load(&path, &device, &prep)?;
         metrics.set_model(&model.id, &device_name(&device));
         Ok(Self {
             current: Arc::new(ArcSwap::from_pointee(model)),
             path,
             device,
-            limits,
+            prep,
             metrics,
             reload_lock: Arc::default(),
         })
@@ -111,8 +112,8 @@ impl ModelSlot {
     /// the label count; otherwise logs, counts and keeps the old model.
     pub async fn reload(&self) -> ReloadOutcome {
         let _one_at_a_time = self.reload_lock.lock().await;
-        let (path, device, limits) = (self.path.clone(), self.device.clone(), self.limits);
-        let loaded = tokio::task::spawn_blocking(move || LoadedModel::load(&path, &device, limits))
+        let (path, device, prep) = (self.path.clone(), self.device.clone(), self.prep.clone());
+        let loaded = tokio::task::spawn_blocking(move || LoadedModel::load(&path, &device, &prep))
             .await
             .unwrap_or_else(|e| Err(ModelError::Invalid(format!("loader panicked: {e}"))));
         let old = self.current();

@@ -7,6 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The shipped face detector.
+pub fn detector() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/blazeface-front.safetensors")
+}
+
 /// The shipped weights file.
 pub fn weights() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/gender-cnn.safetensors")
@@ -184,6 +189,7 @@ impl Worker {
         cmd.args(["--nats-url", url])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
             .env("PROFILE_WEIGHTS", weights())
+            .env("PROFILE_DETECTOR", detector())
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
