@@ -484,7 +484,7 @@ async fn faces_are_counted_and_no_face_gets_no_label() {
     assert!(none["model"].as_str().unwrap().starts_with("gender-cnn/"));
 
     // Two faces: both counted, the larger classified, its box where it was pasted.
-    let (two, lefts) = faces_side_by_side(&[120, 200]);
+    let (two, lefts) = faces_side_by_side(&[150, 200]);
     let both = ask("two", two).await;
     assert_eq!(both["faces"], 2, "{both}");
     assert!(both["gender"].is_string(), "{both}");

@@ -81,34 +81,66 @@ struct Pointwise {
     cin: usize,
     cin_p: usize,
     cout_p: usize,
-    /// `(first output channel, registers)` of each group.
-    groups: Vec<(usize, usize)>,
+    /// The output channels in groups of registers, each one register tile.
+    groups: Vec<Group>,
     /// Offset of each group's weights in `weights`.
     offsets: Vec<usize>,
     weights: Vec<f32>,
     bias: Vec<f32>,
 }
 
+/// Output channels `first..` in `full` 16-lane registers, plus an 8-lane
+/// one when `half` (the last 8 or fewer channels of a layer: on CPUs that
+/// split 512-bit operations in two, half the work of a full register).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Group {
+    first: usize,
+    full: usize,
+    half: bool,
+}
+
+impl Group {
+    /// Lanes the group's weights and outputs are laid out for.
+    fn width(&self) -> usize {
+        (self.full + usize::from(self.half)) * LANES
+    }
+}
+
+/// Splits `cout` channels into register groups of at most [`MAX_GROUP`]
+/// registers, evenly (3+3, 2+2, 3+2 rather than a lone register), an 8-lane
+/// register last when the remainder fits in one.
+fn groups(cout: usize) -> Vec<Group> {
+    let rem = cout % LANES;
+    let half = rem > 0 && rem <= LANES / 2;
+    let mut left = cout / LANES + usize::from(rem > 0);
+    let mut first = 0;
+    let mut out = Vec::new();
+    while left > 0 {
+        let g = if left == 4 { 2 } else { left.min(MAX_GROUP) };
+        left -= g;
+        let last_half = half && left == 0;
+        out.push(Group {
+            first,
+            full: g - usize::from(last_half),
+            half: last_half,
+        });
+        first += g * LANES;
+    }
+    out
+}
+
 impl Pointwise {
     /// From PyTorch `[cout, cin, 1, 1]` weights (or any `[cout][cin]` rows).
     fn new(w: &[f32], b: &[f32], cin: usize, cout: usize) -> Self {
         let (cin_p, cout_p) = (pad16(cin), pad16(cout));
-        let mut groups = Vec::new();
-        let mut left = cout_p / LANES;
-        let mut first = 0;
-        while left > 0 {
-            // Prefer even splits (3+3, 2+2, 3+2) over a lone register.
-            let g = if left == 4 { 2 } else { left.min(MAX_GROUP) };
-            groups.push((first, g));
-            first += g * LANES;
-            left -= g;
-        }
+        let groups = groups(cout);
         let mut weights = Vec::with_capacity(cin_p * cout_p);
         let mut offsets = Vec::new();
-        for &(first, g) in &groups {
+        for group in &groups {
+            let first = group.first;
             offsets.push(weights.len());
             for ci in 0..cin_p {
-                for lane in 0..g * LANES {
+                for lane in 0..group.width() {
                     let co = first + lane;
                     weights.push(if ci < cin && co < cout {
                         w[co * cin + ci]
@@ -147,7 +179,8 @@ impl Pointwise {
         match kernels {
             #[cfg(target_arch = "x86_64")]
             Kernels::Avx512 => {
-                for (&(first, g), &off) in self.groups.iter().zip(&self.offsets) {
+                for (group, &off) in self.groups.iter().zip(&self.offsets) {
+                    let first = group.first;
                     let w = self.weights[off..].as_ptr();
                     let bias = self.bias[first..].as_ptr();
                     for p in (0..n).step_by(STRIP) {
@@ -160,10 +193,13 @@ impl Pointwise {
                         // from `first` per pixel, skip STRIP pixels of skip_c
                         // values (asserted above).
                         unsafe {
-                            let run = match g {
-                                1 => pw_strip::<1>,
-                                2 => pw_strip::<2>,
-                                _ => pw_strip::<3>,
+                            let run = match (group.full, group.half) {
+                                (0, _) => pw_strip::<0, true>,
+                                (1, false) => pw_strip::<1, false>,
+                                (1, true) => pw_strip::<1, true>,
+                                (2, false) => pw_strip::<2, false>,
+                                (2, true) => pw_strip::<2, true>,
+                                _ => pw_strip::<3, false>,
                             };
                             run(
                                 ip,
@@ -183,8 +219,8 @@ impl Pointwise {
                 }
             }
             _ => {
-                for (&(first, g), &off) in self.groups.iter().zip(&self.offsets) {
-                    let width = g * LANES;
+                for (group, &off) in self.groups.iter().zip(&self.offsets) {
+                    let (first, width) = (group.first, group.width());
                     let w = &self.weights[off..off + self.cin_p * width];
                     for p in 0..n {
                         let o = &mut out[p * self.cout_p + first..][..width];
@@ -232,18 +268,20 @@ enum Epilogue<'a> {
     BiasSkipRelu(&'a [f32], usize),
 }
 
-/// One strip of [`STRIP`] pixels times `G` registers of a pointwise product,
-/// with its epilogue, in registers from the first multiply to the store.
+/// One strip of [`STRIP`] pixels times `G` 16-lane registers (and an 8-lane
+/// one when `H`) of a pointwise product, with its epilogue, in registers from
+/// the first multiply to the store.
 ///
 /// # Safety
-/// The CPU supports AVX-512F; `input` holds STRIP pixels `in_stride` apart
-/// of at least `cin` values, `w` `cin * 16 G` values, `bias` 16 G values, `out` STRIP pixels
-/// `out_stride` apart of 16 G values; `skip` is null or holds STRIP pixels
-/// of `skip_c` values, indexed by absolute channel (`first + ..`).
+/// The CPU supports AVX-512F; with `R = G + H` registers, `input` holds STRIP
+/// pixels `in_stride` apart of at least `cin` values, `w` `cin * 16 R`
+/// values, `bias` 16 R values, `out` STRIP pixels `out_stride` apart of
+/// 16 R values; `skip` is null or holds STRIP pixels of `skip_c` values,
+/// indexed by absolute channel (`first + ..`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pw_strip<const G: usize>(
+unsafe fn pw_strip<const G: usize, const H: bool>(
     input: *const f32,
     cin: usize,
     in_stride: usize,
@@ -257,16 +295,28 @@ unsafe fn pw_strip<const G: usize>(
     out_stride: usize,
 ) {
     use std::arch::x86_64::*;
+    let row = (G + usize::from(H)) * LANES;
     let mut acc = [[_mm512_setzero_ps(); G]; STRIP];
+    let mut tail = [_mm256_setzero_ps(); STRIP];
     for ci in 0..cin {
+        let wp = unsafe { w.add(ci * row) };
         let mut wv = [_mm512_setzero_ps(); G];
         for (k, v) in wv.iter_mut().enumerate() {
-            *v = unsafe { _mm512_loadu_ps(w.add((ci * G + k) * LANES)) };
+            *v = unsafe { _mm512_loadu_ps(wp.add(k * LANES)) };
         }
-        for (p, row) in acc.iter_mut().enumerate() {
-            let a = _mm512_set1_ps(unsafe { *input.add(p * in_stride + ci) });
+        let wt = if H {
+            unsafe { _mm256_loadu_ps(wp.add(G * LANES)) }
+        } else {
+            _mm256_setzero_ps()
+        };
+        for (p, (row, t)) in acc.iter_mut().zip(tail.iter_mut()).enumerate() {
+            let x = unsafe { *input.add(p * in_stride + ci) };
+            let a = _mm512_set1_ps(x);
             for (r, v) in row.iter_mut().zip(&wv) {
                 *r = _mm512_fmadd_ps(a, *v, *r);
+            }
+            if H {
+                *t = _mm256_fmadd_ps(_mm256_set1_ps(x), wt, *t);
             }
         }
     }
@@ -282,6 +332,21 @@ unsafe fn pw_strip<const G: usize>(
                 v = _mm512_max_ps(v, zero);
             }
             unsafe { _mm512_storeu_ps(out.add(p * out_stride + k * LANES), v) };
+        }
+    }
+    if H {
+        let zero = _mm256_setzero_ps();
+        for (p, t) in tail.iter().enumerate() {
+            let mut v = _mm256_add_ps(*t, unsafe { _mm256_loadu_ps(bias.add(G * LANES)) });
+            let c = first + G * LANES;
+            if !skip.is_null() && c < skip_c {
+                v = _mm256_add_ps(v, unsafe { _mm256_loadu_ps(skip.add(p * skip_c + c)) });
+            }
+            if relu {
+                v = _mm256_max_ps(v, zero);
+            }
+            // The upper 8 lanes are padding: left as they are (zero).
+            unsafe { _mm256_storeu_ps(out.add(p * out_stride + G * LANES), v) };
         }
     }
 }
@@ -841,11 +906,32 @@ mod tests {
 
     #[test]
     fn pointwise_groups_cover_every_channel() {
-        for cout in [2usize, 24, 34, 48, 64, 80, 96, 102] {
-            let pw = Pointwise::new(&vec![1.0; cout * 3], &vec![0.0; cout], 3, cout);
-            let covered: usize = pw.groups.iter().map(|g| g.1 * LANES).sum();
-            assert_eq!(covered, pw.cout_p, "cout {cout}");
-            assert!(pw.groups.iter().all(|g| g.1 <= MAX_GROUP));
+        for cout in [2usize, 24, 28, 34, 48, 56, 64, 72, 80, 88, 96, 102] {
+            let gs = groups(cout);
+            let lanes: usize = gs
+                .iter()
+                .map(|g| g.full * LANES + usize::from(g.half) * 8)
+                .sum();
+            assert!(lanes >= cout && lanes < cout + LANES, "cout {cout}: {gs:?}");
+            assert!(gs.iter().all(|g| g.full + usize::from(g.half) <= MAX_GROUP));
+            assert!(
+                gs.iter().rev().skip(1).all(|g| !g.half),
+                "half register last"
+            );
+            let mut first = 0;
+            for g in &gs {
+                assert_eq!(g.first, first);
+                first += g.width();
+            }
         }
+        // 24 channels: one full register and a half one.
+        assert_eq!(
+            groups(24),
+            vec![Group {
+                first: 0,
+                full: 1,
+                half: true
+            }]
+        );
     }
 }

@@ -320,6 +320,32 @@ mod tests {
         assert_eq!(t["a"].to_vec1::<f32>().unwrap(), vec![1., 2., 3.]);
         // Nothing but the file itself is left in the folder.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+        // The face crop geometry travels too, and a bad one is refused.
+        let crop = crate::face::FaceCrop {
+            threshold: 0.7,
+            side: 1.1,
+            dx: -0.01,
+            dy: 0.02,
+        };
+        let with_face = ModelMeta {
+            face: Some(crop),
+            ..meta()
+        };
+        save(&path, &with_face, &tensors).unwrap();
+        assert_eq!(load(&path, &Device::Cpu).unwrap().0, with_face);
+        let bad = ModelMeta {
+            face: Some(crate::face::FaceCrop {
+                threshold: 1.5,
+                ..crop
+            }),
+            ..meta()
+        };
+        save(&path, &bad, &tensors).unwrap();
+        assert!(matches!(
+            load(&path, &Device::Cpu),
+            Err(WeightsError::Metadata { .. })
+        ));
     }
 
     #[test]
