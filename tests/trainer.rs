@@ -189,10 +189,56 @@ fn eval_reports_on_a_folder() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["n"], 48);
-    assert_eq!(v["confusion"].as_array().unwrap().len(), 2);
+    // female, male, and "no face".
+    assert_eq!(v["confusion"].as_array().unwrap().len(), 3);
+    assert_eq!(v["faces"]["missed"], 0, "{v}");
     assert!(v["roc_auc"].as_f64().unwrap() > 0.5);
     assert!(!v["by_race"].as_array().unwrap().is_empty());
     assert_eq!(v["by_age"].as_array().unwrap().len(), 5);
+}
+
+#[test]
+fn eval_counts_no_face_answers_right_and_wrong() {
+    // Three faces, one flat picture labelled `none`, one flat picture
+    // labelled as a face (a face "missed": wrong), in several formats.
+    let dir = tempfile::tempdir().unwrap();
+    let mut csv = String::from("userid,gender\n");
+    for (i, (userid, bytes)) in common::fixture_pictures().into_iter().take(3).enumerate() {
+        std::fs::write(dir.path().join(format!("{userid}.jpg")), bytes).unwrap();
+        let label = ["female", "male"][i % 2];
+        csv.push_str(&format!("{userid},{label}\n"));
+    }
+    let flat = image::RgbImage::from_pixel(120, 90, image::Rgb([40, 160, 90]));
+    flat.save(dir.path().join("blank.png")).unwrap();
+    flat.save(dir.path().join("notaface.bmp")).unwrap();
+    csv.push_str("blank,none\nnotaface,female\n");
+    std::fs::write(dir.path().join("profile.csv"), csv).unwrap();
+    let o = trainer(&[
+        "eval",
+        "--weights",
+        common::weights().to_str().unwrap(),
+        "--data",
+        dir.path().to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["n"], 5, "{v}");
+    let f = &v["faces"];
+    assert_eq!(
+        (
+            &f["answered_no_face"],
+            &f["without_face"],
+            &f["missed"],
+            &f["false_faces"]
+        ),
+        (&2.into(), &1.into(), &1.into(), &0.into()),
+        "{v}"
+    );
+    // The "no face" row: the blank picture answered "no face".
+    assert_eq!(v["confusion"][2][2], 1, "{v}");
+    // At most the 3 faces and the blank one right; the missed face wrong.
+    assert!(v["accuracy"].as_f64().unwrap() <= 0.8);
 }
 
 /// The model issue's bar on the shipped weights, on every CI run: accuracy

@@ -35,6 +35,9 @@ struct Letterbox {
     logits: Vec<f32>,
 }
 
+/// Share of the detector's square a picture fills on the second look.
+pub const ZOOM_OUT: f32 = 0.7;
+
 /// The detector, ready to find faces in decoded pictures.
 pub struct FaceFinder {
     net: BlazeFace,
@@ -60,11 +63,23 @@ impl FaceFinder {
 
     /// Every face scoring at least `threshold`, in the picture's pixels,
     /// largest first. The picture is shrunk to fit the detector's square,
-    /// keeping its aspect ratio, and centred on black.
+    /// keeping its aspect ratio, and centred on black. When that finds
+    /// nothing, the picture is looked at once more, smaller
+    /// ([`ZOOM_OUT`] of the square): the short-range detector misses faces
+    /// that fill the whole frame or run past its edges (tight crops).
     pub fn find(&self, picture: Rgb<'_>, threshold: f32) -> Vec<Face> {
+        let faces = self.find_at(picture, threshold, 1.0);
+        if !faces.is_empty() {
+            return faces;
+        }
+        self.find_at(picture, threshold, ZOOM_OUT)
+    }
+
+    /// [`FaceFinder::find`] with the picture fitted into `zoom` of the square.
+    fn find_at(&self, picture: Rgb<'_>, threshold: f32, zoom: f32) -> Vec<Face> {
         let side = self.net.input_side();
         let (w, h) = (picture.w.max(1), picture.h.max(1));
-        let fit = side as f32 / w.max(h) as f32;
+        let fit = zoom * side as f32 / w.max(h) as f32;
         let sw = ((w as f32 * fit).round() as u32).clamp(1, side as u32);
         let sh = ((h as f32 * fit).round() as u32).clamp(1, side as u32);
         let (ox, oy) = ((side as u32 - sw) / 2, (side as u32 - sh) / 2);

@@ -1,9 +1,11 @@
 //! Training-time augmentation that makes aligned training faces look like
-//! uploads: an imperfect detection (the crop moved, scaled and turned before
-//! alignment), a mirror image, a small picture blown up or a blurred one,
-//! light (brightness, contrast, a dim room), greyscale, and JPEG
-//! re-compression. Deterministic for a given random generator; never used at
-//! serving.
+//! uploads: the picture set into a larger one on a plain, gradient, striped
+//! or noisy background (so a crop around the face reaches past the original
+//! picture as it does in an upload), an imperfect detection (the crop moved,
+//! scaled and turned before alignment), a mirror image, a small picture blown
+//! up or a blurred one, light (brightness, contrast, a dim room), greyscale,
+//! and JPEG re-compression. Deterministic for a given random generator; never
+//! used at serving.
 
 use std::io::Cursor;
 
@@ -21,6 +23,8 @@ pub struct Augment {
     pub scale: f32,
     /// Largest error of the eye-line angle, in degrees.
     pub roll_degrees: f32,
+    /// Chance of setting the picture on a larger background first.
+    pub backdrop: f64,
     /// Chance of greyscale.
     pub grey: f64,
     /// Chance of a blur.
@@ -43,6 +47,7 @@ impl Default for Augment {
             shift: 0.06,
             scale: 0.12,
             roll_degrees: 10.0,
+            backdrop: 0.3,
             grey: 0.15,
             blur: 0.15,
             small: 0.15,
@@ -61,6 +66,7 @@ impl Augment {
             shift: 0.0,
             scale: 0.0,
             roll_degrees: 0.0,
+            backdrop: 0.0,
             grey: 0.0,
             blur: 0.0,
             small: 0.0,
@@ -84,6 +90,53 @@ impl Augment {
         let shift = [sym(self.shift), sym(self.shift)];
         let roll = sym(self.roll_degrees).to_radians();
         face.jittered(scale, shift, roll)
+    }
+
+    /// Sometimes (`backdrop`) the picture set at a random place into one 1.2
+    /// to 2 times its size, on a random background, its edge hard or
+    /// feathered, and the face moved with it; `None` otherwise.
+    pub fn backdrop<R: Rng>(
+        &self,
+        img: &RgbImage,
+        face: &Face,
+        rng: &mut R,
+    ) -> Option<(RgbImage, Face)> {
+        if self.backdrop <= 0.0 || !rng.random_bool(self.backdrop) {
+            return None;
+        }
+        let (w, h) = (img.width(), img.height());
+        let k = rng.random_range(1.2f32..2.0);
+        let (cw, ch) = ((w as f32 * k) as u32, (h as f32 * k) as u32);
+        let (x0, y0) = (rng.random_range(0..=cw - w), rng.random_range(0..=ch - h));
+        let mut canvas = background(cw, ch, rng);
+        let feather = if rng.random_bool(0.5) {
+            rng.random_range(1..=(w.min(h) / 10).max(1))
+        } else {
+            0
+        };
+        for y in 0..h {
+            for x in 0..w {
+                let edge = x.min(y).min(w - 1 - x).min(h - 1 - y);
+                let a = if feather == 0 || edge >= feather {
+                    1.0
+                } else {
+                    (edge as f32 + 0.5) / feather as f32
+                };
+                let src = img.get_pixel(x, y);
+                let dst = canvas.get_pixel_mut(x + x0, y + y0);
+                for c in 0..3 {
+                    dst[c] = (f32::from(src[c]) * a + f32::from(dst[c]) * (1.0 - a)) as u8;
+                }
+            }
+        }
+        let (dx, dy) = (x0 as f32, y0 as f32);
+        let moved = Face {
+            x: face.x + dx,
+            y: face.y + dy,
+            eyes: face.eyes.map(|[ex, ey]| [ex + dx, ey + dy]),
+            ..*face
+        };
+        Some((canvas, moved))
     }
 
     /// Changes an aligned `n x n` RGB crop in place.
@@ -138,6 +191,30 @@ impl Augment {
             recompress(rgb, n, rng.random_range(10..=70));
         }
     }
+}
+
+/// A `w x h` background: a flat colour, a gradient, stripes or smooth noise.
+fn background<R: Rng>(w: u32, h: u32, rng: &mut R) -> RgbImage {
+    let mut colour = || [rng.random::<u8>(), rng.random::<u8>(), rng.random::<u8>()];
+    let (a, b) = (colour(), colour());
+    let kind = rng.random_range(0..4);
+    let period = rng.random_range(6..40u32);
+    let noise: Vec<u8> = (0..((w / 16 + 2) * (h / 16 + 2) * 3))
+        .map(|_| rng.random())
+        .collect();
+    RgbImage::from_fn(w, h, |x, y| {
+        let t = match kind {
+            0 => 0.0,
+            1 => x as f32 / w.max(1) as f32,
+            2 => f32::from(u8::from((x + y) / period % 2 == 0)),
+            _ => {
+                let i = (((y / 16) * (w / 16 + 2) + x / 16) * 3) as usize;
+                return image::Rgb([noise[i], noise[i + 1], noise[i + 2]]);
+            }
+        };
+        let mix = |c: usize| (f32::from(a[c]) * (1.0 - t) + f32::from(b[c]) * t) as u8;
+        image::Rgb([mix(0), mix(1), mix(2)])
+    })
 }
 
 /// Shrinks to `m x m` and blows back up (a small upload).

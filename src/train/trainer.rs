@@ -486,8 +486,14 @@ fn prepare_batch(
                 let mut rgb = vec![0u8; n * n * 3];
                 for ((&i, &seed), out) in part.iter().zip(seeds).zip(out.chunks_exact_mut(len)) {
                     let mut rng = StdRng::seed_from_u64(seed);
-                    let face = augment.face(&train.face_or_whole(i, crop), &mut rng);
-                    crate::face::align(rgb_view(&train.images[i]), &face, crop, n, &mut rgb);
+                    let face = train.face_or_whole(i, crop);
+                    let placed = augment.backdrop(&train.images[i], &face, &mut rng);
+                    let (img, face) = match &placed {
+                        Some((img, face)) => (img, *face),
+                        None => (&train.images[i], face),
+                    };
+                    let face = augment.face(&face, &mut rng);
+                    crate::face::align(rgb_view(img), &face, crop, n, &mut rgb);
                     augment.pixels(&mut rgb, n, &mut rng);
                     pre.normalise(&rgb, out);
                 }
