@@ -1,4 +1,5 @@
-# Multi-stage build of the three binaries plus the shipped weights.
+# Multi-stage build of the three binaries plus the shipped weights (the
+# classifier and the face detector, whose Apache-2.0 licence ships beside it).
 #
 #   docker build -t profile-classifier .
 #
@@ -27,6 +28,7 @@ COPY weights /opt/profile/weights
 COPY tests/fixtures/faces /opt/profile/samples
 WORKDIR /opt/profile
 USER profile
-ENV PROFILE_WEIGHTS=/opt/profile/weights/gender-cnn.safetensors
+ENV PROFILE_WEIGHTS=/opt/profile/weights/gender-cnn.safetensors \
+    PROFILE_DETECTOR=/opt/profile/weights/blazeface-front.safetensors
 EXPOSE 9464
 ENTRYPOINT ["profile-worker"]

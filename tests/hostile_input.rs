@@ -8,9 +8,11 @@
 mod common;
 
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
+use profile_classifier::face::{FaceCrop, FaceFinder};
 use profile_classifier::model::ModelMeta;
-use profile_classifier::preprocess::{Limits, Preprocessor};
+use profile_classifier::preprocess::{FaceStage, Limits, Preprocessor};
 use profile_classifier::protocol::{ErrorCode, Request};
 use proptest::prelude::*;
 
@@ -30,14 +32,36 @@ fn preprocessor() -> Preprocessor {
     Preprocessor::new(&meta, Limits::default())
 }
 
-/// Runs one payload the way the worker does: parse, then preprocess.
+/// The same with face detection in front, as the worker runs by default.
+fn with_faces() -> &'static Preprocessor {
+    static PRE: OnceLock<Preprocessor> = OnceLock::new();
+    PRE.get_or_init(|| {
+        let finder = FaceFinder::load(&common::detector()).expect("shipped detector");
+        preprocessor().with_faces(FaceStage {
+            finder: Arc::new(finder),
+            crop: FaceCrop {
+                threshold: 0.75,
+                side: 1.1,
+                dx: 0.0,
+                dy: 0.0,
+            },
+            threshold: 0.75,
+        })
+    })
+}
+
+/// Runs one payload the way the worker does: parse, then preprocess, with
+/// face detection off and on; both must agree on the error code.
 fn handle(payload: &[u8], header: Option<&[u8]>) -> Result<(), ErrorCode> {
     let req = Request::parse(bytes::Bytes::copy_from_slice(payload), header).map_err(|e| e.code)?;
     let pre = preprocessor();
     let mut out = vec![0f32; pre.input_len()];
-    pre.run(&req.image, &mut out).map_err(|e| e.code)?;
+    let whole = pre.run(&req.image, &mut out).map_err(|e| e.code);
     assert!(out.iter().all(|v| v.is_finite()));
-    Ok(())
+    let faces = with_faces().run(&req.image, &mut out).map_err(|e| e.code);
+    assert!(out.iter().all(|v| v.is_finite()));
+    assert_eq!(whole.map(|_| ()), faces.map(|_| ()));
+    whole.map(|_| ())
 }
 
 #[test]
