@@ -34,6 +34,39 @@ impl FaceArgs {
     }
 }
 
+/// A count of at least one (batch size, threads).
+pub fn parse_count(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("0: must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s}: {e} (a whole number of at least 1)")),
+    }
+}
+
+/// A whole number of milliseconds, zero or more.
+pub fn parse_millis(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<i64>() {
+        Ok(v) if v < 0 => Err(format!("{s}: a wait cannot be negative")),
+        Ok(v) => Ok(v as u64),
+        Err(e) => Err(format!("{s}: {e} (whole milliseconds)")),
+    }
+}
+
+/// Seconds, finite, zero or more, at most a year (a wait, an interval).
+pub fn parse_seconds(s: &str) -> Result<f64, String> {
+    const YEAR: f64 = 365.0 * 86_400.0;
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("{s}: {e} (seconds)"))?;
+    if !v.is_finite() || !(0.0..=YEAR).contains(&v) {
+        return Err(format!(
+            "{s}: seconds must be a finite number from 0 to {YEAR} (a year)"
+        ));
+    }
+    Ok(v)
+}
+
 /// A detector score strictly between 0 and 1.
 pub fn parse_threshold(s: &str) -> Result<f32, String> {
     let v: f32 = s.parse().map_err(|e| format!("{s}: {e}"))?;
@@ -105,5 +138,20 @@ mod tests {
             parse_device("cuda:0"),
             Err(DeviceError::NoCudaSupport(_))
         ));
+    }
+
+    #[test]
+    fn meaningless_values_are_refused() {
+        assert!(parse_count("0").is_err() && parse_count("-1").is_err());
+        assert_eq!(parse_count("32"), Ok(32));
+        assert!(parse_millis("-5").unwrap_err().contains("negative"));
+        assert_eq!(parse_millis("0"), Ok(0));
+        for bad in ["inf", "NaN", "-1", "1e300"] {
+            assert!(parse_seconds(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_seconds("0.5"), Ok(0.5));
+        for bad in ["0", "1", "1.5", "-0.1", "nan"] {
+            assert!(parse_threshold(bad).is_err(), "{bad}");
+        }
     }
 }

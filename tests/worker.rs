@@ -535,3 +535,27 @@ async fn detection_off_classifies_the_whole_picture() {
     assert!(obj.contains_key("faces") && r["faces"].is_null(), "{r}");
     assert!(obj.contains_key("face") && r["face"].is_null(), "{r}");
 }
+
+#[test]
+fn meaningless_flag_values_are_refused_at_start() {
+    for (flag, value, says) in [
+        ("--max-batch", "0", "at least 1"),
+        ("--max-wait-ms", "-5", "negative"),
+        ("--watch-interval", "inf", "finite"),
+        ("--ack-wait", "NaN", "finite"),
+        ("--decode-threads", "0", "at least 1"),
+        ("--face-threshold", "1.5", "between 0 and 1"),
+        ("--face-detection", "maybe", "possible values"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_profile-worker"))
+            .args([flag, value])
+            .output()
+            .expect("run profile-worker");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {err}");
+        assert!(
+            err.contains(flag) && err.contains(says),
+            "{flag} {value}: {err}"
+        );
+    }
+}

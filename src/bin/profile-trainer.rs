@@ -103,8 +103,9 @@ struct TrainArgs {
     /// Share of the training folder held out for validation (when no --val).
     #[arg(long, default_value_t = 0.1)]
     val_fraction: f64,
-    /// Weights file to write (atomically).
-    #[arg(long, default_value = "weights/gender-cnn.safetensors")]
+    /// Weights file to write (atomically); required, so the shipped weights
+    /// are replaced only when named.
+    #[arg(long)]
     out: PathBuf,
     /// Passes over the training data.
     #[arg(long, default_value_t = 14)]

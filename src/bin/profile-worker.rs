@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use profile_classifier::batcher::{BatchConfig, Policy};
-use profile_classifier::config::{FaceArgs, parse_device};
+use profile_classifier::config::{
+    FaceArgs, parse_count, parse_device, parse_millis, parse_seconds,
+};
 use profile_classifier::connect::NatsArgs;
 use profile_classifier::preprocess::Limits;
 use profile_classifier::worker::jetstream::JsConfig;
@@ -62,19 +64,25 @@ struct Cli {
     #[arg(long, env = "PROFILE_DEVICE", default_value = "cpu")]
     device: String,
     /// Largest batch per forward pass.
-    #[arg(long, env = "PROFILE_MAX_BATCH", default_value_t = 32)]
+    #[arg(long, env = "PROFILE_MAX_BATCH", default_value_t = 32, value_parser = parse_count)]
     max_batch: usize,
     /// Longest wait, in ms, after a batch's first picture.
-    #[arg(long, env = "PROFILE_MAX_WAIT_MS", default_value_t = 5)]
+    #[arg(
+        long,
+        env = "PROFILE_MAX_WAIT_MS",
+        default_value_t = 5,
+        allow_hyphen_values = true,
+        value_parser = parse_millis
+    )]
     max_wait_ms: u64,
     /// Batch policy: adaptive waits only while more pictures are being decoded; fixed always waits.
     #[arg(long, env = "PROFILE_BATCH_POLICY", value_enum, default_value_t = Policy::Adaptive)]
     batch_policy: Policy,
     /// Pictures decoded in parallel (default: number of cores).
-    #[arg(long, env = "PROFILE_DECODE_THREADS")]
+    #[arg(long, env = "PROFILE_DECODE_THREADS", value_parser = parse_count)]
     decode_threads: Option<usize>,
     /// Threads a forward pass splits a batch over, at least 4 pictures each (default: number of cores).
-    #[arg(long, env = "PROFILE_INFER_THREADS")]
+    #[arg(long, env = "PROFILE_INFER_THREADS", value_parser = parse_count)]
     infer_threads: Option<usize>,
     /// Largest encoded picture, in bytes.
     #[arg(long, env = "PROFILE_MAX_IMAGE_BYTES", default_value_t = 8 * 1024 * 1024)]
@@ -89,7 +97,7 @@ struct Cli {
     #[arg(long, env = "PROFILE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     shutdown_timeout: u64,
     /// Seconds between checks of the weights file for changes (0: off).
-    #[arg(long, env = "PROFILE_WATCH_INTERVAL", default_value_t = 1.0)]
+    #[arg(long, env = "PROFILE_WATCH_INTERVAL", default_value_t = 1.0, allow_hyphen_values = true, value_parser = parse_seconds)]
     watch_interval: f64,
     /// Read requests from a JetStream stream through a durable pull consumer (at least once).
     #[arg(long, env = "PROFILE_JETSTREAM")]
@@ -101,7 +109,7 @@ struct Cli {
     #[arg(long, env = "PROFILE_CONSUMER", default_value = "profile-workers")]
     consumer: String,
     /// Seconds the server waits for an ack before redelivering.
-    #[arg(long, env = "PROFILE_ACK_WAIT", default_value_t = 30.0)]
+    #[arg(long, env = "PROFILE_ACK_WAIT", default_value_t = 30.0, allow_hyphen_values = true, value_parser = parse_seconds)]
     ack_wait: f64,
     /// Deliveries before a request goes to the dead-letter subject.
     #[arg(long, env = "PROFILE_MAX_DELIVER", default_value_t = 5)]
@@ -159,7 +167,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         weights: cli.weights,
         device: parse_device(&cli.device)?,
         batch: BatchConfig {
-            max_batch: cli.max_batch.max(1),
+            max_batch: cli.max_batch,
             max_wait: Duration::from_millis(cli.max_wait_ms),
             policy: cli.batch_policy,
         },
@@ -171,11 +179,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             detector: detector.clone(),
             threshold: cli.faces.face_threshold,
         }),
-        decode_threads: cli.decode_threads.unwrap_or(cores).max(1),
-        infer_threads: cli.infer_threads.unwrap_or(cores).max(1),
+        decode_threads: cli.decode_threads.unwrap_or(cores),
+        infer_threads: cli.infer_threads.unwrap_or(cores),
         metrics_addr: cli.metrics_addr,
         shutdown_timeout: Duration::from_secs(cli.shutdown_timeout),
-        watch_interval: Duration::from_secs_f64(cli.watch_interval.max(0.0)),
+        watch_interval: Duration::from_secs_f64(cli.watch_interval),
         jetstream: cli.jetstream.then(|| JsConfig {
             stream: cli.stream,
             consumer: cli.consumer,
