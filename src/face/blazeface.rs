@@ -37,12 +37,12 @@ const MAP_8: usize = 8;
 #[derive(Debug, thiserror::Error)]
 pub enum DetectorError {
     /// The file could not be read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: String,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file is not a BlazeFace front model.
     #[error("{path}: {detail}")]
@@ -449,9 +449,9 @@ impl BlazeFace {
     /// as in `shared/models/blazeface/front.safetensors`).
     pub fn load(path: &Path) -> Result<Self, DetectorError> {
         let shown = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| DetectorError::Io {
+        let bytes = std::fs::read(path).map_err(|cause| DetectorError::Io {
             path: shown.clone(),
-            source,
+            cause,
         })?;
         Self::from_bytes(&bytes, Kernels::best()).map_err(|detail| DetectorError::Format {
             path: shown,

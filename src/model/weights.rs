@@ -15,12 +15,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
     /// The file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The bytes are not a safetensors file.
     #[error("{path}: not a safetensors file: {detail}")]
@@ -172,9 +172,9 @@ pub fn load(
     path: &Path,
     device: &Device,
 ) -> Result<(ModelMeta, HashMap<String, Tensor>), WeightsError> {
-    let bytes = std::fs::read(path).map_err(|source| WeightsError::Io {
+    let bytes = std::fs::read(path).map_err(|cause| WeightsError::Io {
         path: path.to_owned(),
-        source,
+        cause,
     })?;
     load_bytes(path, &bytes, device)
 }
@@ -219,9 +219,9 @@ pub fn save(
     meta: &ModelMeta,
     tensors: &BTreeMap<String, Tensor>,
 ) -> Result<(), WeightsError> {
-    let io = |source| WeightsError::Io {
+    let io = |cause| WeightsError::Io {
         path: path.to_owned(),
-        source,
+        cause,
     };
     let mut owned = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {

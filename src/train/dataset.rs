@@ -16,12 +16,12 @@ use crate::preprocess::{Framing, Preprocessor};
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
     /// The folder or the CSV could not be read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// What was being read.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The CSV is malformed or lacks a required column.
     #[error("{path}: {detail}")]
@@ -152,9 +152,9 @@ pub fn list(dir: &Path, labels: &[String]) -> Result<Listing, DatasetError> {
     let csv_path = dir.join("profile.csv");
     let rows = read_csv(&csv_path)?;
     let mut files: HashMap<String, PathBuf> = HashMap::new();
-    let entries = std::fs::read_dir(dir).map_err(|source| DatasetError::Io {
+    let entries = std::fs::read_dir(dir).map_err(|cause| DatasetError::Io {
         path: dir.to_owned(),
-        source,
+        cause,
     })?;
     for entry in entries.flatten() {
         let path = entry.path();
@@ -302,9 +302,9 @@ fn read_csv(path: &Path) -> Result<BTreeMap<String, Row>, DatasetError> {
         path: path.to_owned(),
         detail,
     };
-    let file = std::fs::File::open(path).map_err(|source| DatasetError::Io {
+    let file = std::fs::File::open(path).map_err(|cause| DatasetError::Io {
         path: path.to_owned(),
-        source,
+        cause,
     })?;
     let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(file);
     let headers = reader

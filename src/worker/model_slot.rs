@@ -32,10 +32,10 @@ impl LoadedModel {
     /// Reads and validates a weights file (tensors, shapes, probe batch) and
     /// sets up its preprocessing as `prep` says.
     pub fn load(path: &Path, device: &Device, prep: &Preparation) -> Result<Self, ModelError> {
-        let bytes = std::fs::read(path).map_err(|source| {
+        let bytes = std::fs::read(path).map_err(|cause| {
             ModelError::Weights(crate::model::WeightsError::Io {
                 path: path.to_owned(),
-                source,
+                cause,
             })
         })?;
         let (meta, tensors) = crate::model::weights::load_bytes(path, &bytes, device)?;
