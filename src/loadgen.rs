@@ -74,6 +74,9 @@ pub struct Latency {
     pub mean: f64,
 }
 
+/// How long without a single answer before the run says so.
+const SILENCE: Duration = Duration::from_secs(3);
+
 /// What a run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct LoadReport {
@@ -275,10 +278,22 @@ pub async fn run(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
     let mut last_answer = start;
     let mut sender_done_at: Option<Instant> = None;
     let mut sender = Some(sender);
+    let mut warned = false;
     while n_results + n_errors < total {
         if sender.as_ref().is_some_and(|s| s.is_finished()) {
             sender = None;
             sender_done_at = Some(Instant::now());
+        }
+        if !warned && n_results + n_errors == 0 && start.elapsed() >= SILENCE {
+            warned = true;
+            eprintln!(
+                "no answer after {} s: is a profile-worker running, connected to {} and \
+                 subscribed to {}? (waiting up to --timeout {} s after the last request)",
+                SILENCE.as_secs(),
+                cfg.nats.nats_url,
+                cfg.request_subject,
+                cfg.timeout.as_secs()
+            );
         }
         let wait = match sender_done_at {
             Some(t) => {
@@ -286,7 +301,7 @@ pub async fn run(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
                 if left.is_zero() {
                     break;
                 }
-                left
+                left.min(Duration::from_millis(500))
             }
             None => Duration::from_millis(100),
         };
