@@ -292,8 +292,8 @@ mod tests {
         };
         align(picture, &face, &PLAIN, 32, &mut out);
         // The crop is the square itself: bright all over but the outermost ring.
-        let inner = (2..30).flat_map(|y| (2..30).map(move |x| (x, y)));
-        assert!(inner.clone().all(|(x, y)| out[(y * 32 + x) * 3] > 200));
+        let mut inner = (2..30).flat_map(|y| (2..30).map(move |x| (x, y)));
+        assert!(inner.all(|(x, y)| out[(y * 32 + x) * 3] > 200));
         // Twice as wide: the square fills the middle half, dark around it.
         let loose = FaceCrop { side: 2.0, ..PLAIN };
         align(picture, &face, &loose, 32, &mut out);

@@ -79,6 +79,8 @@ impl Kernels {
 struct Pointwise {
     /// Input channels multiplied (the padding past them is zero, so skipped).
     cin: usize,
+    /// Output channels before padding.
+    cout: usize,
     cin_p: usize,
     cout_p: usize,
     /// The output channels in groups of registers, each one register tile.
@@ -154,6 +156,7 @@ impl Pointwise {
         bias[..cout].copy_from_slice(&b[..cout]);
         Self {
             cin,
+            cout,
             cin_p,
             cout_p,
             groups,
@@ -250,9 +253,9 @@ impl Pointwise {
         }
     }
 
-    fn flops(&self, cin: usize, cout: usize, pixels: usize) -> u64 {
-        let _ = self;
-        2 * (cin * cout * pixels) as u64
+    /// Multiply-adds times two over `pixels` pixels (real channels only).
+    fn flops(&self, pixels: usize) -> u64 {
+        2 * (self.cin * self.cout * pixels) as u64
     }
 }
 
@@ -357,7 +360,6 @@ struct Block {
     side: usize,
     stride: usize,
     cin: usize,
-    cout: usize,
     cin_p: usize,
     /// Depthwise weights `[9][cin_p]` and bias `[cin_p]`.
     dw_w: Vec<f32>,
@@ -372,7 +374,7 @@ impl Block {
 
     fn flops(&self) -> u64 {
         let px = self.out_side() * self.out_side();
-        2 * (9 * self.cin * px) as u64 + self.pw.flops(self.cin, self.cout, px)
+        2 * (9 * self.cin * px) as u64 + self.pw.flops(px)
     }
 }
 
@@ -549,7 +551,6 @@ impl BlazeFace {
                 side,
                 stride,
                 cin,
-                cout,
                 cin_p,
                 dw_w,
                 dw_b,
@@ -621,11 +622,8 @@ impl BlazeFace {
     /// Multiply-adds times two of one forward pass.
     pub fn flops(&self) -> u64 {
         let stem_px = (self.side / 2) * (self.side / 2);
-        let heads =
-            self.head16.flops(88, 34, MAP_16 * MAP_16) + self.head8.flops(96, 102, MAP_8 * MAP_8);
-        self.stem.pw.flops(STEM_K, STEM_OUT, stem_px)
-            + self.blocks.iter().map(Block::flops).sum::<u64>()
-            + heads
+        let heads = self.head16.flops(MAP_16 * MAP_16) + self.head8.flops(MAP_8 * MAP_8);
+        self.stem.pw.flops(stem_px) + self.blocks.iter().map(Block::flops).sum::<u64>() + heads
     }
 
     /// Raw outputs for `n` pictures of `side x side` RGB values in 0..=255
