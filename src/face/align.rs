@@ -209,6 +209,9 @@ pub fn align(picture: Rgb<'_>, face: &Face, crop: &FaceCrop, n: usize, out: &mut
 
 /// Bilinear sampling of the rotated square into `out`. `src` covers the
 /// picture from `origin` at `scale` source pixels per picture pixel.
+///
+/// The source position is affine in the output pixel, so it is walked with
+/// two increments per row instead of being recomputed for every pixel.
 #[allow(clippy::too_many_arguments)]
 fn warp(
     src: Rgb<'_>,
@@ -221,31 +224,42 @@ fn warp(
     out: &mut [u8],
 ) {
     let (w, h) = (src.w as usize, src.h as usize);
-    if w == 0 || h == 0 {
+    if w == 0 || h == 0 || src.pixels.len() < w * h * 3 {
         out[..n * n * 3].fill(0);
         return;
     }
     let step = side / n as f32;
-    let px = |x: usize, y: usize| &src.pixels[(y * w + x) * 3..][..3];
-    for v in 0..n {
-        let fy = (v as f32 + 0.5) * step - side / 2.0;
-        for u in 0..n {
-            let fx = (u as f32 + 0.5) * step - side / 2.0;
-            let x = centre[0] + cos * fx - sin * fy;
-            let y = centre[1] + sin * fx + cos * fy;
-            // Into the source's pixel grid, pixel centres at +0.5.
-            let sx = ((x - origin[0]) * scale[0] - 0.5).clamp(0.0, (w - 1) as f32);
-            let sy = ((y - origin[1]) * scale[1] - 0.5).clamp(0.0, (h - 1) as f32);
+    // Output pixel (u, v) sits at f = (u + 0.5) * step - side / 2 (and the
+    // same in v) in the face's frame; turned into the picture, then into
+    // the source's grid (pixel centres at +0.5).
+    let f0 = 0.5 * step - side / 2.0;
+    let du = [cos * step * scale[0], sin * step * scale[1]];
+    let dv = [-sin * step * scale[0], cos * step * scale[1]];
+    let p0 = [
+        (centre[0] + cos * f0 - sin * f0 - origin[0]) * scale[0] - 0.5,
+        (centre[1] + sin * f0 + cos * f0 - origin[1]) * scale[1] - 0.5,
+    ];
+    let (max_x, max_y) = ((w - 1) as f32, (h - 1) as f32);
+    let stride = w * 3;
+    let px = src.pixels;
+    for (v, row) in out[..n * n * 3].chunks_exact_mut(n * 3).enumerate() {
+        let (mut x, mut y) = (p0[0] + v as f32 * dv[0], p0[1] + v as f32 * dv[1]);
+        for o in row.chunks_exact_mut(3) {
+            let (sx, sy) = (x.clamp(0.0, max_x), y.clamp(0.0, max_y));
             let (x0, y0) = (sx as usize, sy as usize);
-            let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
+            let dx = if x0 + 1 < w { 3 } else { 0 };
+            let dy = if y0 + 1 < h { stride } else { 0 };
             let (ax, ay) = (sx - x0 as f32, sy - y0 as f32);
-            let (p00, p10, p01, p11) = (px(x0, y0), px(x1, y0), px(x0, y1), px(x1, y1));
-            let o = &mut out[(v * n + u) * 3..][..3];
+            let i = y0 * stride + x0 * 3;
+            let (p00, p10) = (&px[i..i + 3], &px[i + dx..i + dx + 3]);
+            let (p01, p11) = (&px[i + dy..i + dy + 3], &px[i + dy + dx..i + dy + dx + 3]);
             for c in 0..3 {
-                let top = f32::from(p00[c]) * (1.0 - ax) + f32::from(p10[c]) * ax;
-                let bottom = f32::from(p01[c]) * (1.0 - ax) + f32::from(p11[c]) * ax;
-                o[c] = (top * (1.0 - ay) + bottom * ay + 0.5) as u8;
+                let top = f32::from(p00[c]) + (f32::from(p10[c]) - f32::from(p00[c])) * ax;
+                let bottom = f32::from(p01[c]) + (f32::from(p11[c]) - f32::from(p01[c])) * ax;
+                o[c] = (top + (bottom - top) * ay + 0.5) as u8;
             }
+            x += du[0];
+            y += du[1];
         }
     }
 }
