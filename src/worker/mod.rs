@@ -417,12 +417,14 @@ async fn pipeline(
             metrics
                 .decode_seconds
                 .observe(started.elapsed().as_secs_f64());
+            let model_id = model.id.clone();
+            drop(model);
             match outcome {
                 Ok(Framing::NoFace) => {
                     pool.give(input);
                     let _ = answers.send(Answer::NoFace {
                         env,
-                        model: model.id.clone(),
+                        model: model_id,
                     });
                 }
                 Ok(framing) => {
@@ -448,7 +450,6 @@ async fn pipeline(
                     });
                 }
             }
-            drop(model);
             drop(guard);
             drop(permit);
         });
@@ -560,30 +561,15 @@ async fn publish_answers(
                 seen,
                 model,
             } => {
-                let userid = answered_userid(&env);
                 let latency = env.received.elapsed().as_secs_f64() * 1e3;
+                let userid = answered_userid(&env);
                 let result = ProfileResult::new(&userid, &labels, &scores, seen, &model, latency);
-                let payload = serde_json::to_vec(&result).unwrap_or_default();
-                (
-                    env,
-                    subjects.results.clone(),
-                    payload,
-                    Settle::Done,
-                    Counted::Result(result.gender.unwrap_or_default(), result.faces),
-                )
+                result_answer(env, &result, &subjects)
             }
             Answer::NoFace { env, model } => {
-                let userid = answered_userid(&env);
                 let latency = env.received.elapsed().as_secs_f64() * 1e3;
-                let result = ProfileResult::no_face(&userid, &model, latency);
-                let payload = serde_json::to_vec(&result).unwrap_or_default();
-                (
-                    env,
-                    subjects.results.clone(),
-                    payload,
-                    Settle::Done,
-                    Counted::Result(NO_FACE_LABEL.into(), Some(0)),
-                )
+                let result = ProfileResult::no_face(&answered_userid(&env), &model, latency);
+                result_answer(env, &result, &subjects)
             }
             Answer::Failure { env, code, detail } => {
                 if code == ErrorCode::Internal {
@@ -661,6 +647,26 @@ async fn publish_answers(
 
 /// The `label` of `results_total` for an answer without a face.
 pub const NO_FACE_LABEL: &str = "none";
+
+/// A result on its way out: its subject, payload, settling and counters.
+fn result_answer(
+    env: Envelope,
+    result: &ProfileResult,
+    subjects: &Subjects,
+) -> (Envelope, String, Vec<u8>, Settle, Counted) {
+    let payload = serde_json::to_vec(result).unwrap_or_default();
+    let label = result
+        .gender
+        .clone()
+        .unwrap_or_else(|| NO_FACE_LABEL.into());
+    (
+        env,
+        subjects.results.clone(),
+        payload,
+        Settle::Done,
+        Counted::Result(label, result.faces),
+    )
+}
 
 /// The user id an answer carries (every request that reaches the model has one).
 fn answered_userid(env: &Envelope) -> UserId {
