@@ -190,11 +190,6 @@ impl Preprocessor {
         self
     }
 
-    /// The face stage, when detection is on.
-    pub fn face_stage(&self) -> Option<&FaceStage> {
-        self.face.as_ref()
-    }
-
     /// Number of f32 values one picture occupies (`size * size * 3`).
     pub fn input_len(&self) -> usize {
         (self.size * self.size * 3) as usize

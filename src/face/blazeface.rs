@@ -608,17 +608,6 @@ impl BlazeFace {
         &self.anchors
     }
 
-    /// The kernels this network runs with.
-    pub fn kernels(&self) -> Kernels {
-        self.kernels
-    }
-
-    /// The same network on other kernels (tests compare the two).
-    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
-        self.kernels = kernels;
-        self
-    }
-
     /// Multiply-adds times two of one forward pass.
     pub fn flops(&self) -> u64 {
         let stem_px = (self.side / 2) * (self.side / 2);
@@ -650,15 +639,7 @@ impl BlazeFace {
     /// [`BlazeFace::raw`] for one picture of RGB bytes.
     pub fn raw_u8(&self, picture: &[u8], boxes: &mut [f32], logits: &mut [f32]) {
         let mut s = self.take_scratch();
-        let side = self.side;
-        let stride = (side + 3) * 3;
-        for (y, row) in picture.chunks_exact(side * 3).enumerate().take(side) {
-            let dst = &mut s.input[(y + 1) * stride + 3..][..side * 3];
-            for (d, &v) in dst.iter_mut().zip(row) {
-                *d = f32::from(v) * (1.0 / 127.5) - 1.0;
-            }
-        }
-        self.network(&mut s, boxes, logits);
+        self.picture(picture, &mut s, boxes, logits);
         self.give_scratch(s);
     }
 
@@ -695,13 +676,21 @@ impl BlazeFace {
         }
     }
 
-    fn picture(&self, pic: &[f32], s: &mut Scratch, boxes: &mut [f32], logits: &mut [f32]) {
+    /// Normalises one picture (RGB values 0..=255, as bytes or floats) into
+    /// the bordered input and runs the network on it.
+    fn picture<T: Copy + Into<f32>>(
+        &self,
+        pic: &[T],
+        s: &mut Scratch,
+        boxes: &mut [f32],
+        logits: &mut [f32],
+    ) {
         let side = self.side;
         let stride = (side + 3) * 3;
-        for (y, row) in pic.chunks_exact(side * 3).enumerate() {
+        for (y, row) in pic.chunks_exact(side * 3).enumerate().take(side) {
             let dst = &mut s.input[(y + 1) * stride + 3..][..side * 3];
             for (d, &v) in dst.iter_mut().zip(row) {
-                *d = v * (1.0 / 127.5) - 1.0;
+                *d = v.into() * (1.0 / 127.5) - 1.0;
             }
         }
         self.network(s, boxes, logits);
