@@ -116,8 +116,7 @@ impl Dataset {
             skipped: Vec::new(),
         };
         for (i, (s, found)) in self.samples.into_iter().zip(self.found).enumerate() {
-            let h = fnv1a(s.userid.as_bytes());
-            let to = if (h % 10_000) as f64 / 10_000.0 < fraction {
+            let to = if held_out(&s.userid, fraction) {
                 &mut val
             } else {
                 &mut train
@@ -131,8 +130,13 @@ impl Dataset {
     }
 }
 
-/// Stable hash of a user id, for splits.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
+/// Whether a user id falls in the validation `fraction`: chosen by a hash
+/// of the id, so the same pictures are held out whatever the seed.
+pub fn held_out(userid: &str, fraction: f64) -> bool {
+    (fnv1a(userid.as_bytes()) % 10_000) as f64 / 10_000.0 < fraction
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
     })

@@ -158,8 +158,7 @@ impl Pictures {
         let (mut train, mut val) = (empty(), empty());
         train.skipped = self.skipped;
         for ((s, img), face) in self.samples.into_iter().zip(self.images).zip(self.faces) {
-            let h = dataset::fnv1a(s.userid.as_bytes());
-            let to = if (h % 10_000) as f64 / 10_000.0 < fraction {
+            let to = if dataset::held_out(&s.userid, fraction) {
                 &mut val
             } else {
                 &mut train
