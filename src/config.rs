@@ -34,6 +34,24 @@ impl FaceArgs {
     }
 }
 
+/// An error and its causes on one line, each said once: a cause whose
+/// text is already part of what was said is left out (several libraries
+/// repeat their source's text in their own message).
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 /// A count of at least one (batch size, threads).
 pub fn parse_count(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
@@ -65,6 +83,29 @@ pub fn parse_seconds(s: &str) -> Result<f64, String> {
         ));
     }
     Ok(v)
+}
+
+/// A size in bytes, at least one: a whole number, optionally with a
+/// binary suffix (`K`/`KiB`, `M`/`MiB`, `G`/`GiB`).
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        other => return Err(format!("{s}: unknown unit `{other}` (use K, M or G)")),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s}: a size is a whole number of bytes, e.g. 8M or 65536"))?;
+    match n.checked_mul(scale).and_then(|b| usize::try_from(b).ok()) {
+        Some(0) => Err(format!("{s}: must be at least one byte")),
+        Some(b) => Ok(b),
+        None => Err(format!("{s}: too large")),
+    }
 }
 
 /// A detector score strictly between 0 and 1.
@@ -141,6 +182,15 @@ mod tests {
     }
 
     #[test]
+    fn each_cause_is_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let e = anyhow::Error::new(io).context("reading x: No such file");
+        assert_eq!(error_line(&e), "reading x: No such file");
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_line(&e), "outer: inner");
+    }
+
+    #[test]
     fn meaningless_values_are_refused() {
         assert!(parse_count("0").is_err() && parse_count("-1").is_err());
         assert_eq!(parse_count("32"), Ok(32));
@@ -152,6 +202,12 @@ mod tests {
         assert_eq!(parse_seconds("0.5"), Ok(0.5));
         for bad in ["0", "1", "1.5", "-0.1", "nan"] {
             assert!(parse_threshold(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_bytes("8M"), Ok(8 << 20));
+        assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_bytes("65536"), Ok(65536));
+        for bad in ["0", "-1", "1.5M", "12X", "", "M"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
         }
     }
 }

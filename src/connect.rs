@@ -105,10 +105,18 @@ impl NatsArgs {
             .map(|u| u.trim().parse::<async_nats::ServerAddr>())
             .collect::<Result<_, _>>()
             .with_context(|| format!("bad NATS URL in `{}`", self.nats_url))?;
-        options
-            .connect(urls)
-            .await
-            .with_context(|| format!("connecting to NATS at {}", self.nats_url))
+        let wants_tls = self.tls_required || self.nats_url.contains("tls://");
+        options.connect(urls).await.map_err(|e| {
+            let text = e.to_string();
+            let hint =
+                if wants_tls && (text.contains("corrupt") || text.contains("InvalidContentType")) {
+                    " (TLS was asked for but the server did not answer with TLS: is it a plain \
+                 nats:// server? Use a nats:// URL, or enable TLS on the server)"
+                } else {
+                    ""
+                };
+            anyhow::Error::new(e).context(format!("connecting to NATS at {}{hint}", self.nats_url))
+        })
     }
 }
 

@@ -37,7 +37,8 @@ pub enum Encoding {
 pub struct LoadConfig {
     /// Servers, credentials and TLS.
     pub nats: crate::connect::NatsArgs,
-    /// Folder of pictures, optionally with `profile.csv` (userid,gender).
+    /// Folder of pictures, optionally with `profile.csv` (userid,gender),
+    /// or one picture file.
     pub dir: PathBuf,
     /// Request subject.
     pub request_subject: String,
@@ -57,6 +58,8 @@ pub struct LoadConfig {
     pub timeout: Duration,
     /// Show a progress bar (only drawn on a terminal).
     pub progress: bool,
+    /// Print every answer (its JSON, one line each) to stdout.
+    pub show: bool,
 }
 
 /// Latency percentiles in milliseconds.
@@ -114,6 +117,20 @@ struct Picture {
 }
 
 fn read_pictures(dir: &Path) -> anyhow::Result<Vec<Picture>> {
+    if dir.is_file() {
+        let bytes = std::fs::read(dir).with_context(|| format!("reading {}", dir.display()))?;
+        let userid = dir
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .filter(|s| !s.is_empty())
+            .unwrap_or("picture")
+            .to_owned();
+        return Ok(vec![Picture {
+            userid,
+            bytes: bytes.into(),
+            truth: None,
+        }]);
+    }
     let mut truth = HashMap::new();
     let csv_path = dir.join("profile.csv");
     if csv_path.exists() {
@@ -316,6 +333,9 @@ pub async fn run(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
         let Some(&i) = value["userid"].as_str().and_then(|u| index.get(u)) else {
             continue;
         };
+        if cfg.show {
+            println!("{value}");
+        }
         if answered[i] {
             duplicates += 1;
             continue;

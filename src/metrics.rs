@@ -5,8 +5,8 @@
 //! No global counters: whoever records holds a [`Metrics`] (cheap to clone).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
@@ -48,6 +48,8 @@ pub struct Metrics {
     pub dead_letters: IntCounter,
     /// Pictures answered, by faces found (`0`, `1`, `2+`; detection on only).
     pub faces_total: IntCounterVec,
+    /// Requests lost before the worker could answer them, by reason.
+    pub dropped: IntCounterVec,
 }
 
 fn buckets(start: f64, factor: f64, count: usize) -> Vec<f64> {
@@ -130,9 +132,17 @@ impl Metrics {
                 &["faces"],
             )
             .expect("valid"),
+            dropped: IntCounterVec::new(
+                opts(
+                    "dropped_total",
+                    "Requests lost before the worker could answer them, by reason.",
+                ),
+                &["reason"],
+            )
+            .expect("valid"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
             Box::new(m.requests.clone()),
             Box::new(m.results.clone()),
             Box::new(m.errors.clone()),
@@ -145,6 +155,7 @@ impl Metrics {
             Box::new(m.model_reloads.clone()),
             Box::new(m.dead_letters.clone()),
             Box::new(m.faces_total.clone()),
+            Box::new(m.dropped.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -159,6 +170,9 @@ impl Metrics {
         for faces in ["0", "1", "2+"] {
             m.faces_total.with_label_values(&[faces]);
         }
+        for reason in DropReason::ALL {
+            m.dropped.with_label_values(&[reason.as_str()]);
+        }
         m
     }
 
@@ -170,6 +184,11 @@ impl Metrics {
             _ => "2+",
         };
         self.faces_total.with_label_values(&[label]).inc();
+    }
+
+    /// Counts `n` requests lost for `reason`.
+    pub fn dropped(&self, reason: DropReason, n: u64) {
+        self.dropped.with_label_values(&[reason.as_str()]).inc_by(n);
     }
 
     /// Counts an error reply.
@@ -197,33 +216,75 @@ impl Default for Metrics {
     }
 }
 
-/// What `/readyz` reports: connected to NATS, a model loaded, requests subscribed.
+/// Why a request was lost before it could be answered (`dropped_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The worker already held its bound of unanswered requests or bytes.
+    IntakeFull,
+    /// The NATS client's buffer for the subscription was full.
+    SlowConsumer,
+}
+
+impl DropReason {
+    /// Every reason, exported at zero from the start.
+    pub const ALL: [Self; 2] = [Self::IntakeFull, Self::SlowConsumer];
+
+    /// The `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::IntakeFull => "intake_full",
+            Self::SlowConsumer => "slow_consumer",
+        }
+    }
+}
+
+/// What `/healthz` and `/readyz` report. Ready: connected to NATS, a model
+/// loaded, requests subscribed, not draining. Healthy: no pipeline stage
+/// has died.
 #[derive(Debug, Default)]
-pub struct Readiness {
+pub struct Health {
     /// The NATS connection is up.
     pub connected: AtomicBool,
     /// A model is loaded and serving.
     pub model_loaded: AtomicBool,
     /// The request subscription (or JetStream consumer) is set up.
     pub subscribed: AtomicBool,
+    /// Shutting down: no new requests are taken.
+    pub draining: AtomicBool,
+    /// Pipeline stages that ended while the worker was not stopping.
+    dead: Mutex<Vec<&'static str>>,
 }
 
-impl Readiness {
+impl Health {
     fn ready(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
             && self.model_loaded.load(Ordering::Relaxed)
             && self.subscribed.load(Ordering::Relaxed)
+            && !self.draining.load(Ordering::Relaxed)
+            && self.dead_stages().is_empty()
+    }
+
+    /// Records that the stage `name` has died.
+    pub fn stage_died(&self, name: &'static str) {
+        if let Ok(mut dead) = self.dead.lock() {
+            dead.push(name);
+        }
+    }
+
+    /// The stages that have died, empty while healthy.
+    pub fn dead_stages(&self) -> Vec<&'static str> {
+        self.dead.lock().map(|d| d.clone()).unwrap_or_default()
     }
 }
 
 #[derive(Clone)]
 struct HttpState {
     metrics: Metrics,
-    ready: Arc<Readiness>,
+    health: Arc<Health>,
 }
 
 /// The router serving `/metrics`, `/healthz` and `/readyz`.
-pub fn router(metrics: Metrics, ready: Arc<Readiness>) -> Router {
+pub fn router(metrics: Metrics, health: Arc<Health>) -> Router {
     Router::new()
         .route(
             "/metrics",
@@ -234,18 +295,29 @@ pub fn router(metrics: Metrics, ready: Arc<Readiness>) -> Router {
                 )
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/healthz",
+            get(|State(s): State<HttpState>| async move {
+                let dead = s.health.dead_stages();
+                if dead.is_empty() {
+                    (StatusCode::OK, "ok\n".to_string()).into_response()
+                } else {
+                    let text = format!("dead pipeline stage: {}\n", dead.join(", "));
+                    (StatusCode::SERVICE_UNAVAILABLE, text).into_response()
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(|State(s): State<HttpState>| async move {
-                if s.ready.ready() {
+                if s.health.ready() {
                     (StatusCode::OK, "ready\n").into_response()
                 } else {
                     (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
                 }
             }),
         )
-        .with_state(HttpState { metrics, ready })
+        .with_state(HttpState { metrics, health })
 }
 
 /// Binds `addr` and serves the endpoints until the task is dropped. Returns
@@ -253,11 +325,11 @@ pub fn router(metrics: Metrics, ready: Arc<Readiness>) -> Router {
 pub async fn serve(
     addr: SocketAddr,
     metrics: Metrics,
-    ready: Arc<Readiness>,
+    health: Arc<Health>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = router(metrics, ready);
+    let app = router(metrics, health);
     let handle = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("metrics server stopped: {e}");
@@ -288,6 +360,8 @@ mod tests {
             "profile_worker_in_flight",
             "profile_worker_model_info{device=\"cpu\",model=\"m/1\"} 1",
             "profile_worker_model_reloads_total{outcome=\"rejected\"} 0",
+            "profile_worker_faces_total{faces=\"0\"} 0",
+            "profile_worker_dropped_total{reason=\"slow_consumer\"} 0",
         ] {
             assert!(text.contains(name), "missing {name}");
         }

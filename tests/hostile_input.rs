@@ -17,19 +17,7 @@ use profile_classifier::protocol::{ErrorCode, Request};
 use proptest::prelude::*;
 
 fn preprocessor() -> Preprocessor {
-    let meta = ModelMeta {
-        labels: vec!["female".into(), "male".into()],
-        input_size: 64,
-        input_channels: 3,
-        mean: vec![0.5; 3],
-        std: vec![0.5; 3],
-        channels: vec![16],
-        version: "t".into(),
-        training: serde_json::Value::Null,
-        probe: vec![],
-        face: None,
-    };
-    Preprocessor::new(&meta, Limits::default())
+    Preprocessor::new(&ModelMeta::sketch(64, &[16]), Limits::default())
 }
 
 /// The same with face detection in front, as the worker runs by default.

@@ -168,6 +168,21 @@ fn kubernetes_manifests_have_what_operators_need() {
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    // Shutdown has three steps (drain, answer what was taken, flush), each
+    // bounded by the shutdown timeout: the grace period must cover them.
+    let timeout: f64 = container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "PROFILE_SHUTDOWN_TIMEOUT")
+        .and_then(|e| e["value"].as_str())
+        .expect("PROFILE_SHUTDOWN_TIMEOUT set")
+        .parse()
+        .unwrap();
+    let grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_f64()
+        .unwrap();
+    assert!(grace >= 3.0 * timeout, "grace {grace} s < 3 x {timeout} s");
     assert!(container["resources"]["requests"]["cpu"].is_string());
     assert!(container["resources"]["requests"]["memory"].is_string());
     assert!(

@@ -14,18 +14,7 @@ use profile_classifier::preprocess::{Limits, Preprocessor};
 use profile_classifier::train::{dataset, eval};
 
 fn meta() -> ModelMeta {
-    ModelMeta {
-        labels: vec!["female".into(), "male".into()],
-        input_size: 32,
-        input_channels: 3,
-        mean: vec![0.5; 3],
-        std: vec![0.5; 3],
-        channels: vec![8],
-        version: "t".into(),
-        training: serde_json::Value::Null,
-        probe: vec![],
-        face: None,
-    }
+    ModelMeta::sketch(32, &[8])
 }
 
 #[test]

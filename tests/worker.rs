@@ -7,9 +7,8 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use async_nats::HeaderMap;
 use base64::Engine;
-use common::{NatsServer, Worker, fixture_pictures};
+use common::{NatsServer, Worker, answers, binary, fixture_pictures};
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -34,21 +33,6 @@ async fn collect(
         }
     }
     out
-}
-
-async fn answers(
-    c: &async_nats::Client,
-) -> impl futures::Stream<Item = async_nats::Message> + Unpin {
-    let results = c.subscribe("profiles.gender").await.unwrap();
-    let errors = c.subscribe("profiles.errors").await.unwrap();
-    c.flush().await.unwrap();
-    futures::stream::select(results, errors)
-}
-
-fn binary(userid: &str) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert("userid", userid);
-    h
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -344,7 +328,16 @@ async fn reconnects_after_the_server_restarts() {
 async fn sigterm_answers_every_taken_request() {
     let monitor = common::free_port();
     let server = NatsServer::start_with(false, &["-m", &monitor.to_string()]);
-    let mut worker = Worker::start(&server.url(), &["--connection-name", "sigterm-worker"]);
+    // A bound above the burst: every request delivered is taken, none dropped.
+    let mut worker = Worker::start(
+        &server.url(),
+        &[
+            "--connection-name",
+            "sigterm-worker",
+            "--max-pending",
+            "4000",
+        ],
+    );
     let c = client(&server.url()).await;
     let mut all = answers(&c).await;
     let pics = fixture_pictures();

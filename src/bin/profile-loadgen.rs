@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use profile_classifier::config::{error_line, parse_count, parse_seconds};
 use profile_classifier::connect::NatsArgs;
 use profile_classifier::loadgen::{self, Encoding, LoadConfig};
 
@@ -18,23 +19,23 @@ use profile_classifier::loadgen::{self, Encoding, LoadConfig};
 struct Cli {
     #[command(flatten)]
     nats: NatsArgs,
-    /// Folder of <userid>.jpg files, optionally with profile.csv (userid,gender).
+    /// Folder of <userid>.jpg files, optionally with profile.csv (userid,gender), or one picture file.
     #[arg(long, default_value = "tests/fixtures/faces")]
     dir: PathBuf,
     /// Requests to send (default: one per picture; pictures repeat as needed).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_count)]
     requests: Option<usize>,
     /// Most requests unanswered at once (closed loop).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = parse_count)]
     window: usize,
     /// Requests per second, open loop (default: as fast as the window allows).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_rate)]
     rate: Option<f64>,
     /// Request encoding.
     #[arg(long, value_enum, default_value_t = Encoding::Binary)]
     encoding: Encoding,
     /// Seconds to wait for the last answers after the last request.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = 30.0, value_parser = parse_seconds)]
     timeout: f64,
     /// Subject requests are published on.
     #[arg(
@@ -56,6 +57,19 @@ struct Cli {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Print every answer's JSON as it arrives (stdout).
+    #[arg(long)]
+    show: bool,
+}
+
+/// A rate above zero.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match parse_seconds(s) {
+        Ok(r) if r > 0.0 => Ok(r),
+        _ => Err(format!(
+            "{s}: a rate is a finite number of requests per second above 0"
+        )),
+    }
 }
 
 #[tokio::main]
@@ -71,8 +85,9 @@ async fn main() -> ExitCode {
         window: cli.window,
         rate: cli.rate,
         encoding: cli.encoding,
-        timeout: Duration::from_secs_f64(cli.timeout.max(0.0)),
+        timeout: Duration::from_secs_f64(cli.timeout),
         progress: std::io::stderr().is_terminal(),
+        show: cli.show,
     };
     match loadgen::run(&cfg).await {
         Ok(report) => {
@@ -88,7 +103,7 @@ async fn main() -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use profile_classifier::config::{FaceArgs, parse_device};
+use profile_classifier::config::{FaceArgs, error_line, parse_device};
 use profile_classifier::connect::{NatsArgs, notify_reload};
 use profile_classifier::face::FaceFinder;
 use profile_classifier::model::Classifier;
@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train on a folder of <userid>.jpg plus profile.csv and write a weights file.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Evaluate a weights file on a labelled folder, through the worker's own
     /// preprocessing (face detection and alignment included).
     Eval {
@@ -54,6 +54,19 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Publish a reload message: every worker loads its weights file again
+    /// (after weights were copied into place by other means).
+    Notify {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// Subject of the reload message.
+        #[arg(
+            long,
+            env = "PROFILE_RELOAD_SUBJECT",
+            default_value = "profiles.control.reload"
+        )]
+        reload_subject: String,
+    },
     /// Print the label and confidence of each picture.
     Predict {
         /// Weights file to use.
@@ -71,6 +84,19 @@ enum Command {
     },
 }
 
+/// Publishes one reload message and says so.
+fn notify(nats: &NatsArgs, subject: &str, body: &str) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(notify_reload(nats, subject, body))?;
+    eprintln!(
+        "published a reload message on {subject} via {}",
+        nats.nats_url
+    );
+    Ok(())
+}
+
 /// The preprocessing of `cls`, as the worker would run it.
 fn preprocessor(faces: &FaceArgs, cls: &Classifier) -> anyhow::Result<Preprocessor> {
     let detector = match faces.detector() {
@@ -81,6 +107,7 @@ fn preprocessor(faces: &FaceArgs, cls: &Classifier) -> anyhow::Result<Preprocess
         limits: Limits::default(),
         detector,
         face_threshold: faces.face_threshold,
+        budget: None,
     };
     Preprocessor::for_model(cls.meta(), &prep).map_err(anyhow::Error::msg)
 }
@@ -140,9 +167,13 @@ struct TrainArgs {
     /// Also write the training report (JSON) to this file.
     #[arg(long)]
     report: Option<PathBuf>,
-    /// After writing the weights, publish a reload message on this NATS server.
-    #[arg(long)]
-    notify_nats: Option<String>,
+    /// After writing the weights, publish a reload message so the workers load
+    /// them: through the server given here, or --nats-url when no value is given
+    /// (with the same authentication and TLS flags as the worker).
+    #[arg(long, num_args = 0..=1, value_name = "URL")]
+    notify_nats: Option<Option<String>>,
+    #[command(flatten)]
+    nats: NatsArgs,
     /// Subject of the reload message.
     #[arg(long, default_value = "profiles.control.reload")]
     reload_subject: String,
@@ -158,7 +189,7 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -193,18 +224,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .with_context(|| format!("writing {}", path.display()))?;
             }
             if let Some(url) = a.notify_nats {
-                let nats = NatsArgs::url(url);
+                let nats = match url {
+                    Some(url) => NatsArgs {
+                        nats_url: url,
+                        ..a.nats
+                    },
+                    None => a.nats,
+                };
                 let body = serde_json::json!({"weights": cfg.out.display().to_string(), "version": report.version});
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?
-                    .block_on(notify_reload(&nats, &a.reload_subject, &body.to_string()))?;
-                eprintln!(
-                    "published a reload message on {} via {}",
-                    a.reload_subject, nats.nats_url
-                );
+                notify(&nats, &a.reload_subject, &body.to_string())?;
             }
         }
+        Command::Notify {
+            nats,
+            reload_subject,
+        } => notify(&nats, &reload_subject, "{}")?,
         Command::Eval {
             weights,
             data,

@@ -9,11 +9,12 @@ use std::time::Duration;
 use clap::Parser;
 use profile_classifier::batcher::{BatchConfig, Policy};
 use profile_classifier::config::{
-    FaceArgs, parse_count, parse_device, parse_millis, parse_seconds,
+    FaceArgs, error_line, parse_bytes, parse_count, parse_device, parse_millis, parse_seconds,
 };
 use profile_classifier::connect::NatsArgs;
 use profile_classifier::preprocess::Limits;
-use profile_classifier::worker::jetstream::JsConfig;
+use profile_classifier::worker::source::intake::IntakeLimits;
+use profile_classifier::worker::source::jetstream::JsConfig;
 use profile_classifier::worker::{self, FaceConfig, Subjects, WorkerConfig};
 
 #[derive(Parser)]
@@ -84,18 +85,27 @@ struct Cli {
     /// Threads a forward pass splits a batch over, at least 4 pictures each (default: number of cores).
     #[arg(long, env = "PROFILE_INFER_THREADS", value_parser = parse_count)]
     infer_threads: Option<usize>,
-    /// Largest encoded picture, in bytes.
-    #[arg(long, env = "PROFILE_MAX_IMAGE_BYTES", default_value_t = 8 * 1024 * 1024)]
+    /// Largest encoded picture, in bytes (K, M, G suffixes: KiB, MiB, GiB).
+    #[arg(long, env = "PROFILE_MAX_IMAGE_BYTES", default_value = "8M", value_parser = parse_bytes)]
     max_image_bytes: usize,
     /// Largest decoded picture, in pixels.
-    #[arg(long, env = "PROFILE_MAX_PIXELS", default_value_t = 40_000_000)]
+    #[arg(long, env = "PROFILE_MAX_PIXELS", default_value_t = 40_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_pixels: u64,
+    /// Core mode: requests held unanswered at most; more are dropped and counted (default: 8 x --max-batch).
+    #[arg(long, env = "PROFILE_MAX_PENDING", value_parser = parse_count)]
+    max_pending: Option<usize>,
+    /// Core mode: payload bytes of the requests held unanswered at most (K, M, G suffixes).
+    #[arg(long, env = "PROFILE_MAX_PENDING_BYTES", default_value = "64M", value_parser = parse_bytes)]
+    max_pending_bytes: usize,
+    /// Memory all decodes together may hold for pixels (K, M, G suffixes); larger pictures wait, a picture needing more is image_too_large.
+    #[arg(long, env = "PROFILE_DECODE_MEMORY", default_value = "256M", value_parser = parse_bytes)]
+    decode_memory: usize,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, env = "PROFILE_METRICS_ADDR", default_value = "0.0.0.0:9464")]
     metrics_addr: SocketAddr,
     /// After SIGTERM/SIGINT, seconds each step may take (drain, in-flight requests, last flush).
-    #[arg(long, env = "PROFILE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
-    shutdown_timeout: u64,
+    #[arg(long, env = "PROFILE_SHUTDOWN_TIMEOUT", default_value_t = 30.0, allow_hyphen_values = true, value_parser = parse_seconds)]
+    shutdown_timeout: f64,
     /// Seconds between checks of the weights file for changes (0: off).
     #[arg(long, env = "PROFILE_WATCH_INTERVAL", default_value_t = 1.0, allow_hyphen_values = true, value_parser = parse_seconds)]
     watch_interval: f64,
@@ -144,7 +154,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -175,6 +185,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             max_bytes: cli.max_image_bytes,
             max_pixels: cli.max_pixels,
         },
+        intake: IntakeLimits {
+            max_requests: cli
+                .max_pending
+                .unwrap_or(IntakeLimits::for_batch(cli.max_batch).max_requests),
+            max_bytes: cli.max_pending_bytes,
+        },
+        decode_memory: cli.decode_memory,
         faces: cli.faces.detector().map(|detector| FaceConfig {
             detector: detector.clone(),
             threshold: cli.faces.face_threshold,
@@ -182,7 +199,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         decode_threads: cli.decode_threads.unwrap_or(cores),
         infer_threads: cli.infer_threads.unwrap_or(cores),
         metrics_addr: cli.metrics_addr,
-        shutdown_timeout: Duration::from_secs(cli.shutdown_timeout),
+        shutdown_timeout: Duration::from_secs_f64(cli.shutdown_timeout),
         watch_interval: Duration::from_secs_f64(cli.watch_interval),
         jetstream: cli.jetstream.then(|| JsConfig {
             stream: cli.stream,

@@ -611,18 +611,7 @@ mod tests {
     use super::*;
 
     pub(crate) fn tiny_meta() -> ModelMeta {
-        ModelMeta {
-            labels: vec!["female".into(), "male".into()],
-            input_size: 16,
-            input_channels: 3,
-            mean: vec![0.5; 3],
-            std: vec![0.5; 3],
-            channels: vec![8, 16],
-            version: "test".into(),
-            training: serde_json::Value::Null,
-            probe: vec![],
-            face: None,
-        }
+        ModelMeta::sketch(16, &[8, 16])
     }
 
     fn random_tensors(meta: &ModelMeta) -> HashMap<String, Tensor> {

@@ -90,6 +90,25 @@ const KEYS: [&str; 9] = [
 ];
 
 impl ModelMeta {
+    /// The metadata of a small untrained network for tests and examples:
+    /// labels `female,male`, RGB input of `input_size`, conv blocks of
+    /// `channels`, normalisation 0.5/0.5, no training record, no probe, no
+    /// face crop. Override fields with struct update syntax.
+    pub fn sketch(input_size: usize, channels: &[usize]) -> Self {
+        Self {
+            labels: vec!["female".into(), "male".into()],
+            input_size,
+            input_channels: 3,
+            mean: vec![0.5; 3],
+            std: vec![0.5; 3],
+            channels: channels.to_vec(),
+            version: "test".into(),
+            training: serde_json::Value::Null,
+            probe: vec![],
+            face: None,
+        }
+    }
+
     /// Checks internal consistency (label count, normalisation vectors, sizes).
     pub fn validate(&self) -> Result<(), String> {
         if self.labels.len() < 2 {
@@ -292,16 +311,11 @@ mod tests {
 
     fn meta() -> ModelMeta {
         ModelMeta {
-            labels: vec!["female".into(), "male".into()],
-            input_size: 16,
-            input_channels: 3,
-            mean: vec![0.5; 3],
             std: vec![0.25; 3],
-            channels: vec![4, 8],
             version: "gender-cnn/test".into(),
             training: serde_json::json!({"epochs": 1}),
             probe: vec![vec![0.25, 0.75]],
-            face: None,
+            ..ModelMeta::sketch(16, &[4, 8])
         }
     }
 

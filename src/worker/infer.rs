@@ -10,8 +10,9 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::answer::{Answer, Envelope, seen};
+use super::lifecycle::{Fault, StageGuard};
 use super::model_slot::ModelSlot;
-use super::{Answer, Envelope};
 use crate::batcher::Batcher;
 use crate::metrics::Metrics;
 use crate::preprocess::Framing;
@@ -65,7 +66,8 @@ impl InputPool {
     }
 }
 
-/// Runs until every sender of the batcher's channel is gone.
+/// Runs until every sender of the batcher's channel is gone; `_alive`
+/// reports the stage dead if it ends before the worker stops.
 pub fn run(
     mut batcher: Batcher<Decoded>,
     slot: ModelSlot,
@@ -73,10 +75,12 @@ pub fn run(
     metrics: Metrics,
     pool: InputPool,
     threads: usize,
+    _alive: StageGuard,
 ) {
     let mut batch = Vec::new();
     let mut buffer: Vec<f32> = Vec::new();
     while batcher.next_batch(&mut batch) {
+        Fault::InferencePanic.trigger();
         let model = slot.current();
         let len = model.pre.input_len();
         buffer.clear();
@@ -93,7 +97,7 @@ pub fn run(
                         });
                         continue;
                     }
-                    Ok(framing) => item.seen = super::seen(&framing),
+                    Ok(framing) => item.seen = seen(&framing),
                     Err(e) => {
                         let _ = answers.send(Answer::Failure {
                             env: item.env,

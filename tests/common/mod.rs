@@ -41,6 +41,7 @@ pub fn fixture_load(
         encoding: profile_classifier::loadgen::Encoding::Binary,
         timeout: Duration::from_secs(30),
         progress: false,
+        show: false,
     }
 }
 
@@ -184,6 +185,11 @@ impl Worker {
     /// Starts `profile-worker` against `url` with extra flags, and waits
     /// until `/readyz` answers 200.
     pub fn start(url: &str, extra: &[&str]) -> Self {
+        Self::start_env(url, extra, &[])
+    }
+
+    /// [`Worker::start`] with extra environment variables.
+    pub fn start_env(url: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let metrics_port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_profile-worker"));
         cmd.args(["--nats-url", url])
@@ -191,6 +197,7 @@ impl Worker {
             .env("PROFILE_WEIGHTS", weights())
             .env("PROFILE_DETECTOR", detector())
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
@@ -226,12 +233,26 @@ impl Worker {
             .unwrap_or(0.0)
     }
 
+    /// Sends SIGTERM (without waiting).
+    pub fn signal_term(&self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
     /// Sends SIGTERM and waits for the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
+        self.signal_term();
         let mut child = self.child.take()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -274,4 +295,38 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Some((code, body))
+}
+
+/// Headers of a binary request from `userid`.
+pub fn binary(userid: &str) -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("userid", userid);
+    h
+}
+
+/// Every answer (results and errors) as one stream, subscribed before return.
+pub async fn answers(
+    c: &async_nats::Client,
+) -> impl futures::Stream<Item = async_nats::Message> + Unpin {
+    let results = c.subscribe("profiles.gender").await.unwrap();
+    let errors = c.subscribe("profiles.errors").await.unwrap();
+    c.flush().await.unwrap();
+    futures::stream::select(results, errors)
+}
+
+/// Publishes `n` fixture faces as binary requests with user ids
+/// `{prefix}-{i}`, as fast as the client goes, and flushes.
+pub async fn publish_faces(c: &async_nats::Client, n: usize, prefix: &str) {
+    let pics = fixture_pictures();
+    for i in 0..n {
+        let bytes = &pics[i % pics.len()].1;
+        c.publish_with_headers(
+            "profiles.images",
+            binary(&format!("{prefix}-{i}")),
+            bytes.clone().into(),
+        )
+        .await
+        .unwrap();
+    }
+    c.flush().await.unwrap();
 }

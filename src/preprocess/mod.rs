@@ -6,9 +6,16 @@
 //! take the whole picture when face detection is off), resize to the model's
 //! input and normalise as the model's metadata says.
 //!
+//! Every decode first reserves its pixels' bytes in the [`DecodeBudget`]
+//! when there is one (the worker's `--decode-memory`).
+//!
 //! Plain functions over bytes and slices: no NATS, no tensors, no classifier.
 //! The trainer and the worker share this code, so the network sees the same
 //! input at training and at serving time.
+
+mod budget;
+
+pub use budget::{DecodeBudget, Reservation};
 
 use std::cell::RefCell;
 use std::io::Cursor;
@@ -92,6 +99,8 @@ pub struct Preparation {
     pub detector: Option<Arc<FaceFinder>>,
     /// Detector score a face needs, instead of the model's metadata.
     pub face_threshold: Option<f32>,
+    /// Memory all decodes together may hold; `None`: unbounded.
+    pub budget: Option<DecodeBudget>,
 }
 
 /// Finding and cutting out the face before classifying it.
@@ -138,6 +147,7 @@ pub struct Preprocessor {
     inv_std: [f32; 3],
     limits: Limits,
     face: Option<FaceStage>,
+    budget: Option<DecodeBudget>,
 }
 
 thread_local! {
@@ -159,12 +169,16 @@ impl Preprocessor {
             ],
             limits,
             face: None,
+            budget: None,
         }
     }
 
     /// The preprocessing `meta`'s model is served with, as `prep` says.
     pub fn for_model(meta: &ModelMeta, prep: &Preparation) -> Result<Self, String> {
-        let pre = Self::new(meta, prep.limits);
+        let pre = Self {
+            budget: prep.budget.clone(),
+            ..Self::new(meta, prep.limits)
+        };
         let Some(finder) = &prep.detector else {
             return Ok(pre);
         };
@@ -211,12 +225,17 @@ impl Preprocessor {
     /// give the same pixels (tested).
     pub fn run(&self, bytes: &[u8], out: &mut [f32]) -> Result<Framing, PreprocessError> {
         let format = self.check(bytes)?;
+        let budget = self.budget.as_ref();
         if format == ImageFormat::Jpeg {
             let limits = self.limits;
             let done = PIXELS.with_borrow_mut(|pixels| {
-                let size = guarded(format, || decode_plain_jpeg(bytes, limits, pixels));
+                let size = guarded(format, || decode_plain_jpeg(bytes, limits, budget, pixels));
                 let framed = match size {
-                    Ok(Some((w, h))) => Ok(Some(self.frame(Rgb { pixels, w, h }, out))),
+                    Ok(Some((w, h, reserved))) => {
+                        let framing = self.frame(Rgb { pixels, w, h }, out);
+                        drop(reserved);
+                        Ok(Some(framing))
+                    }
                     Ok(None) => Ok(None),
                     Err(e) => Err(e),
                 };
@@ -230,8 +249,12 @@ impl Preprocessor {
                 return Ok(framing);
             }
         }
-        let rgb = guarded(format, || decode_with_limits(bytes, format, self.limits))?;
-        Ok(self.frame(rgb_view(&rgb), out))
+        let (rgb, reserved) = guarded(format, || {
+            decode_with_limits(bytes, format, self.limits, budget)
+        })?;
+        let framing = self.frame(rgb_view(&rgb), out);
+        drop((rgb, reserved));
+        Ok(framing)
     }
 
     /// Frames a decoded picture into `out`: around its largest face when
@@ -266,7 +289,11 @@ impl Preprocessor {
     /// Decodes to an RGB picture of any size, with every limit checked.
     pub fn decode(&self, bytes: &[u8]) -> Result<image::RgbImage, PreprocessError> {
         let format = self.check(bytes)?;
-        guarded(format, || decode_with_limits(bytes, format, self.limits))
+        let budget = self.budget.as_ref();
+        guarded(format, || {
+            decode_with_limits(bytes, format, self.limits, budget)
+        })
+        .map(|(rgb, _)| rgb)
     }
 
     /// The checks made before any decoder sees the bytes: not empty, not
@@ -397,8 +424,9 @@ fn guarded<T>(
 fn decode_plain_jpeg(
     bytes: &[u8],
     limits: Limits,
+    budget: Option<&DecodeBudget>,
     pixels: &mut Vec<u8>,
-) -> Result<Option<(u32, u32)>, PreprocessError> {
+) -> Result<Option<(u32, u32, Reservation)>, PreprocessError> {
     use zune_core::colorspace::ColorSpace;
     let jpeg_error = |e: zune_jpeg::errors::DecodeErrors| match e {
         zune_jpeg::errors::DecodeErrors::Unsupported(u) => PreprocessError::new(
@@ -440,20 +468,25 @@ fn decode_plain_jpeg(
     let len = decoder
         .output_buffer_size()
         .ok_or_else(|| undecodable(ImageFormat::Jpeg, "picture too large for memory"))?;
+    let reserved = reserve(budget, ImageFormat::Jpeg, w, h, "8-bit RGB", len as u64)?;
     pixels.resize(len, 0);
     decoder.decode_into(pixels).map_err(jpeg_error)?;
-    Ok(Some((w, h)))
+    Ok(Some((w, h, reserved)))
 }
 
 fn undecodable(format: ImageFormat, e: impl std::fmt::Display) -> PreprocessError {
     PreprocessError::new(ErrorCode::UndecodableImage, format!("{format:?}: {e}"))
 }
 
+/// Decodes any supported picture to RGB with every limit checked, its
+/// memory reserved in `budget` first; the reservation is held until the
+/// caller is done with the pixels.
 fn decode_with_limits(
     bytes: &[u8],
     format: ImageFormat,
     limits: Limits,
-) -> Result<image::RgbImage, PreprocessError> {
+    budget: Option<&DecodeBudget>,
+) -> Result<(image::RgbImage, Reservation), PreprocessError> {
     // Header first: the dimensions are known before any pixel is decoded.
     let (w, h) = ImageReader::with_format(Cursor::new(bytes), format)
         .into_dimensions()
@@ -472,11 +505,47 @@ fn decode_with_limits(
         .into_decoder()
         .map_err(|e| map_image_error(format, e))?;
     let orientation = decoder.orientation().ok();
+    // The decoded pixels at their real type, plus the copy a rotation or
+    // the conversion to 8-bit RGB makes while they are still held.
+    let colour = decoder.color_type();
+    let decoded = decoder.total_bytes();
+    let rotates = orientation.is_some_and(|o| o != image::metadata::Orientation::NoTransforms);
+    let converts = colour != image::ColorType::Rgb8;
+    let copy = if rotates { decoded } else { 0 }.max(if converts { pixels * 3 } else { 0 });
+    let kind = format!("{colour:?}");
+    let reserved = reserve(budget, format, w, h, &kind, decoded.saturating_add(copy))?;
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(format, e))?;
     if let Some(o) = orientation {
         img.apply_orientation(o);
     }
-    Ok(img.into_rgb8())
+    Ok((img.into_rgb8(), reserved))
+}
+
+/// Reserves `bytes` for decoding a `w` x `h` picture of pixel type `kind`;
+/// `image_too_large` when they exceed the whole budget.
+fn reserve(
+    budget: Option<&DecodeBudget>,
+    format: ImageFormat,
+    w: u32,
+    h: u32,
+    kind: &str,
+    bytes: u64,
+) -> Result<Reservation, PreprocessError> {
+    let Some(budget) = budget else {
+        return Ok(Reservation::unbounded());
+    };
+    budget.reserve(bytes).ok_or_else(|| {
+        let mib = |b: u64| b as f64 / f64::from(1 << 20);
+        PreprocessError::new(
+            ErrorCode::ImageTooLarge,
+            format!(
+                "{format:?} {w}x{h} {kind}: decoding needs {:.0} MiB, more than the decode \
+                 memory budget of {:.0} MiB (--decode-memory)",
+                mib(bytes),
+                mib(budget.total())
+            ),
+        )
+    })
 }
 
 /// The checks between reading a picture's header and decoding its pixels:
@@ -540,18 +609,7 @@ mod tests {
     use super::*;
 
     fn meta() -> ModelMeta {
-        ModelMeta {
-            labels: vec!["a".into(), "b".into()],
-            input_size: 8,
-            input_channels: 3,
-            mean: vec![0.5; 3],
-            std: vec![0.5; 3],
-            channels: vec![4],
-            version: "t".into(),
-            training: serde_json::Value::Null,
-            probe: vec![],
-            face: None,
-        }
+        ModelMeta::sketch(8, &[4])
     }
 
     fn png(w: u32, h: u32) -> Vec<u8> {
