@@ -94,8 +94,17 @@ compose build nats worker prometheus >target/stack/build.log 2>&1 || {
 # --- the stack ---------------------------------------------------------------
 result=target/stack/result.json
 echo '{}' >"$result"
-teardown() {
+# Everything the project made, whatever compose itself remembers of it
+# (`down` does not see replicas added by --scale).
+remove_stack() {
   compose down -v >/dev/null 2>&1 || true
+  podman ps -aq --filter "label=io.podman.compose.project=$project" | xargs -r podman rm -f >/dev/null 2>&1 || true
+  podman pod rm -f "pod_$project" >/dev/null 2>&1 || true
+  podman volume rm -f "${project}_nats-data" >/dev/null 2>&1 || true
+  podman network rm -f "${project}_default" >/dev/null 2>&1 || true
+}
+teardown() {
+  remove_stack
   python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))' "$result"
 }
 trap teardown EXIT
@@ -112,7 +121,7 @@ PY
 }
 fail() { log "FAILED: $*"; note failed "\"$*\""; exit 1; }
 
-compose down -v >/dev/null 2>&1 || true
+remove_stack
 log "starting NATS, two workers and Prometheus"
 compose up -d --scale worker=2 nats worker prometheus >target/stack/up.log 2>&1 || { tail -30 target/stack/up.log >&2; fail "compose up"; }
 nats_url=nats://127.0.0.1:$NATS_PORT
