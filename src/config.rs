@@ -91,6 +91,11 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
+    if digits.is_empty() {
+        return Err(format!(
+            "{s}: a size is a whole number of bytes, e.g. 8M or 65536"
+        ));
+    }
     let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kib" => 1 << 10,

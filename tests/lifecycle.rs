@@ -229,6 +229,7 @@ async fn jetstream_shutdown_is_bounded_when_the_server_is_gone() {
         .await
         .unwrap();
     let took = started.elapsed();
+    eprintln!("JetStream worker exited {code:?} {took:?} after SIGTERM, server gone");
     assert!(code.is_some(), "the worker did not exit");
     assert!(took < Duration::from_secs(16), "took {took:?}");
 }

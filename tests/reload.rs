@@ -64,6 +64,10 @@ async fn weights_replaced_under_load_lose_nothing() {
             live.to_str().unwrap(),
             "--watch-interval",
             "0.1",
+            // Above the paced load's backlog on a slow machine: this test is
+            // about reloads, not about the intake bound dropping requests.
+            "--max-pending",
+            "4000",
         ],
     );
     let load = tokio::spawn({

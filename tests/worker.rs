@@ -539,6 +539,12 @@ fn meaningless_flag_values_are_refused_at_start() {
         ("--decode-threads", "0", "at least 1"),
         ("--face-threshold", "1.5", "between 0 and 1"),
         ("--face-detection", "maybe", "possible values"),
+        ("--max-pending", "0", "at least 1"),
+        ("--max-pending-bytes", "0", "at least one byte"),
+        ("--decode-memory", "12X", "unknown unit"),
+        ("--max-image-bytes", "-1", "whole number"),
+        ("--shutdown-timeout", "inf", "finite"),
+        ("--max-pixels", "0", "0"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_profile-worker"))
             .args([flag, value])

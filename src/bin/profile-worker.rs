@@ -65,7 +65,7 @@ struct Cli {
     #[arg(long, env = "PROFILE_DEVICE", default_value = "cpu")]
     device: String,
     /// Largest batch per forward pass.
-    #[arg(long, env = "PROFILE_MAX_BATCH", default_value_t = 32, value_parser = parse_count)]
+    #[arg(long, env = "PROFILE_MAX_BATCH", default_value_t = 32, value_parser = parse_count, allow_hyphen_values = true)]
     max_batch: usize,
     /// Longest wait, in ms, after a batch's first picture.
     #[arg(
@@ -80,25 +80,25 @@ struct Cli {
     #[arg(long, env = "PROFILE_BATCH_POLICY", value_enum, default_value_t = Policy::Adaptive)]
     batch_policy: Policy,
     /// Pictures decoded in parallel (default: number of cores).
-    #[arg(long, env = "PROFILE_DECODE_THREADS", value_parser = parse_count)]
+    #[arg(long, env = "PROFILE_DECODE_THREADS", value_parser = parse_count, allow_hyphen_values = true)]
     decode_threads: Option<usize>,
     /// Threads a forward pass splits a batch over, at least 4 pictures each (default: number of cores).
-    #[arg(long, env = "PROFILE_INFER_THREADS", value_parser = parse_count)]
+    #[arg(long, env = "PROFILE_INFER_THREADS", value_parser = parse_count, allow_hyphen_values = true)]
     infer_threads: Option<usize>,
     /// Largest encoded picture, in bytes (K, M, G suffixes: KiB, MiB, GiB).
-    #[arg(long, env = "PROFILE_MAX_IMAGE_BYTES", default_value = "8M", value_parser = parse_bytes)]
+    #[arg(long, env = "PROFILE_MAX_IMAGE_BYTES", default_value = "8M", value_parser = parse_bytes, allow_hyphen_values = true)]
     max_image_bytes: usize,
     /// Largest decoded picture, in pixels.
-    #[arg(long, env = "PROFILE_MAX_PIXELS", default_value_t = 40_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "PROFILE_MAX_PIXELS", default_value_t = 40_000_000, value_parser = clap::value_parser!(u64).range(1..), allow_hyphen_values = true)]
     max_pixels: u64,
     /// Core mode: requests held unanswered at most; more are dropped and counted (default: 8 x --max-batch).
-    #[arg(long, env = "PROFILE_MAX_PENDING", value_parser = parse_count)]
+    #[arg(long, env = "PROFILE_MAX_PENDING", value_parser = parse_count, allow_hyphen_values = true)]
     max_pending: Option<usize>,
     /// Core mode: payload bytes of the requests held unanswered at most (K, M, G suffixes).
-    #[arg(long, env = "PROFILE_MAX_PENDING_BYTES", default_value = "64M", value_parser = parse_bytes)]
+    #[arg(long, env = "PROFILE_MAX_PENDING_BYTES", default_value = "64M", value_parser = parse_bytes, allow_hyphen_values = true)]
     max_pending_bytes: usize,
     /// Memory all decodes together may hold for pixels (K, M, G suffixes); larger pictures wait, a picture needing more is image_too_large.
-    #[arg(long, env = "PROFILE_DECODE_MEMORY", default_value = "256M", value_parser = parse_bytes)]
+    #[arg(long, env = "PROFILE_DECODE_MEMORY", default_value = "256M", value_parser = parse_bytes, allow_hyphen_values = true)]
     decode_memory: usize,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, env = "PROFILE_METRICS_ADDR", default_value = "0.0.0.0:9464")]

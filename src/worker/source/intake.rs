@@ -45,6 +45,7 @@ impl IntakeLimits {
 pub struct Intake {
     requests: Arc<Semaphore>,
     kib: Arc<Semaphore>,
+    max_requests: usize,
     max_kib: u32,
 }
 
@@ -69,9 +70,11 @@ impl Intake {
     /// A bound of `limits` (each at least one request and one KiB).
     pub fn new(limits: IntakeLimits) -> Self {
         let max_kib = kib(limits.max_bytes).max(1);
+        let max_requests = limits.max_requests.max(1);
         Self {
-            requests: Arc::new(Semaphore::new(limits.max_requests.max(1))),
+            requests: Arc::new(Semaphore::new(max_requests)),
             kib: Arc::new(Semaphore::new(max_kib as usize)),
+            max_requests,
             max_kib,
         }
     }
@@ -113,8 +116,8 @@ impl Intake {
     }
 
     /// Requests held now.
-    pub fn held_requests(&self, limits: IntakeLimits) -> usize {
-        limits.max_requests.max(1) - self.requests.available_permits()
+    pub fn held_requests(&self) -> usize {
+        self.max_requests - self.requests.available_permits()
     }
 }
 
@@ -137,10 +140,10 @@ mod tests {
         let b = intake.try_admit(4 * 1024).expect("room");
         assert!(intake.try_admit(4 * 1024).is_none(), "bytes are full");
         let c = intake.try_admit(100).expect("a small one fits");
-        assert_eq!(intake.held_requests(limits), 3);
+        assert_eq!(intake.held_requests(), 3);
         assert!(intake.try_admit(1).is_none(), "requests are full");
         drop((a, b, c));
-        assert_eq!(intake.held_requests(limits), 0);
+        assert_eq!(intake.held_requests(), 0);
         let big = intake.try_admit(1 << 30).expect("an oversized one alone");
         assert!(intake.try_admit(1).is_none(), "it takes the whole bound");
         drop(big);
