@@ -8,13 +8,13 @@
 #
 #   bench/soak.sh [RATE] [DURATION] [WINDOW]
 #
-# RATE defaults to 420 requests/s, half of what one worker with face
-# detection answered at saturation on the benchmark machine (see the README's
-# end-to-end table). Needs the release binaries, nats-server, curl, python3
-# and ../shared/data/faces/test (or DATA=folder).
+# RATE defaults to half of what this worker answers at saturation, measured
+# first on this machine (3,000 requests, window 200). Needs the release
+# binaries, nats-server, curl, python3 and ../shared/data/faces/test (or
+# DATA=folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rate=${1:-420}
+rate=${1:-}
 duration=${2:-1800}
 window=${3:-300}
 data=${DATA:-../shared/data/faces/test}
@@ -40,6 +40,11 @@ wpid=$!
 for _ in $(seq 200); do curl -sf "http://127.0.0.1:$mport/readyz" >/dev/null && break; sleep 0.1; done
 lg() { target/release/profile-loadgen --nats-url "$url" --dir "$data" --json "$@"; }
 lg --requests 500 --window 64 >/dev/null # warm-up
+if [ -z "$rate" ]; then
+  rate=$(lg --requests 3000 --window 200 |
+    python3 -c 'import json,sys; print(max(1, round(json.load(sys.stdin)["throughput"] / 2)))')
+  echo "saturation measured: soaking at $rate requests/s" >&2
+fi
 rss() { awk '/VmRSS/ {print $2}' "/proc/$wpid/status"; }
 rss_start=$(rss)
 (
