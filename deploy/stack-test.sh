@@ -196,7 +196,7 @@ log "SIGTERM to one worker under load"
 lg_host --requests 4000 --window 256 --timeout 60 >target/stack/sigterm.json &
 load=$!
 sleep 2
-victim=$(podman ps --filter "label=com.docker.compose.service=worker" --filter "label=com.docker.compose.project=$project" --format '{{.Names}}' | head -1)
+victim=$(podman ps --filter "label=com.docker.compose.service=worker" --filter "label=com.docker.compose.project=$project" --format '{{.Names}}' | sed -n 1p)
 podman kill --signal TERM "$victim" >/dev/null
 wait $load || true
 note sigterm_missing "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["missing"])' target/stack/sigterm.json)"
