@@ -220,6 +220,14 @@ impl Pointwise {
                         };
                     }
                 }
+                // An 8-lane last register leaves the last 8 padded lanes
+                // unwritten; they must read as zero (the next block adds
+                // them as its skip, and the maps' buffers are reused).
+                if self.groups.last().is_some_and(|g| g.half) {
+                    for px in out[..n * self.cout_p].chunks_exact_mut(self.cout_p) {
+                        px[self.cout_p - LANES / 2..].fill(0.0);
+                    }
+                }
             }
             _ => {
                 for (group, &off) in self.groups.iter().zip(&self.offsets) {
@@ -411,8 +419,10 @@ struct Scratch {
     input: Vec<f32>,
     /// One im2col row of the stem.
     patch: Vec<f32>,
-    /// Output of the stem and of each block, each with a one-pixel zero border.
-    maps: Vec<Vec<f32>>,
+    /// Two maps, each large enough for the largest one with its one-pixel
+    /// zero border: the stem writes the first, then each block reads one and
+    /// writes the other, so a picture's activations stay in cache.
+    maps: [Vec<f32>; 2],
     /// One depthwise row and one max-pooled (skip) row.
     dw_row: Vec<f32>,
     pool_row: Vec<f32>,
@@ -659,12 +669,13 @@ impl BlazeFace {
 
     fn new_scratch(&self) -> Scratch {
         let stem_side = self.side / 2;
-        let mut maps = vec![vec![0f32; (stem_side + 2).pow(2) * pad16(STEM_OUT)]];
+        let mut largest = (stem_side + 2).pow(2) * self.stem.pw.cout_p;
         let mut widest = pad16(STEM_K);
         for b in &self.blocks {
-            maps.push(vec![0f32; (b.out_side() + 2).pow(2) * b.pw.cout_p]);
+            largest = largest.max((b.out_side() + 2).pow(2) * b.pw.cout_p);
             widest = widest.max(b.pw.cout_p).max(b.cin_p);
         }
+        let maps = [vec![0f32; largest], vec![0f32; largest]];
         Scratch {
             input: vec![0f32; (self.side + 3).pow(2) * 3],
             patch: vec![0f32; stem_side * self.stem.pw.cin_p],
@@ -699,22 +710,24 @@ impl BlazeFace {
     /// Runs the network on `s.input` (already normalised and bordered).
     fn network(&self, s: &mut Scratch, boxes: &mut [f32], logits: &mut [f32]) {
         self.stem(s);
+        let [first, second] = &mut s.maps;
+        let (mut input, mut output) = (first, second);
         for (i, block) in self.blocks.iter().enumerate() {
-            let (done, rest) = s.maps.split_at_mut(i + 1);
             run_block(
                 block,
                 self.kernels,
-                &done[i],
-                &mut rest[0],
+                input,
+                output,
                 &mut s.dw_row,
                 &mut s.pool_row,
             );
+            // Heads: 16x16 map after backbone1, 8x8 map after backbone2.
+            if i + 1 == self.backbone1 {
+                head(&self.head16, self.kernels, output, MAP_16, &mut s.head16);
+            }
+            std::mem::swap(&mut input, &mut output);
         }
-        // Heads: 16x16 map after backbone1, 8x8 map after backbone2.
-        let map16 = &s.maps[self.backbone1];
-        let map8 = &s.maps[self.blocks.len()];
-        head(&self.head16, self.kernels, map16, MAP_16, &mut s.head16);
-        head(&self.head8, self.kernels, map8, MAP_8, &mut s.head8);
+        head(&self.head8, self.kernels, input, MAP_8, &mut s.head8);
         let mut anchor = 0;
         for (map, side, per_cell, width) in [
             (&s.head16, MAP_16, 2, self.head16.cout_p),
@@ -737,6 +750,7 @@ impl BlazeFace {
         let in_stride = (self.side + 3) * 3;
         let (cin_p, cout_p) = (self.stem.pw.cin_p, self.stem.pw.cout_p);
         let map_stride = (out_side + 2) * cout_p;
+        clear_border(&mut s.maps[0], out_side, cout_p);
         for y in 0..out_side {
             for x in 0..out_side {
                 // Taps in (row, column, channel) order; the padding past
@@ -784,6 +798,7 @@ fn run_block(
     let in_row = (b.side + 2) * cin_p;
     let out_side = b.out_side();
     let out_row = (out_side + 2) * cout_p;
+    clear_border(output, out_side, cout_p);
     for y in 0..out_side {
         match kernels {
             #[cfg(target_arch = "x86_64")]
@@ -815,6 +830,20 @@ fn run_block(
             Epilogue::BiasSkipRelu(skip, cin_p),
             dst,
         );
+    }
+}
+
+/// Zeroes the one-pixel border of a `side x side` map of `channels` lanes
+/// per pixel: the map's buffer last held another layer's activations in
+/// another layout, and the border is the next block's padding. The
+/// interior is written whole, padded lanes included (zero weights give zero).
+fn clear_border(map: &mut [f32], side: usize, channels: usize) {
+    let row = (side + 2) * channels;
+    map[..row].fill(0.0);
+    map[(side + 1) * row..][..row].fill(0.0);
+    for y in 1..=side {
+        map[y * row..][..channels].fill(0.0);
+        map[y * row + (side + 1) * channels..][..channels].fill(0.0);
     }
 }
 
