@@ -135,7 +135,7 @@ struct TrainArgs {
     #[arg(long)]
     out: PathBuf,
     /// Passes over the training data.
-    #[arg(long, default_value_t = 14)]
+    #[arg(long, default_value_t = 16)]
     epochs: usize,
     /// Pictures per optimiser step.
     #[arg(long, default_value_t = 64)]
@@ -158,6 +158,13 @@ struct TrainArgs {
     /// Dropout before the linear layer.
     #[arg(long, default_value_t = 0.1)]
     dropout: f32,
+    /// Share of each target spread over every label (0: plain cross-entropy).
+    #[arg(long, default_value_t = 0.1)]
+    label_smoothing: f32,
+    /// Per-step decay of the weights' moving average, validated beside the
+    /// raw weights every epoch (0: none).
+    #[arg(long, default_value_t = 0.998)]
+    ema_decay: f64,
     /// Seed of every random choice; equal seeds give equal weights on CPU.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -214,6 +221,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 channels: a.channels,
                 labels: a.labels,
                 dropout: a.dropout,
+                label_smoothing: a.label_smoothing,
+                ema_decay: a.ema_decay,
                 seed: a.seed,
                 device: parse_device(&a.device)?,
                 progress: true,

@@ -5,6 +5,7 @@
 
 pub mod augment;
 pub mod dataset;
+pub mod ema;
 pub mod eval;
 pub mod pictures;
 pub mod trainer;

@@ -7,7 +7,7 @@
 //!
 //! The network itself lives in [`crate::model`]; this module only drives it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,6 +23,7 @@ use serde::Serialize;
 
 use super::augment::Augment;
 use super::dataset::{self, Dataset};
+use super::ema::{Ema, snapshot};
 use super::eval;
 use super::pictures::Pictures;
 use crate::face::{FaceCrop, FaceFinder};
@@ -67,6 +68,12 @@ pub struct TrainConfig {
     pub labels: Vec<String>,
     /// Dropout probability before the linear layer.
     pub dropout: f32,
+    /// Share of the target moved evenly onto every label (0: plain
+    /// cross-entropy); the source labels are partly wrong.
+    pub label_smoothing: f32,
+    /// Decay of the weights' exponential moving average, per step (0: off);
+    /// each epoch is validated with both the raw and the averaged weights.
+    pub ema_decay: f64,
     /// Seed of every random choice (initialisation, order, augmentation).
     pub seed: u64,
     /// Where to train.
@@ -84,8 +91,10 @@ pub struct EpochStats {
     pub loss: f64,
     /// Training accuracy (augmented batches, dropout on).
     pub train_accuracy: f64,
-    /// Validation accuracy.
+    /// Validation accuracy of the weights as trained.
     pub val_accuracy: f64,
+    /// Validation accuracy of their moving average (when kept).
+    pub ema_val_accuracy: Option<f64>,
     /// Learning rate at the end of the epoch.
     pub lr: f64,
     /// Wall time of the epoch, evaluation included.
@@ -99,6 +108,8 @@ pub struct TrainReport {
     pub epochs: Vec<EpochStats>,
     /// The epoch whose weights were written.
     pub best_epoch: usize,
+    /// Whether they were the moving average.
+    pub best_is_ema: bool,
     /// Its validation accuracy.
     pub val_accuracy: f64,
     /// Training and validation pictures used.
@@ -201,6 +212,16 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
         "epochs and batch size must be positive"
     );
     anyhow::ensure!(!cfg.data.is_empty(), "no training folder given");
+    anyhow::ensure!(
+        (0.0..1.0).contains(&cfg.label_smoothing),
+        "label smoothing must be in [0, 1), not {}",
+        cfg.label_smoothing
+    );
+    anyhow::ensure!(
+        (0.0..1.0).contains(&cfg.ema_decay),
+        "the moving average's decay must be in [0, 1) (0: none), not {}",
+        cfg.ema_decay
+    );
     let mut meta = base_meta(cfg);
     meta.validate().map_err(anyhow::Error::msg)?;
     let finder = Arc::new(
@@ -300,7 +321,12 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
     let mut batch = vec![0f32; cfg.batch_size * len];
     let mut step = 0;
     let mut history = Vec::new();
-    let mut best: Option<(usize, f64, std::collections::BTreeMap<String, Tensor>)> = None;
+    let mut ema = if cfg.ema_decay > 0.0 {
+        Some(Ema::new(cfg.ema_decay, &cnn.tensors())?)
+    } else {
+        None
+    };
+    let mut best: Option<Best> = None;
 
     for epoch in 1..=cfg.epochs {
         let epoch_start = Instant::now();
@@ -340,10 +366,13 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
             let y = Tensor::from_vec(targets.clone(), n, &cfg.device)?;
             let mask = dropout_mask(cfg.dropout, n, feature_dim, &mut rng, &cfg.device)?;
             let logits = cnn.forward(&x, true, mask.as_ref())?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            let loss = smoothed_cross_entropy(&logits, &y, cfg.label_smoothing)?;
             lr = learning_rate(cfg, step, total_steps);
             opt.set_learning_rate(lr);
             opt.backward_step(&loss)?;
+            if let Some(ema) = &mut ema {
+                ema.update(&cnn.tensors())?;
+            }
             step += 1;
             let preds: Vec<u32> = logits.argmax(1)?.to_vec1()?;
             correct += preds.iter().zip(&targets).filter(|(p, t)| p == t).count();
@@ -357,38 +386,52 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
             ));
         }
         bar.finish_and_clear();
-        let classifier = cnn.classifier(conv_impl)?;
-        let probs = eval::predict_all(&classifier, &val, 256)?;
-        let val_accuracy = eval::evaluate(&cfg.labels, &val, &probs).accuracy;
+        let val_accuracy = validate(&cnn, &val, &cfg.labels, conv_impl)?;
+        let ema_val_accuracy = match &ema {
+            Some(ema) => {
+                let averaged = to_map(ema.tensors());
+                let averaged = Cnn::new(meta.clone(), &averaged, conv_impl)?;
+                Some(validate(&averaged, &val, &cfg.labels, conv_impl)?)
+            }
+            None => None,
+        };
         let stats = EpochStats {
             epoch,
             loss: loss_sum / seen as f64,
             train_accuracy: correct as f64 / seen as f64,
             val_accuracy,
+            ema_val_accuracy,
             lr,
             seconds: epoch_start.elapsed().as_secs_f64(),
         };
         eprintln!(
-            "epoch {epoch}/{}: loss {:.4}  train acc {:.4}  val acc {:.4}  lr {:.2e}  {:.1} s",
+            "epoch {epoch}/{}: loss {:.4}  train acc {:.4}  val acc {:.4}{}  lr {:.2e}  {:.1} s",
             cfg.epochs,
             stats.loss,
             stats.train_accuracy,
             stats.val_accuracy,
+            ema_val_accuracy.map_or(String::new(), |a| format!(" (average {a:.4})")),
             stats.lr,
             stats.seconds
         );
         history.push(stats);
-        if best.as_ref().is_none_or(|b| val_accuracy > b.1) {
-            let snapshot = cnn
-                .tensors()
-                .into_iter()
-                .map(|(k, t)| t.copy().map(|t| (k, t)))
-                .collect::<candle_core::Result<_>>()?;
-            best = Some((epoch, val_accuracy, snapshot));
+        // The average first: on a tie it is kept.
+        if let (Some(ema), Some(acc)) = (&ema, ema_val_accuracy)
+            && best.as_ref().is_none_or(|b| acc > b.accuracy)
+        {
+            best = Some(Best::of(epoch, acc, true, ema.tensors())?);
+        }
+        if best.as_ref().is_none_or(|b| val_accuracy > b.accuracy) {
+            best = Some(Best::of(epoch, val_accuracy, false, &cnn.tensors())?);
         }
     }
 
-    let (best_epoch, val_accuracy, best_tensors) = best.context("no epoch ran")?;
+    let Best {
+        epoch: best_epoch,
+        accuracy: val_accuracy,
+        ema: best_is_ema,
+        tensors: best_tensors,
+    } = best.context("no epoch ran")?;
     let now = time::OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
@@ -414,6 +457,9 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
         "lr": cfg.lr,
         "weight_decay": cfg.weight_decay,
         "dropout": cfg.dropout,
+        "label_smoothing": cfg.label_smoothing,
+        "ema_decay": cfg.ema_decay,
+        "best_is_ema": best_is_ema,
         "seed": cfg.seed,
         "seconds": started.elapsed().as_secs_f64(),
     });
@@ -428,13 +474,15 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
     best_cnn.set_meta(meta.clone());
     model::weights::save(&cfg.out, &meta, &best_cnn.tensors())?;
     eprintln!(
-        "wrote {} (epoch {best_epoch}, val acc {val_accuracy:.4}) in {:.1} s",
+        "wrote {} (epoch {best_epoch}{}, val acc {val_accuracy:.4}) in {:.1} s",
         cfg.out.display(),
+        if best_is_ema { ", moving average" } else { "" },
         started.elapsed().as_secs_f64()
     );
     Ok(TrainReport {
         epochs: history,
         best_epoch,
+        best_is_ema,
         val_accuracy,
         train_pictures: train.len(),
         val_pictures: val.len(),
@@ -442,6 +490,67 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
         seconds: started.elapsed().as_secs_f64(),
         version: meta.version,
     })
+}
+
+/// The weights worth keeping so far.
+struct Best {
+    epoch: usize,
+    accuracy: f64,
+    ema: bool,
+    tensors: BTreeMap<String, Tensor>,
+}
+
+impl Best {
+    fn of(
+        epoch: usize,
+        accuracy: f64,
+        ema: bool,
+        tensors: &BTreeMap<String, Tensor>,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            epoch,
+            accuracy,
+            ema,
+            tensors: snapshot(tensors)?,
+        })
+    }
+}
+
+fn to_map(tensors: &BTreeMap<String, Tensor>) -> HashMap<String, Tensor> {
+    tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .collect()
+}
+
+/// Accuracy of `cnn`'s serving form on the validation set.
+fn validate(
+    cnn: &Cnn,
+    val: &Dataset,
+    labels: &[String],
+    conv_impl: ConvImpl,
+) -> anyhow::Result<f64> {
+    let classifier = cnn.classifier(conv_impl)?;
+    let probs = eval::predict_all(&classifier, val, 256)?;
+    Ok(eval::evaluate(labels, val, &probs).accuracy)
+}
+
+/// Cross-entropy against targets with `smoothing` of their weight spread
+/// evenly over every label.
+fn smoothed_cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    smoothing: f32,
+) -> candle_core::Result<Tensor> {
+    let log_p = candle_nn::ops::log_softmax(logits, 1)?;
+    let nll = candle_nn::loss::nll(&log_p, targets)?;
+    if smoothing <= 0.0 {
+        return Ok(nll);
+    }
+    // Mean over the batch and the labels of -log p: the loss against a
+    // uniform target.
+    let uniform = log_p.mean_all()?.neg()?;
+    (nll * f64::from(1.0 - smoothing))? + (uniform * f64::from(smoothing))?
 }
 
 fn dropout_mask(
