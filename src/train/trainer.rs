@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use candle_nn::Optimizer;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
@@ -463,11 +463,7 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
         "seed": cfg.seed,
         "seconds": started.elapsed().as_secs_f64(),
     });
-    let mut best_map = HashMap::new();
-    for (k, t) in &best_tensors {
-        best_map.insert(k.clone(), t.to_dtype(DType::F32)?);
-    }
-    let mut best_cnn = Cnn::new(meta.clone(), &best_map, conv_impl)?;
+    let mut best_cnn = Cnn::new(meta.clone(), &to_map(&best_tensors), conv_impl)?;
     meta.probe = best_cnn
         .classifier(conv_impl)?
         .probabilities(&model::probe_input(&meta, &cfg.device)?)?;
@@ -516,6 +512,7 @@ impl Best {
     }
 }
 
+/// `tensors` in the form [`Cnn::new`] takes (the tensors are shared, not copied).
 fn to_map(tensors: &BTreeMap<String, Tensor>) -> HashMap<String, Tensor> {
     tensors
         .iter()
