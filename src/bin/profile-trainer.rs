@@ -227,6 +227,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 device: parse_device(&a.device)?,
                 progress: true,
             };
+            if !train::memory::keep_freed_memory() {
+                eprintln!("note: the allocator keeps its defaults (training runs slower)");
+            }
             let report = train::trainer::run(&cfg)?;
             if let Some(path) = a.report {
                 std::fs::write(&path, serde_json::to_string_pretty(&report)?)

@@ -7,6 +7,7 @@ pub mod augment;
 pub mod dataset;
 pub mod ema;
 pub mod eval;
+pub mod memory;
 pub mod pictures;
 pub mod trainer;
 
