@@ -45,12 +45,13 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 export MACHINE="$(nproc) vCPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $(date -u +%FT%TZ)"
 echo "machine: $MACHINE" >&2
 echo "measuring components (cargo bench --bench model) ..." >&2
-cargo bench -q --bench model -- 'forward/Direct/32$|preprocess/|detector/Avx512/1$' >"$tmp/criterion.log" 2>&1
+cargo bench -q --bench model -- 'forward/Direct/32$|preprocess/|detector(_quick)?/Avx512/1$' >"$tmp/criterion.log" 2>&1
 est() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['mean']['point_estimate'])" "target/criterion/$1/new/estimates.json"; }
 model_ns=$(est forward/Direct/32)
 pre_ns=$(est preprocess/jpeg_200x200)
 face_ns=$(est preprocess/jpeg_200x200_face)
 detector_ns=$(est detector/Avx512/1)
+quick_ns=$(est detector_quick/Avx512/1)
 # The Python worker's network (3 conv blocks of 32/32/64 filters) in Rust,
 # weights from a one-epoch smoke training (only speed is compared), and in
 # ONNX Runtime when the Python environment is there.
@@ -179,9 +180,9 @@ metrics same
 stop same
 fi
 
-python3 - "$tmp" "$model_ns" "$pre_ns" "$same_ns" "$ort_rate" "$face_ns" "$detector_ns" <<'PY'
+python3 - "$tmp" "$model_ns" "$pre_ns" "$same_ns" "$ort_rate" "$face_ns" "$detector_ns" "$quick_ns" <<'PY'
 import json, os, sys
-tmp, model_ns, pre_ns, same_ns, ort_rate, face_ns, detector_ns = sys.argv[1], *map(float, sys.argv[2:8])
+tmp, model_ns, pre_ns, same_ns, ort_rate, face_ns, detector_ns, quick_ns = sys.argv[1], *map(float, sys.argv[2:9])
 model_s, pre_s, face_s = model_ns / 32 / 1e9, pre_ns / 1e9, face_ns / 1e9
 bound = 1 / (model_s + face_s)
 def load(name):
@@ -210,7 +211,8 @@ print(f"machine: {os.environ['MACHINE']}, release build\n")
 print("## Components (criterion, one thread)\n")
 print("| component | per picture | pictures/s |\n| --- | ---: | ---: |")
 print(f"| model forward, batch 32 (Direct, shipped model) | {model_s*1e3:.3f} ms | {1/model_s:.0f} |")
-print(f"| face detector forward, batch 1 (own AVX-512 kernels) | {detector_ns/1e6:.3f} ms | {1e9/detector_ns:.0f} |")
+print(f"| face detector forward, 128x128, batch 1 (own AVX-512 kernels) | {detector_ns/1e6:.3f} ms | {1e9/detector_ns:.0f} |")
+print(f"| face detector forward, quick 64x64 look, batch 1 | {quick_ns/1e6:.3f} ms | {1e9/quick_ns:.0f} |")
 print(f"| preprocess 200x200 JPEG, detection on (decode, detect, align) | {face_s*1e3:.3f} ms | {1/face_s:.0f} |")
 print(f"| preprocess 200x200 JPEG, detection off | {pre_s*1e3:.3f} ms | {1/pre_s:.0f} |")
 print(f"| bound 1/(model + preprocess), detection on | {(model_s+face_s)*1e3:.3f} ms | {bound:.0f} |")

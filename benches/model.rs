@@ -3,7 +3,8 @@
 //! convolution (`Fast`) and candle's `conv2d` (`Candle`), one training step,
 //! preprocessing of a real 200x200 JPEG, and the BlazeFace face detector's
 //! forward pass at batch 1, 8 and 32 (its own kernels: AVX-512 where the CPU
-//! has it, and the portable loops).
+//! has it, and the portable loops), at its full 128x128 input and at the
+//! quick look's 64x64.
 //!
 //! Throughput is reported in pictures per second; effective GFLOP/s is that
 //! rate times `forward_flops` (printed first), and a short summary table with
@@ -18,7 +19,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::Optimizer;
 use criterion::{BenchmarkId, Criterion, Throughput};
-use profile_classifier::face::{BlazeFace, Kernels};
+use profile_classifier::face::{BlazeFace, FULL_LOOK, Kernels, QUICK_LOOK};
 use profile_classifier::model::{self, Cnn, ConvImpl, ModelMeta};
 use profile_classifier::preprocess::{Limits, Preprocessor};
 
@@ -195,28 +196,39 @@ fn detector_input(net: &BlazeFace, batch: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The detector at its full 128x128 input (`detector/`) and at the quick
+/// look's 64x64 (`detector_quick/`).
 fn detect(c: &mut Criterion) {
-    let mut group = c.benchmark_group("detector");
-    for kernels in [Kernels::best(), Kernels::Portable] {
-        let net = detector(kernels);
-        for batch in [1usize, 8, 32] {
-            let x = detector_input(&net, batch);
-            group.throughput(Throughput::Elements(batch as u64));
-            group.bench_with_input(
-                BenchmarkId::new(format!("{kernels:?}"), batch),
-                &x,
-                |b, x| b.iter(|| black_box(net.raw(x))),
-            );
+    for (name, side) in [("detector", FULL_LOOK), ("detector_quick", QUICK_LOOK)] {
+        let mut group = c.benchmark_group(name);
+        for kernels in [Kernels::best(), Kernels::Portable] {
+            let net = detector(kernels).at_side(side as usize).expect("side");
+            for batch in [1usize, 8, 32] {
+                let x = detector_input(&net, batch);
+                group.throughput(Throughput::Elements(batch as u64));
+                group.bench_with_input(
+                    BenchmarkId::new(format!("{kernels:?}"), batch),
+                    &x,
+                    |b, x| b.iter(|| black_box(net.raw(x))),
+                );
+            }
         }
+        group.finish();
     }
-    group.finish();
 }
 
 /// The detector's rows of the summary.
 fn detector_summary() {
-    println!("\n| detector kernels | batch | pictures/s | GFLOP/s |\n| --- | ---: | ---: | ---: |");
-    for kernels in [Kernels::best(), Kernels::Portable] {
-        let net = detector(kernels);
+    println!(
+        "\n| detector kernels | input | batch | pictures/s | GFLOP/s |\n| --- | ---: | ---: | ---: | ---: |"
+    );
+    for (kernels, side) in [
+        (Kernels::best(), FULL_LOOK),
+        (Kernels::best(), QUICK_LOOK),
+        (Kernels::Portable, FULL_LOOK),
+        (Kernels::Portable, QUICK_LOOK),
+    ] {
+        let net = detector(kernels).at_side(side as usize).expect("side");
         let flops = net.flops() as f64;
         for batch in [1usize, 8, 32] {
             let x = detector_input(&net, batch);
@@ -228,7 +240,7 @@ fn detector_summary() {
             }
             let rate = (runs * batch) as f64 / start.elapsed().as_secs_f64();
             println!(
-                "| {kernels:?} | {batch} | {rate:.0} | {:.1} |",
+                "| {kernels:?} | {side} | {batch} | {rate:.0} | {:.1} |",
                 rate * flops / 1e9
             );
         }

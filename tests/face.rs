@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use profile_classifier::face::{BlazeFace, FaceFinder, Kernels, Rgb};
+use profile_classifier::face::{BlazeFace, FULL_LOOK, FaceFinder, Kernels, QUICK_LOOK, Rgb};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -88,6 +88,7 @@ fn the_reference_face_is_found_where_the_reference_says() {
             h: 128,
         },
         0.75,
+        FULL_LOOK,
     );
     assert_eq!(faces.len(), 1, "{faces:?}");
     let f = faces[0];
@@ -100,6 +101,56 @@ fn the_reference_face_is_found_where_the_reference_says() {
         assert!((g - w).abs() < 0.5, "box {got:?} vs {want:?}");
     }
     assert!(f.score > 0.999, "score {}", f.score);
+}
+
+#[test]
+fn the_quick_look_runs_alike_on_both_kernels() {
+    // The reference picture shrunk to 64x64 (2x2 means): its 4x4 map is
+    // narrower than a register strip, so this covers the padded last strip.
+    let (input, _, _) = reference();
+    let mut small = vec![0f32; 64 * 64 * 3];
+    for y in 0..64 {
+        for x in 0..64 {
+            for c in 0..3 {
+                let at = |dy: usize, dx: usize| input[((2 * y + dy) * 128 + 2 * x + dx) * 3 + c];
+                small[(y * 64 + x) * 3 + c] = (at(0, 0) + at(0, 1) + at(1, 0) + at(1, 1)) / 4.0;
+            }
+        }
+    }
+    let quick = |kernels| shipped(kernels).at_side(64).expect("side 64");
+    let net = quick(Kernels::Portable);
+    assert_eq!(net.anchors().len(), 8 * 8 * 2 + 4 * 4 * 6);
+    assert_eq!(net.flops() * 4, shipped(Kernels::Portable).flops());
+    let (want_b, want_s) = net.raw(&small);
+    let (b, s) = quick(Kernels::best()).raw(&small);
+    assert_close("quick look boxes", &b, &want_b);
+    assert_close("quick look scores", &s, &want_s);
+    assert!(shipped(Kernels::Portable).at_side(40).is_err());
+}
+
+#[test]
+fn the_quick_look_finds_the_face_the_full_look_finds() {
+    let finder = FaceFinder::new(shipped(Kernels::best()));
+    for (side, x, y, w, h) in [(220, 380, 90, 720, 480), (190, 0, 0, 200, 200)] {
+        let img = pasted(side, x, y, w, h, 0.0);
+        let picture = Rgb {
+            pixels: img.as_raw(),
+            w: img.width(),
+            h: img.height(),
+        };
+        let full = finder.find(picture, 0.75, FULL_LOOK);
+        let quick = finder.find(picture, 0.75, QUICK_LOOK);
+        assert_eq!((full.len(), quick.len()), (1, 1), "{full:?} {quick:?}");
+        let (f, q) = (full[0], quick[0]);
+        let [fx, fy] = f.centre();
+        let [qx, qy] = q.centre();
+        let tol = 0.1 * f.size();
+        assert!(
+            (fx - qx).abs() < tol && (fy - qy).abs() < tol,
+            "{f:?} {q:?}"
+        );
+        assert!((q.size() / f.size() - 1.0).abs() < 0.15, "{f:?} {q:?}");
+    }
 }
 
 /// A fixture face, `side` pixels square, pasted at `(x, y)` on a grey
@@ -142,6 +193,7 @@ fn find(img: &image::RgbImage) -> Vec<profile_classifier::face::Face> {
             h: img.height(),
         },
         0.75,
+        FULL_LOOK,
     )
 }
 
@@ -184,6 +236,7 @@ fn a_turned_face_is_measured_and_comes_back_level() {
             side: 1.6,
             dx: 0.0,
             dy: 0.0,
+            first_look: FULL_LOOK,
         };
         let mut out = vec![0u8; 128 * 128 * 3];
         profile_classifier::face::align(

@@ -32,6 +32,7 @@ fn with_faces() -> &'static Preprocessor {
                 side: 1.1,
                 dx: 0.0,
                 dy: 0.0,
+                first_look: profile_classifier::face::QUICK_LOOK,
             },
             threshold: 0.75,
         })

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use profile_classifier::config::{FaceArgs, error_line, parse_device};
 use profile_classifier::connect::{NatsArgs, notify_reload};
-use profile_classifier::face::FaceFinder;
+use profile_classifier::face::{self, FaceFinder};
 use profile_classifier::model::Classifier;
 use profile_classifier::preprocess::{Framing, Limits, Preparation, Preprocessor};
 use profile_classifier::train::{self, TrainConfig, Validation};
@@ -85,6 +85,14 @@ enum Command {
 }
 
 /// Publishes one reload message and says so.
+/// `--first-look`: one of the detector input sides the worker knows.
+fn parse_first_look(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(v) if v == face::QUICK_LOOK || v == face::FULL_LOOK => Ok(v),
+        _ => Err(format!("{s}: {} or {}", face::QUICK_LOOK, face::FULL_LOOK)),
+    }
+}
+
 fn notify(nats: &NatsArgs, subject: &str, body: &str) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -124,6 +132,12 @@ struct TrainArgs {
     /// Detector score a face needs (default: the detector file's own, 0.75).
     #[arg(long)]
     face_threshold: Option<f32>,
+    /// Detector input side of the first look for a face: 64 (a quarter of
+    /// the work; the full 128 only when it finds nothing) or 128. Stored in
+    /// the weights, with the crop geometry measured by it; the worker looks
+    /// the same way.
+    #[arg(long, default_value_t = 64, value_parser = parse_first_look)]
+    first_look: u32,
     /// Validation folder in the same layout.
     #[arg(long, conflicts_with = "val_fraction")]
     val: Option<PathBuf>,
@@ -135,7 +149,7 @@ struct TrainArgs {
     #[arg(long)]
     out: PathBuf,
     /// Passes over the training data.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 20)]
     epochs: usize,
     /// Pictures per optimiser step.
     #[arg(long, default_value_t = 64)]
@@ -209,6 +223,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 data: a.data,
                 detector: a.detector,
                 face_threshold: a.face_threshold,
+                first_look: a.first_look,
                 validation: a
                     .val
                     .map_or(Validation::Fraction(a.val_fraction), Validation::Dir),

@@ -12,8 +12,9 @@ use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer
 use serde::{Deserialize, Serialize};
 
 /// Where the classifier's square sits around a detected face, in units of
-/// the face box's size, in the face's own (eyes-level) frame; and the
-/// detector score a face needs. Stored in the classifier's metadata.
+/// the face box's size, in the face's own (eyes-level) frame; the detector
+/// score a face needs; and the detector input the faces are first looked
+/// for at. Stored in the classifier's metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct FaceCrop {
     /// Detector score at or above which a face counts.
@@ -24,6 +25,16 @@ pub struct FaceCrop {
     pub dx: f32,
     /// Crop centre minus box centre, across the eye line (down), over the box side.
     pub dy: f32,
+    /// Side of the detector input of the first look: [`super::QUICK_LOOK`]
+    /// (a quarter of the work; the full look only when it finds nothing) or
+    /// [`super::FULL_LOOK`]. The geometry above was measured with it; files
+    /// written before it existed measured at the full look.
+    #[serde(default = "full_look")]
+    pub first_look: u32,
+}
+
+fn full_look() -> u32 {
+    super::FULL_LOOK
 }
 
 impl FaceCrop {
@@ -46,6 +57,14 @@ impl FaceCrop {
             return Err(format!(
                 "face crop offset ({}, {}) is out of range",
                 self.dx, self.dy
+            ));
+        }
+        if ![super::QUICK_LOOK, super::FULL_LOOK].contains(&self.first_look) {
+            return Err(format!(
+                "first look at {} pixels: {} or {} are known",
+                self.first_look,
+                super::QUICK_LOOK,
+                super::FULL_LOOK
             ));
         }
         Ok(())
@@ -284,6 +303,7 @@ mod tests {
         side: 1.0,
         dx: 0.0,
         dy: 0.0,
+        first_look: super::super::FULL_LOOK,
     };
 
     #[test]

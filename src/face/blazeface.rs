@@ -25,13 +25,18 @@ const LANES: usize = 16;
 const STRIP: usize = 8;
 /// Output-channel registers per register tile, at most.
 const MAX_GROUP: usize = 3;
-/// Anchors of the front model: 16x16 cells x 2 plus 8x8 cells x 6.
+/// Anchors of the front model at its own 128x128 input: 16x16 cells x 2
+/// plus 8x8 cells x 6.
 pub const ANCHORS: usize = 896;
 /// Raw numbers per anchor: box (4) and six landmarks (12).
 pub const COORDS: usize = 16;
-/// Side of the 16x16 feature map and of the 8x8 one.
-const MAP_16: usize = 16;
-const MAP_8: usize = 8;
+/// Input pixels per cell of the first two heads' map (16x16 at 128) and of
+/// the last two heads' (8x8 at 128).
+const HEAD16_STRIDE: usize = 8;
+const HEAD8_STRIDE: usize = 16;
+/// Anchors per cell of each pair of heads.
+const HEAD16_PER_CELL: usize = 2;
+const HEAD8_PER_CELL: usize = 6;
 
 /// Errors raised while loading detector weights.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +81,7 @@ impl Kernels {
 
 /// A 1x1 convolution `cin_p -> cout_p` (both padded to 16), weights laid out
 /// per register group as `[cin_p][16 * g]`.
+#[derive(Clone)]
 struct Pointwise {
     /// Input channels multiplied (the padding past them is zero, so skipped).
     cin: usize,
@@ -167,8 +173,58 @@ impl Pointwise {
     }
 
     /// `out[p][..cout_p] = epilogue(bias + in[p][..cin_p] x W)` for `n`
-    /// pixels (a multiple of [`STRIP`]), `cin_p` values each, back to back.
+    /// pixels, `cin_p` values each, back to back. The pixels past the last
+    /// whole [`STRIP`] (maps narrower than a strip, when the network runs on
+    /// a smaller input) go through a zero-padded strip on the stack.
     fn run(&self, kernels: Kernels, input: &[f32], n: usize, then: Epilogue<'_>, out: &mut [f32]) {
+        let whole = n / STRIP * STRIP;
+        if whole < n {
+            self.run_strips(kernels, input, whole, then, out);
+            self.run_rest(kernels, input, whole, n, then, out);
+        } else {
+            self.run_strips(kernels, input, n, then, out);
+        }
+    }
+
+    /// The last `n - whole` (fewer than [`STRIP`]) pixels of [`Pointwise::run`].
+    fn run_rest(
+        &self,
+        kernels: Kernels,
+        input: &[f32],
+        whole: usize,
+        n: usize,
+        then: Epilogue<'_>,
+        out: &mut [f32],
+    ) {
+        const MAX_C: usize = 128;
+        assert!(self.cin_p <= MAX_C && self.cout_p <= MAX_C);
+        let rest = n - whole;
+        let mut inp = [0f32; STRIP * MAX_C];
+        let mut outp = [0f32; STRIP * MAX_C];
+        let mut skipp = [0f32; STRIP * MAX_C];
+        inp[..rest * self.cin_p].copy_from_slice(&input[whole * self.cin_p..][..rest * self.cin_p]);
+        let then = match then {
+            Epilogue::BiasSkipRelu(skip, c) => {
+                assert!(c <= MAX_C);
+                skipp[..rest * c].copy_from_slice(&skip[whole * c..][..rest * c]);
+                Epilogue::BiasSkipRelu(&skipp[..STRIP * c], c)
+            }
+            other => other,
+        };
+        self.run_strips(kernels, &inp, STRIP, then, &mut outp);
+        out[whole * self.cout_p..][..rest * self.cout_p]
+            .copy_from_slice(&outp[..rest * self.cout_p]);
+    }
+
+    /// [`Pointwise::run`] for `n` a multiple of [`STRIP`].
+    fn run_strips(
+        &self,
+        kernels: Kernels,
+        input: &[f32],
+        n: usize,
+        then: Epilogue<'_>,
+        out: &mut [f32],
+    ) {
         assert!(n.is_multiple_of(STRIP));
         assert!(input.len() >= n * self.cin_p && out.len() >= n * self.cout_p);
         let (skip, skip_c, relu) = match then {
@@ -363,6 +419,7 @@ unsafe fn pw_strip<const G: usize, const H: bool>(
 }
 
 /// One BlazeBlock: depthwise 3x3 (stride 1 or 2), pointwise, skip, ReLU.
+#[derive(Clone)]
 struct Block {
     /// Input side; the output side is `side / stride`.
     side: usize,
@@ -387,6 +444,7 @@ impl Block {
 }
 
 /// The 5x5 stride-2 stem: 3 -> 24 channels, as an im2col row times `[75][32]`.
+#[derive(Clone)]
 struct Stem {
     pw: Pointwise,
 }
@@ -403,9 +461,11 @@ pub struct BlazeFace {
     blocks: Vec<Block>,
     /// Blocks of `backbone1` (the 16x16 map feeds the first two heads).
     backbone1: usize,
-    /// `classifier_8` (2) and `regressor_8` (32) as one 1x1 conv on 16x16x88.
+    /// `classifier_8` (2) and `regressor_8` (32) as one 1x1 conv on the
+    /// 88-channel map (16x16 at 128).
     head16: Pointwise,
-    /// `classifier_16` (6) and `regressor_16` (96) on 8x8x96.
+    /// `classifier_16` (6) and `regressor_16` (96) on the 96-channel map
+    /// (8x8 at 128).
     head8: Pointwise,
     anchors: Vec<[f32; 4]>,
     default_threshold: f32,
@@ -536,6 +596,7 @@ impl BlazeFace {
             pw: Pointwise::new(&rows, &stem_b, STEM_K, STEM_OUT),
         };
 
+        let input_side = side;
         let mut blocks = Vec::new();
         let mut side = side / 2;
         for (i, &(cin, cout, stride)) in FRONT.iter().enumerate() {
@@ -585,12 +646,15 @@ impl BlazeFace {
             heads.push(Pointwise::new(&w, &b, cin, per_cell * (1 + COORDS)));
         }
         let (head16, head8) = (heads.remove(0), heads.remove(0));
-        let anchors = get("anchors", &[ANCHORS, 4])?
+        let anchors: Vec<[f32; 4]> = get("anchors", &[ANCHORS, 4])?
             .chunks_exact(4)
             .map(|a| [a[0], a[1], a[2], a[3]])
             .collect();
+        if anchors != anchors_for(input_side) {
+            return Err("the anchors are not the front model's SSD anchors".into());
+        }
         Ok(Self {
-            side: 128,
+            side: input_side,
             stem,
             blocks,
             backbone1: FRONT_BACKBONE1,
@@ -603,7 +667,38 @@ impl BlazeFace {
         })
     }
 
-    /// Side of the square input picture (128).
+    /// The same network on a smaller (or larger) square input: `side` a
+    /// multiple of 16, at least 32. Fully convolutional, it sees a face of
+    /// so many pixels the same way at any input side; the anchors follow the
+    /// smaller grids. At 64 it costs a quarter of the 128 pass.
+    pub fn at_side(&self, side: usize) -> Result<Self, String> {
+        if side < 32 || !side.is_multiple_of(16) {
+            return Err(format!(
+                "detector input side {side}: a multiple of 16, at least 32"
+            ));
+        }
+        let mut blocks = self.blocks.clone();
+        let mut at = side / 2;
+        for b in &mut blocks {
+            b.side = at;
+            at /= b.stride;
+        }
+        Ok(Self {
+            side,
+            stem: self.stem.clone(),
+            blocks,
+            backbone1: self.backbone1,
+            head16: self.head16.clone(),
+            head8: self.head8.clone(),
+            anchors: anchors_for(side),
+            default_threshold: self.default_threshold,
+            kernels: self.kernels,
+            scratch: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Side of the square input picture (128 unless built by
+    /// [`BlazeFace::at_side`]).
     pub fn input_side(&self) -> usize {
         self.side
     }
@@ -621,25 +716,27 @@ impl BlazeFace {
     /// Multiply-adds times two of one forward pass.
     pub fn flops(&self) -> u64 {
         let stem_px = (self.side / 2) * (self.side / 2);
-        let heads = self.head16.flops(MAP_16 * MAP_16) + self.head8.flops(MAP_8 * MAP_8);
+        let (m16, m8) = (self.side / HEAD16_STRIDE, self.side / HEAD8_STRIDE);
+        let heads = self.head16.flops(m16 * m16) + self.head8.flops(m8 * m8);
         self.stem.pw.flops(stem_px) + self.blocks.iter().map(Block::flops).sum::<u64>() + heads
     }
 
     /// Raw outputs for `n` pictures of `side x side` RGB values in 0..=255
-    /// (HWC, back to back): per picture `ANCHORS * COORDS` box numbers and
-    /// `ANCHORS` logits, in the anchors' order.
+    /// (HWC, back to back): per picture `anchors().len() * COORDS` box
+    /// numbers and `anchors().len()` logits, in the anchors' order.
     pub fn raw(&self, pictures: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let len = self.side * self.side * 3;
         let n = pictures.len() / len;
-        let mut boxes = vec![0f32; n * ANCHORS * COORDS];
-        let mut logits = vec![0f32; n * ANCHORS];
+        let a = self.anchors.len();
+        let mut boxes = vec![0f32; n * a * COORDS];
+        let mut logits = vec![0f32; n * a];
         let mut s = self.take_scratch();
         for (i, pic) in pictures.chunks_exact(len).enumerate() {
             self.picture(
                 pic,
                 &mut s,
-                &mut boxes[i * ANCHORS * COORDS..][..ANCHORS * COORDS],
-                &mut logits[i * ANCHORS..][..ANCHORS],
+                &mut boxes[i * a * COORDS..][..a * COORDS],
+                &mut logits[i * a..][..a],
             );
         }
         self.give_scratch(s);
@@ -682,8 +779,8 @@ impl BlazeFace {
             maps,
             dw_row: vec![0f32; stem_side * widest],
             pool_row: vec![0f32; stem_side * widest],
-            head16: vec![0f32; MAP_16 * MAP_16 * self.head16.cout_p],
-            head8: vec![0f32; MAP_8 * MAP_8 * self.head8.cout_p],
+            head16: vec![0f32; (self.side / HEAD16_STRIDE).pow(2) * self.head16.cout_p],
+            head8: vec![0f32; (self.side / HEAD8_STRIDE).pow(2) * self.head8.cout_p],
         }
     }
 
@@ -723,15 +820,22 @@ impl BlazeFace {
             );
             // Heads: 16x16 map after backbone1, 8x8 map after backbone2.
             if i + 1 == self.backbone1 {
-                head(&self.head16, self.kernels, output, MAP_16, &mut s.head16);
+                let m16 = self.side / HEAD16_STRIDE;
+                head(&self.head16, self.kernels, output, m16, &mut s.head16);
             }
             std::mem::swap(&mut input, &mut output);
         }
-        head(&self.head8, self.kernels, input, MAP_8, &mut s.head8);
+        let m8 = self.side / HEAD8_STRIDE;
+        head(&self.head8, self.kernels, input, m8, &mut s.head8);
         let mut anchor = 0;
         for (map, side, per_cell, width) in [
-            (&s.head16, MAP_16, 2, self.head16.cout_p),
-            (&s.head8, MAP_8, 6, self.head8.cout_p),
+            (
+                &s.head16,
+                self.side / HEAD16_STRIDE,
+                HEAD16_PER_CELL,
+                self.head16.cout_p,
+            ),
+            (&s.head8, m8, HEAD8_PER_CELL, self.head8.cout_p),
         ] {
             for px in map.chunks_exact(width).take(side * side) {
                 for a in 0..per_cell {
@@ -782,6 +886,26 @@ fn head(pw: &Pointwise, kernels: Kernels, map: &[f32], side: usize, out: &mut [f
             &mut out[y * side * pw.cout_p..],
         );
     }
+}
+
+/// MediaPipe's SSD anchors of the short-range detector for a `side` input:
+/// per cell of the stride-8 grid two, of the stride-16 grid six, each
+/// `(x_center, y_center, 1, 1)` relative to the input.
+pub fn anchors_for(side: usize) -> Vec<[f32; 4]> {
+    let mut out = Vec::new();
+    for (stride, per_cell) in [
+        (HEAD16_STRIDE, HEAD16_PER_CELL),
+        (HEAD8_STRIDE, HEAD8_PER_CELL),
+    ] {
+        let n = side / stride;
+        for y in 0..n {
+            for x in 0..n {
+                let c = [(x as f32 + 0.5) / n as f32, (y as f32 + 0.5) / n as f32];
+                out.extend(std::iter::repeat_n([c[0], c[1], 1.0, 1.0], per_cell));
+            }
+        }
+    }
+    out
 }
 
 /// One BlazeBlock, row by row, from `input` (bordered, `cin_p` channels) into

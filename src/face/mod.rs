@@ -35,49 +35,76 @@ struct Letterbox {
     logits: Vec<f32>,
 }
 
-/// Share of the detector's square a picture fills on the second look.
+/// Share of the detector's square a picture fills on the zoomed-out look.
 pub const ZOOM_OUT: f32 = 0.7;
+/// Detector input side of the full look: the network's own, 128.
+pub const FULL_LOOK: u32 = 128;
+/// Detector input side of the quick look: a quarter of the full look's
+/// work, enough for a face that fills a good part of the picture (the usual
+/// profile picture).
+pub const QUICK_LOOK: u32 = 64;
+/// The quick look is taken only when its largest face spans at least this
+/// share of the picture's longer side (26 of its 64 pixels: about the
+/// smallest face the full look sees well). A smaller one is near the edge of
+/// what 64 pixels show, and other faces beside it may be missed: the full
+/// look decides.
+pub const QUICK_MIN_SHARE: f32 = 0.4;
 
 /// The detector, ready to find faces in decoded pictures.
 pub struct FaceFinder {
     net: BlazeFace,
+    quick: BlazeFace,
 }
 
 impl FaceFinder {
     /// Loads the detector's weights file.
     pub fn load(path: &Path) -> Result<Self, DetectorError> {
-        Ok(Self {
-            net: BlazeFace::load(path)?,
-        })
+        Ok(Self::new(BlazeFace::load(path)?))
     }
 
-    /// Wraps a built network.
+    /// Wraps a built network (at its full 128x128 input).
     pub fn new(net: BlazeFace) -> Self {
-        Self { net }
+        let quick = net
+            .at_side(QUICK_LOOK as usize)
+            .expect("the quick look's side is a multiple of 16");
+        Self { net, quick }
     }
 
-    /// The network.
+    /// The network at its full input.
     pub fn net(&self) -> &BlazeFace {
         &self.net
     }
 
     /// Every face scoring at least `threshold`, in the picture's pixels,
     /// largest first. The picture is shrunk to fit the detector's square,
-    /// keeping its aspect ratio, and centred on black. When that finds
-    /// nothing, the picture is looked at once more, smaller
-    /// ([`ZOOM_OUT`] of the square): the short-range detector misses faces
-    /// that fill the whole frame or run past its edges (tight crops).
-    pub fn find(&self, picture: Rgb<'_>, threshold: f32) -> Vec<Face> {
-        let faces = self.find_at(picture, threshold, 1.0);
+    /// keeping its aspect ratio, and centred on black; the first look is at
+    /// `first_look` pixels ([`QUICK_LOOK`] or [`FULL_LOOK`]). When the quick
+    /// look finds no face spanning [`QUICK_MIN_SHARE`] of the picture, the
+    /// full look follows; when that finds nothing,
+    /// the picture is looked at once more, smaller ([`ZOOM_OUT`] of the
+    /// square): the short-range detector misses faces that fill the whole
+    /// frame or run past its edges (tight crops).
+    pub fn find(&self, picture: Rgb<'_>, threshold: f32, first_look: u32) -> Vec<Face> {
+        if first_look == QUICK_LOOK {
+            let faces = self.find_at(&self.quick, picture, threshold, 1.0);
+            let longer = picture.w.max(picture.h) as f32;
+            if faces
+                .first()
+                .is_some_and(|f| f.size() >= QUICK_MIN_SHARE * longer)
+            {
+                return faces;
+            }
+        }
+        let faces = self.find_at(&self.net, picture, threshold, 1.0);
         if !faces.is_empty() {
             return faces;
         }
-        self.find_at(picture, threshold, ZOOM_OUT)
+        self.find_at(&self.net, picture, threshold, ZOOM_OUT)
     }
 
-    /// [`FaceFinder::find`] with the picture fitted into `zoom` of the square.
-    fn find_at(&self, picture: Rgb<'_>, threshold: f32, zoom: f32) -> Vec<Face> {
-        let side = self.net.input_side();
+    /// One look by `net`, the picture fitted into `zoom` of its square.
+    fn find_at(&self, net: &BlazeFace, picture: Rgb<'_>, threshold: f32, zoom: f32) -> Vec<Face> {
+        let side = net.input_side();
         let (w, h) = (picture.w.max(1), picture.h.max(1));
         let fit = zoom * side as f32 / w.max(h) as f32;
         let sw = ((w as f32 * fit).round() as u32).clamp(1, side as u32);
@@ -109,10 +136,11 @@ impl FaceFinder {
                 let at = ((oy as usize + y) * side + ox as usize) * 3;
                 square[at..at + row.len()].copy_from_slice(row);
             }
-            boxes.resize(blazeface::ANCHORS * blazeface::COORDS, 0.0);
-            logits.resize(blazeface::ANCHORS, 0.0);
-            self.net.raw_u8(square, boxes, logits);
-            decode::detections(boxes, logits, self.net.anchors(), side as f32, threshold)
+            let anchors = net.anchors();
+            boxes.resize(anchors.len() * blazeface::COORDS, 0.0);
+            logits.resize(anchors.len(), 0.0);
+            net.raw_u8(square, boxes, logits);
+            decode::detections(boxes, logits, anchors, side as f32, threshold)
         });
         // Relative to the square -> the picture's pixels.
         let (kx, ky) = (w as f32 / sw as f32, h as f32 / sh as f32);

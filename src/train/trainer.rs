@@ -48,6 +48,9 @@ pub struct TrainConfig {
     pub detector: PathBuf,
     /// Detector score a face needs (default: the detector file's own).
     pub face_threshold: Option<f32>,
+    /// Detector input side of the first look for a face (64: quick, then
+    /// the full 128 when it finds nothing; 128: full only).
+    pub first_look: u32,
     /// Validation source.
     pub validation: Validation,
     /// Weights file to write.
@@ -232,8 +235,15 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
         .face_threshold
         .unwrap_or_else(|| finder.net().default_threshold());
     let decoder = Preprocessor::new(&meta, Limits::default());
-    let pictures = Pictures::load(&cfg.data, &cfg.labels, &decoder, &finder, threshold)
-        .with_context(|| format!("reading {}", folders(&cfg.data)))?;
+    let pictures = Pictures::load(
+        &cfg.data,
+        &cfg.labels,
+        &decoder,
+        &finder,
+        threshold,
+        cfg.first_look,
+    )
+    .with_context(|| format!("reading {}", folders(&cfg.data)))?;
     for s in &pictures.skipped {
         tracing::warn!(userid = %s.userid, "training data: skipped: {}", s.reason);
     }
@@ -242,20 +252,24 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
         "no usable training pictures in {}",
         folders(&cfg.data)
     );
-    let crop = pictures.measure_crop(threshold).with_context(|| {
-        format!(
-            "the face detector found no face in the {} training pictures",
-            pictures.len()
-        )
-    })?;
+    let crop = pictures
+        .measure_crop(threshold, cfg.first_look)
+        .with_context(|| {
+            format!(
+                "the face detector found no face in the {} training pictures",
+                pictures.len()
+            )
+        })?;
     eprintln!(
-        "faces found in {} of {} training pictures; crop: side {:.3}, offset ({:.3}, {:.3}) face sizes; threshold {threshold}",
+        "faces found in {} of {} training pictures; crop: side {:.3}, offset ({:.3}, {:.3}) face sizes; threshold {threshold}; first look at {} px",
         pictures.with_face(),
         pictures.len(),
         crop.side,
         crop.dx,
-        crop.dy
+        crop.dy,
+        crop.first_look
     );
+    crop.validate().map_err(anyhow::Error::msg)?;
     meta.face = Some(crop);
     let pre = Preprocessor::new(&meta, Limits::default()).with_faces(FaceStage {
         finder,
