@@ -19,7 +19,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::Optimizer;
 use criterion::{BenchmarkId, Criterion, Throughput};
-use profile_classifier::face::{BlazeFace, FULL_LOOK, Kernels, QUICK_LOOK};
+use profile_classifier::face::{BlazeFace, Kernels, Look};
 use profile_classifier::model::{self, Cnn, ConvImpl, ModelMeta};
 use profile_classifier::preprocess::{Limits, Preprocessor};
 
@@ -199,7 +199,8 @@ fn detector_input(net: &BlazeFace, batch: usize) -> Vec<f32> {
 /// The detector at its full 128x128 input (`detector/`) and at the quick
 /// look's 64x64 (`detector_quick/`).
 fn detect(c: &mut Criterion) {
-    for (name, side) in [("detector", FULL_LOOK), ("detector_quick", QUICK_LOOK)] {
+    for (name, look) in [("detector", Look::Full), ("detector_quick", Look::Quick)] {
+        let side = look.side();
         let mut group = c.benchmark_group(name);
         for kernels in [Kernels::best(), Kernels::Portable] {
             let net = detector(kernels).at_side(side as usize).expect("side");
@@ -222,12 +223,13 @@ fn detector_summary() {
     println!(
         "\n| detector kernels | input | batch | pictures/s | GFLOP/s |\n| --- | ---: | ---: | ---: | ---: |"
     );
-    for (kernels, side) in [
-        (Kernels::best(), FULL_LOOK),
-        (Kernels::best(), QUICK_LOOK),
-        (Kernels::Portable, FULL_LOOK),
-        (Kernels::Portable, QUICK_LOOK),
+    for (kernels, look) in [
+        (Kernels::best(), Look::Full),
+        (Kernels::best(), Look::Quick),
+        (Kernels::Portable, Look::Full),
+        (Kernels::Portable, Look::Quick),
     ] {
+        let side = look.side();
         let net = detector(kernels).at_side(side as usize).expect("side");
         let flops = net.flops() as f64;
         for batch in [1usize, 8, 32] {

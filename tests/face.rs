@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use profile_classifier::face::{BlazeFace, FULL_LOOK, FaceFinder, Kernels, QUICK_LOOK, Rgb};
+use profile_classifier::face::{BlazeFace, FaceFinder, Kernels, Look, Rgb};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -88,7 +88,7 @@ fn the_reference_face_is_found_where_the_reference_says() {
             h: 128,
         },
         0.75,
-        FULL_LOOK,
+        Look::Full,
     );
     assert_eq!(faces.len(), 1, "{faces:?}");
     let f = faces[0];
@@ -138,8 +138,8 @@ fn the_quick_look_finds_the_face_the_full_look_finds() {
             w: img.width(),
             h: img.height(),
         };
-        let full = finder.find(picture, 0.75, FULL_LOOK);
-        let quick = finder.find(picture, 0.75, QUICK_LOOK);
+        let full = finder.find(picture, 0.75, Look::Full);
+        let quick = finder.find(picture, 0.75, Look::Quick);
         assert_eq!((full.len(), quick.len()), (1, 1), "{full:?} {quick:?}");
         let (f, q) = (full[0], quick[0]);
         let [fx, fy] = f.centre();
@@ -193,7 +193,7 @@ fn find(img: &image::RgbImage) -> Vec<profile_classifier::face::Face> {
             h: img.height(),
         },
         0.75,
-        FULL_LOOK,
+        Look::Full,
     )
 }
 
@@ -236,7 +236,7 @@ fn a_turned_face_is_measured_and_comes_back_level() {
             side: 1.6,
             dx: 0.0,
             dy: 0.0,
-            first_look: FULL_LOOK,
+            first_look: Look::Full,
         };
         let mut out = vec![0u8; 128 * 128 * 3];
         profile_classifier::face::align(

@@ -32,7 +32,7 @@ fn with_faces() -> &'static Preprocessor {
                 side: 1.1,
                 dx: 0.0,
                 dy: 0.0,
-                first_look: profile_classifier::face::QUICK_LOOK,
+                first_look: profile_classifier::face::Look::Quick,
             },
             threshold: 0.75,
         })

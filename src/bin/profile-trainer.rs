@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use profile_classifier::config::{FaceArgs, error_line, parse_device};
 use profile_classifier::connect::{NatsArgs, notify_reload};
-use profile_classifier::face::{self, FaceFinder};
+use profile_classifier::face::{FaceFinder, Look};
 use profile_classifier::model::Classifier;
 use profile_classifier::preprocess::{Framing, Limits, Preparation, Preprocessor};
 use profile_classifier::train::{self, TrainConfig, Validation};
@@ -86,11 +86,10 @@ enum Command {
 
 /// Publishes one reload message and says so.
 /// `--first-look`: one of the detector input sides the worker knows.
-fn parse_first_look(s: &str) -> Result<u32, String> {
-    match s.parse::<u32>() {
-        Ok(v) if v == face::QUICK_LOOK || v == face::FULL_LOOK => Ok(v),
-        _ => Err(format!("{s}: {} or {}", face::QUICK_LOOK, face::FULL_LOOK)),
-    }
+fn parse_first_look(s: &str) -> Result<Look, String> {
+    s.parse::<u32>()
+        .map_err(|e| format!("{s}: {e}"))
+        .and_then(Look::try_from)
 }
 
 fn notify(nats: &NatsArgs, subject: &str, body: &str) -> anyhow::Result<()> {
@@ -136,8 +135,8 @@ struct TrainArgs {
     /// the work; the full 128 only when it finds nothing) or 128. Stored in
     /// the weights, with the crop geometry measured by it; the worker looks
     /// the same way.
-    #[arg(long, default_value_t = 64, value_parser = parse_first_look)]
-    first_look: u32,
+    #[arg(long, default_value = "64", value_parser = parse_first_look)]
+    first_look: Look,
     /// Validation folder in the same layout.
     #[arg(long, conflicts_with = "val_fraction")]
     val: Option<PathBuf>,

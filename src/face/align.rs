@@ -25,16 +25,11 @@ pub struct FaceCrop {
     pub dx: f32,
     /// Crop centre minus box centre, across the eye line (down), over the box side.
     pub dy: f32,
-    /// Side of the detector input of the first look: [`super::QUICK_LOOK`]
-    /// (a quarter of the work; the full look only when it finds nothing) or
-    /// [`super::FULL_LOOK`]. The geometry above was measured with it; files
-    /// written before it existed measured at the full look.
-    #[serde(default = "full_look")]
-    pub first_look: u32,
-}
-
-fn full_look() -> u32 {
-    super::FULL_LOOK
+    /// The detector input faces are first looked for at. The geometry above
+    /// was measured with it; files written before it existed measured at
+    /// the full look.
+    #[serde(default)]
+    pub first_look: super::Look,
 }
 
 impl FaceCrop {
@@ -57,14 +52,6 @@ impl FaceCrop {
             return Err(format!(
                 "face crop offset ({}, {}) is out of range",
                 self.dx, self.dy
-            ));
-        }
-        if ![super::QUICK_LOOK, super::FULL_LOOK].contains(&self.first_look) {
-            return Err(format!(
-                "first look at {} pixels: {} or {} are known",
-                self.first_look,
-                super::QUICK_LOOK,
-                super::FULL_LOOK
             ));
         }
         Ok(())
@@ -303,8 +290,21 @@ mod tests {
         side: 1.0,
         dx: 0.0,
         dy: 0.0,
-        first_look: super::super::FULL_LOOK,
+        first_look: super::super::Look::Full,
     };
+
+    #[test]
+    fn the_first_look_is_read_from_metadata() {
+        let old = r#"{"threshold":0.85,"side":1.1,"dx":0.0,"dy":0.0}"#;
+        let crop: FaceCrop = serde_json::from_str(old).unwrap();
+        assert_eq!(crop.first_look, super::super::Look::Full);
+        let quick = r#"{"threshold":0.85,"side":1.1,"dx":0.0,"dy":0.0,"first_look":64}"#;
+        let crop: FaceCrop = serde_json::from_str(quick).unwrap();
+        assert_eq!(crop.first_look, super::super::Look::Quick);
+        assert_eq!(serde_json::to_value(crop).unwrap()["first_look"], 64);
+        let odd = r#"{"threshold":0.85,"side":1.1,"dx":0.0,"dy":0.0,"first_look":96}"#;
+        assert!(serde_json::from_str::<FaceCrop>(odd).is_err());
+    }
 
     #[test]
     fn a_face_at_a_known_place_is_cut_there() {

@@ -16,6 +16,7 @@ use std::path::Path;
 
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use serde::{Deserialize, Serialize};
 
 pub use align::{Face, FaceCrop, Rgb, align};
 pub use blazeface::{BlazeFace, DetectorError, Kernels};
@@ -37,12 +38,50 @@ struct Letterbox {
 
 /// Share of the detector's square a picture fills on the zoomed-out look.
 pub const ZOOM_OUT: f32 = 0.7;
-/// Detector input side of the full look: the network's own, 128.
-pub const FULL_LOOK: u32 = 128;
-/// Detector input side of the quick look: a quarter of the full look's
-/// work, enough for a face that fills a good part of the picture (the usual
-/// profile picture).
-pub const QUICK_LOOK: u32 = 64;
+
+/// The detector input a face is first looked for at. Stored in a
+/// classifier's metadata as the side in pixels (64 or 128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "u32", into = "u32")]
+pub enum Look {
+    /// 64x64: a quarter of the full look's work, enough for a face that
+    /// fills a good part of the picture (the usual profile picture).
+    Quick,
+    /// 128x128, the network's own input (what files without the field
+    /// were measured with).
+    #[default]
+    Full,
+}
+
+impl Look {
+    /// Side of the detector's square, in pixels.
+    pub const fn side(self) -> u32 {
+        match self {
+            Look::Quick => 64,
+            Look::Full => 128,
+        }
+    }
+}
+
+impl TryFrom<u32> for Look {
+    type Error = String;
+
+    fn try_from(side: u32) -> Result<Self, String> {
+        match side {
+            64 => Ok(Look::Quick),
+            128 => Ok(Look::Full),
+            _ => Err(format!(
+                "a first look at {side} pixels: 64 or 128 are known"
+            )),
+        }
+    }
+}
+
+impl From<Look> for u32 {
+    fn from(look: Look) -> u32 {
+        look.side()
+    }
+}
 /// The quick look is taken only when its largest face spans at least this
 /// share of the picture's longer side (26 of its 64 pixels: about the
 /// smallest face the full look sees well). A smaller one is near the edge of
@@ -65,7 +104,7 @@ impl FaceFinder {
     /// Wraps a built network (at its full 128x128 input).
     pub fn new(net: BlazeFace) -> Self {
         let quick = net
-            .at_side(QUICK_LOOK as usize)
+            .at_side(Look::Quick.side() as usize)
             .expect("the quick look's side is a multiple of 16");
         Self { net, quick }
     }
@@ -77,15 +116,15 @@ impl FaceFinder {
 
     /// Every face scoring at least `threshold`, in the picture's pixels,
     /// largest first. The picture is shrunk to fit the detector's square,
-    /// keeping its aspect ratio, and centred on black; the first look is at
-    /// `first_look` pixels ([`QUICK_LOOK`] or [`FULL_LOOK`]). When the quick
+    /// keeping its aspect ratio, and centred on black; the first look is
+    /// `first_look`. When the quick
     /// look finds no face spanning [`QUICK_MIN_SHARE`] of the picture, the
     /// full look follows; when that finds nothing,
     /// the picture is looked at once more, smaller ([`ZOOM_OUT`] of the
     /// square): the short-range detector misses faces that fill the whole
     /// frame or run past its edges (tight crops).
-    pub fn find(&self, picture: Rgb<'_>, threshold: f32, first_look: u32) -> Vec<Face> {
-        if first_look == QUICK_LOOK {
+    pub fn find(&self, picture: Rgb<'_>, threshold: f32, first_look: Look) -> Vec<Face> {
+        if first_look == Look::Quick {
             let faces = self.find_at(&self.quick, picture, threshold, 1.0);
             let longer = picture.w.max(picture.h) as f32;
             if faces

@@ -341,7 +341,7 @@ mod tests {
             side: 1.1,
             dx: -0.01,
             dy: 0.02,
-            first_look: crate::face::QUICK_LOOK,
+            first_look: crate::face::Look::Quick,
         };
         let with_face = ModelMeta {
             face: Some(crop),

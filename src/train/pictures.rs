@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use image::RgbImage;
 
 use super::dataset::{self, Dataset, Sample, Skipped};
-use crate::face::{Face, FaceCrop, FaceFinder};
+use crate::face::{Face, FaceCrop, FaceFinder, Look};
 use crate::preprocess::{Preprocessor, rgb_view};
 
 /// Decoded pictures, their labels and faces.
@@ -28,7 +28,7 @@ pub struct Pictures {
 
 impl Pictures {
     /// Reads every folder: pictures decoded with `pre`'s limits, faces found
-    /// by `finder` at `threshold`, first looked for at `first_look` pixels.
+    /// by `finder` at `threshold`, first looked for at `first_look`.
     /// Rows labelled `none` are left out.
     pub fn load(
         dirs: &[PathBuf],
@@ -36,7 +36,7 @@ impl Pictures {
         pre: &Preprocessor,
         finder: &FaceFinder,
         threshold: f32,
-        first_look: u32,
+        first_look: Look,
     ) -> Result<Self, dataset::DatasetError> {
         let mut out = Pictures {
             samples: Vec::new(),
@@ -104,7 +104,7 @@ impl Pictures {
     /// Where the detector puts faces inside these pictures, taken as crops:
     /// the median, over pictures with a face, of the picture's square around
     /// the face in the face's own frame. `None` without any face.
-    pub fn measure_crop(&self, threshold: f32, first_look: u32) -> Option<FaceCrop> {
+    pub fn measure_crop(&self, threshold: f32, first_look: Look) -> Option<FaceCrop> {
         let (mut sides, mut dxs, mut dys) = (Vec::new(), Vec::new(), Vec::new());
         for (img, face) in self.images.iter().zip(&self.faces) {
             let Some(face) = face else { continue };

@@ -26,7 +26,7 @@ use super::dataset::{self, Dataset};
 use super::ema::{Ema, snapshot};
 use super::eval;
 use super::pictures::Pictures;
-use crate::face::{FaceCrop, FaceFinder};
+use crate::face::{FaceCrop, FaceFinder, Look};
 use crate::model::{self, Cnn, ConvImpl, ModelMeta};
 use crate::preprocess::{FaceStage, Limits, Preprocessor, rgb_view};
 
@@ -48,9 +48,9 @@ pub struct TrainConfig {
     pub detector: PathBuf,
     /// Detector score a face needs (default: the detector file's own).
     pub face_threshold: Option<f32>,
-    /// Detector input side of the first look for a face (64: quick, then
-    /// the full 128 when it finds nothing; 128: full only).
-    pub first_look: u32,
+    /// Where the detector first looks for a face (quick: 64x64, then the
+    /// full 128x128 when that takes no face; full: 128x128 only).
+    pub first_look: Look,
     /// Validation source.
     pub validation: Validation,
     /// Weights file to write.
@@ -267,7 +267,7 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
         crop.side,
         crop.dx,
         crop.dy,
-        crop.first_look
+        crop.first_look.side()
     );
     crop.validate().map_err(anyhow::Error::msg)?;
     meta.face = Some(crop);
