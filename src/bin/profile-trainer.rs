@@ -84,7 +84,6 @@ enum Command {
     },
 }
 
-/// Publishes one reload message and says so.
 /// `--first-look`: one of the detector input sides the worker knows.
 fn parse_first_look(s: &str) -> Result<Look, String> {
     s.parse::<u32>()
@@ -92,6 +91,7 @@ fn parse_first_look(s: &str) -> Result<Look, String> {
         .and_then(Look::try_from)
 }
 
+/// Publishes one reload message and says so.
 fn notify(nats: &NatsArgs, subject: &str, body: &str) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

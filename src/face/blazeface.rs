@@ -716,9 +716,14 @@ impl BlazeFace {
     /// Multiply-adds times two of one forward pass.
     pub fn flops(&self) -> u64 {
         let stem_px = (self.side / 2) * (self.side / 2);
-        let (m16, m8) = (self.side / HEAD16_STRIDE, self.side / HEAD8_STRIDE);
+        let (m16, m8) = self.head_sides();
         let heads = self.head16.flops(m16 * m16) + self.head8.flops(m8 * m8);
         self.stem.pw.flops(stem_px) + self.blocks.iter().map(Block::flops).sum::<u64>() + heads
+    }
+
+    /// Sides of the maps the two pairs of heads read (16 and 8 at 128).
+    fn head_sides(&self) -> (usize, usize) {
+        (self.side / HEAD16_STRIDE, self.side / HEAD8_STRIDE)
     }
 
     /// Raw outputs for `n` pictures of `side x side` RGB values in 0..=255
@@ -765,6 +770,7 @@ impl BlazeFace {
     }
 
     fn new_scratch(&self) -> Scratch {
+        let (m16, m8) = self.head_sides();
         let stem_side = self.side / 2;
         let mut largest = (stem_side + 2).pow(2) * self.stem.pw.cout_p;
         let mut widest = pad16(STEM_K);
@@ -779,8 +785,8 @@ impl BlazeFace {
             maps,
             dw_row: vec![0f32; stem_side * widest],
             pool_row: vec![0f32; stem_side * widest],
-            head16: vec![0f32; (self.side / HEAD16_STRIDE).pow(2) * self.head16.cout_p],
-            head8: vec![0f32; (self.side / HEAD8_STRIDE).pow(2) * self.head8.cout_p],
+            head16: vec![0f32; m16 * m16 * self.head16.cout_p],
+            head8: vec![0f32; m8 * m8 * self.head8.cout_p],
         }
     }
 
@@ -806,6 +812,7 @@ impl BlazeFace {
 
     /// Runs the network on `s.input` (already normalised and bordered).
     fn network(&self, s: &mut Scratch, boxes: &mut [f32], logits: &mut [f32]) {
+        let (m16, m8) = self.head_sides();
         self.stem(s);
         let [first, second] = &mut s.maps;
         let (mut input, mut output) = (first, second);
@@ -820,21 +827,14 @@ impl BlazeFace {
             );
             // Heads: 16x16 map after backbone1, 8x8 map after backbone2.
             if i + 1 == self.backbone1 {
-                let m16 = self.side / HEAD16_STRIDE;
                 head(&self.head16, self.kernels, output, m16, &mut s.head16);
             }
             std::mem::swap(&mut input, &mut output);
         }
-        let m8 = self.side / HEAD8_STRIDE;
         head(&self.head8, self.kernels, input, m8, &mut s.head8);
         let mut anchor = 0;
         for (map, side, per_cell, width) in [
-            (
-                &s.head16,
-                self.side / HEAD16_STRIDE,
-                HEAD16_PER_CELL,
-                self.head16.cout_p,
-            ),
+            (&s.head16, m16, HEAD16_PER_CELL, self.head16.cout_p),
             (&s.head8, m8, HEAD8_PER_CELL, self.head8.cout_p),
         ] {
             for px in map.chunks_exact(width).take(side * side) {
@@ -891,7 +891,7 @@ fn head(pw: &Pointwise, kernels: Kernels, map: &[f32], side: usize, out: &mut [f
 /// MediaPipe's SSD anchors of the short-range detector for a `side` input:
 /// per cell of the stride-8 grid two, of the stride-16 grid six, each
 /// `(x_center, y_center, 1, 1)` relative to the input.
-pub fn anchors_for(side: usize) -> Vec<[f32; 4]> {
+fn anchors_for(side: usize) -> Vec<[f32; 4]> {
     let mut out = Vec::new();
     for (stride, per_cell) in [
         (HEAD16_STRIDE, HEAD16_PER_CELL),

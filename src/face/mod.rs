@@ -82,6 +82,7 @@ impl From<Look> for u32 {
         look.side()
     }
 }
+
 /// The quick look is taken only when its largest face spans at least this
 /// share of the picture's longer side (26 of its 64 pixels: about the
 /// smallest face the full look sees well). A smaller one is near the edge of
@@ -117,12 +118,11 @@ impl FaceFinder {
     /// Every face scoring at least `threshold`, in the picture's pixels,
     /// largest first. The picture is shrunk to fit the detector's square,
     /// keeping its aspect ratio, and centred on black; the first look is
-    /// `first_look`. When the quick
-    /// look finds no face spanning [`QUICK_MIN_SHARE`] of the picture, the
-    /// full look follows; when that finds nothing,
-    /// the picture is looked at once more, smaller ([`ZOOM_OUT`] of the
-    /// square): the short-range detector misses faces that fill the whole
-    /// frame or run past its edges (tight crops).
+    /// `first_look`. When the quick look finds no face spanning
+    /// [`QUICK_MIN_SHARE`] of the picture, the full look follows; when that
+    /// finds nothing, the picture is looked at once more, smaller
+    /// ([`ZOOM_OUT`] of the square): the short-range detector misses faces
+    /// that fill the whole frame or run past its edges (tight crops).
     pub fn find(&self, picture: Rgb<'_>, threshold: f32, first_look: Look) -> Vec<Face> {
         if first_look == Look::Quick {
             let faces = self.find_at(&self.quick, picture, threshold, 1.0);
