@@ -45,20 +45,24 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 export MACHINE="$(nproc) vCPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $(date -u +%FT%TZ)"
 echo "machine: $MACHINE" >&2
 echo "measuring components (cargo bench --bench model) ..." >&2
-cargo bench -q --bench model -- 'forward/Direct/32$|preprocess/|detector(_quick)?/Avx512/1$' >"$tmp/criterion.log" 2>&1
+# The kernels the worker serves with on this CPU (bfloat16 products where
+# the CPU has AVX512-BF16, the default --precision).
+if grep -qw avx512_bf16 /proc/cpuinfo; then conv=DirectBf16 det=Avx512Bf16; else conv=Direct det=Avx512; fi
+export CONV=$conv DET=$det
+cargo bench -q --bench model -- "forward/$conv/32\$|preprocess/|detector(_quick)?/$det/1\$" >"$tmp/criterion.log" 2>&1
 est() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['mean']['point_estimate'])" "target/criterion/$1/new/estimates.json"; }
-model_ns=$(est forward/Direct/32)
+model_ns=$(est "forward/$conv/32")
 pre_ns=$(est preprocess/jpeg_200x200)
 face_ns=$(est preprocess/jpeg_200x200_face)
-detector_ns=$(est detector/Avx512/1)
-quick_ns=$(est detector_quick/Avx512/1)
+detector_ns=$(est "detector/$det/1")
+quick_ns=$(est "detector_quick/$det/1")
 # The Python worker's network (3 conv blocks of 32/32/64 filters) in Rust,
 # weights from a one-epoch smoke training (only speed is compared), and in
 # ONNX Runtime when the Python environment is there.
 target/release/profile-trainer train --data tests/fixtures/faces --val-fraction 0.25 \
   --channels 32,32,64 --epochs 1 --out "$tmp/same.safetensors" >/dev/null 2>&1
-BENCH_WEIGHTS="$tmp/same.safetensors" cargo bench -q --bench model -- 'forward/Direct/32$' >>"$tmp/criterion.log" 2>&1
-same_ns=$(est forward/Direct/32)
+BENCH_WEIGHTS="$tmp/same.safetensors" cargo bench -q --bench model -- "forward/$conv/32\$" >>"$tmp/criterion.log" 2>&1
+same_ns=$(est "forward/$conv/32")
 ort_rate=0
 if [ -x "$PYBENCH" ]; then
   ort_rate=$("$PYBENCH" bench/python_worker.py --bench-model | python3 -c "import json,sys; print(json.load(sys.stdin)['pictures_per_s'])")
@@ -210,14 +214,14 @@ def batches(name):
 print(f"machine: {os.environ['MACHINE']}, release build\n")
 print("## Components (criterion, one thread)\n")
 print("| component | per picture | pictures/s |\n| --- | ---: | ---: |")
-print(f"| model forward, batch 32 (Direct, shipped model) | {model_s*1e3:.3f} ms | {1/model_s:.0f} |")
-print(f"| face detector forward, 128x128, batch 1 (own AVX-512 kernels) | {detector_ns/1e6:.3f} ms | {1e9/detector_ns:.0f} |")
+print(f"| model forward, batch 32 ({os.environ['CONV']}, shipped model) | {model_s*1e3:.3f} ms | {1/model_s:.0f} |")
+print(f"| face detector forward, 128x128, batch 1 (own kernels, {os.environ['DET']}) | {detector_ns/1e6:.3f} ms | {1e9/detector_ns:.0f} |")
 print(f"| face detector forward, quick 64x64 look, batch 1 | {quick_ns/1e6:.3f} ms | {1e9/quick_ns:.0f} |")
 print(f"| preprocess 200x200 JPEG, detection on (decode, detect, align) | {face_s*1e3:.3f} ms | {1/face_s:.0f} |")
 print(f"| preprocess 200x200 JPEG, detection off | {pre_s*1e3:.3f} ms | {1/pre_s:.0f} |")
 print(f"| bound 1/(model + preprocess), detection on | {(model_s+face_s)*1e3:.3f} ms | {bound:.0f} |")
 print(f"| bound 1/(model + preprocess), detection off | {(model_s+pre_s)*1e3:.3f} ms | {1/(model_s+pre_s):.0f} |")
-print(f"| model forward, batch 32, Python's 32/32/64 network, Rust (Direct) | {same_ns/32/1e6:.3f} ms | {32e9/same_ns:.0f} |")
+print(f"| model forward, batch 32, Python's 32/32/64 network, Rust ({os.environ['CONV']}) | {same_ns/32/1e6:.3f} ms | {32e9/same_ns:.0f} |")
 if ort_rate:
     print(f"| model forward, batch 32, Python's 32/32/64 network, ONNX Runtime | {1e3/ort_rate:.3f} ms | {ort_rate:.0f} |")
 print("\n## End to end (profile-loadgen, results/s and client-side latency)\n")

@@ -78,7 +78,12 @@ fn forward(c: &mut Criterion) {
         model::forward_flops(&meta) / 1e6
     );
     let mut group = c.benchmark_group("forward");
-    for imp in [ConvImpl::Direct, ConvImpl::Fast, ConvImpl::Candle] {
+    for imp in [
+        ConvImpl::DirectBf16,
+        ConvImpl::Direct,
+        ConvImpl::Fast,
+        ConvImpl::Candle,
+    ] {
         let cls = Cnn::new(meta.clone(), &tensors, imp)
             .unwrap()
             .classifier(imp)
@@ -188,6 +193,13 @@ fn detector(kernels: Kernels) -> BlazeFace {
     BlazeFace::from_bytes(&bytes, kernels).expect("detector")
 }
 
+/// The detector kernels this CPU runs, fastest first.
+fn detector_kernels() -> Vec<Kernels> {
+    let mut all = vec![Kernels::best(), Kernels::best_f32(), Kernels::Portable];
+    all.dedup();
+    all
+}
+
 /// Pictures for the detector: a smooth pattern of 0..255 values.
 fn detector_input(net: &BlazeFace, batch: usize) -> Vec<f32> {
     let s = net.input_side();
@@ -202,7 +214,7 @@ fn detect(c: &mut Criterion) {
     for (name, look) in [("detector", Look::Full), ("detector_quick", Look::Quick)] {
         let side = look.side();
         let mut group = c.benchmark_group(name);
-        for kernels in [Kernels::best(), Kernels::Portable] {
+        for kernels in detector_kernels() {
             let net = detector(kernels).at_side(side as usize).expect("side");
             for batch in [1usize, 8, 32] {
                 let x = detector_input(&net, batch);
@@ -223,12 +235,10 @@ fn detector_summary() {
     println!(
         "\n| detector kernels | input | batch | pictures/s | GFLOP/s |\n| --- | ---: | ---: | ---: | ---: |"
     );
-    for (kernels, look) in [
-        (Kernels::best(), Look::Full),
-        (Kernels::best(), Look::Quick),
-        (Kernels::Portable, Look::Full),
-        (Kernels::Portable, Look::Quick),
-    ] {
+    for (kernels, look) in detector_kernels()
+        .into_iter()
+        .flat_map(|k| [(k, Look::Full), (k, Look::Quick)])
+    {
         let side = look.side();
         let net = detector(kernels).at_side(side as usize).expect("side");
         let flops = net.flops() as f64;
@@ -254,7 +264,12 @@ fn summary() {
     let (meta, tensors) = network();
     let flops = model::forward_flops(&meta);
     println!("\n| conv | batch | pictures/s | GFLOP/s |\n| --- | ---: | ---: | ---: |");
-    for imp in [ConvImpl::Direct, ConvImpl::Fast, ConvImpl::Candle] {
+    for imp in [
+        ConvImpl::DirectBf16,
+        ConvImpl::Direct,
+        ConvImpl::Fast,
+        ConvImpl::Candle,
+    ] {
         let cls = Cnn::new(meta.clone(), &tensors, imp)
             .unwrap()
             .classifier(imp)

@@ -7,8 +7,11 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 
-/// The face detection flags, shared by `profile-worker` and
-/// `profile-trainer eval`/`predict` so they frame pictures alike.
+use crate::model::Precision;
+
+/// The face detection and kernel precision flags, shared by
+/// `profile-worker` and `profile-trainer eval`/`predict` so they frame and
+/// classify pictures alike.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FaceArgs {
     /// Find the face and classify it (on), or classify the whole picture (off,
@@ -25,6 +28,10 @@ pub struct FaceArgs {
     /// Detector score (0-1) a face needs (default: the model's metadata, 0.75 shipped).
     #[arg(long, env = "PROFILE_FACE_THRESHOLD", value_parser = parse_threshold)]
     pub face_threshold: Option<f32>,
+    /// Arithmetic of the CPU kernels' products: bf16 (bfloat16 products, f32
+    /// sums, on CPUs with AVX512-BF16; others run f32) or f32.
+    #[arg(long, env = "PROFILE_PRECISION", default_value = "bf16", value_parser = parse_precision)]
+    pub precision: Precision,
 }
 
 impl FaceArgs {
@@ -110,6 +117,15 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
         Some(0) => Err(format!("{s}: must be at least one byte")),
         Some(b) => Ok(b),
         None => Err(format!("{s}: too large")),
+    }
+}
+
+/// `--precision`: `bf16` or `f32`.
+pub fn parse_precision(s: &str) -> Result<Precision, String> {
+    match s {
+        "bf16" => Ok(Precision::Bf16),
+        "f32" => Ok(Precision::F32),
+        _ => Err(format!("{s}: the precision is bf16 or f32")),
     }
 }
 

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use profile_classifier::face::{FaceCrop, FaceFinder};
-use profile_classifier::model::ModelMeta;
+use profile_classifier::model::{ModelMeta, Precision};
 use profile_classifier::preprocess::{FaceStage, Limits, Preprocessor};
 use profile_classifier::protocol::{ErrorCode, Request};
 use proptest::prelude::*;
@@ -24,7 +24,8 @@ fn preprocessor() -> Preprocessor {
 fn with_faces() -> &'static Preprocessor {
     static PRE: OnceLock<Preprocessor> = OnceLock::new();
     PRE.get_or_init(|| {
-        let finder = FaceFinder::load(&common::detector()).expect("shipped detector");
+        let finder =
+            FaceFinder::load(&common::detector(), Precision::Bf16).expect("shipped detector");
         preprocessor().with_faces(FaceStage {
             finder: Arc::new(finder),
             crop: FaceCrop {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use candle_core::Device;
-use profile_classifier::model::{Classifier, ModelMeta, weights};
+use profile_classifier::model::{Classifier, ModelMeta, Precision, weights};
 use profile_classifier::preprocess::{Limits, Preprocessor};
 use profile_classifier::train::{dataset, eval};
 
@@ -117,7 +117,11 @@ fn smoke_training_writes_weights_that_load_and_predict() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("w.safetensors");
     smoke_train(&out, "7");
-    let cls = Classifier::load(&out, &Device::Cpu).expect("the loader accepts the trained file");
+    // The probe was stored at f32; the serving default (bf16 where the CPU
+    // has it) must accept it, and f32 too.
+    Classifier::load(&out, &Device::Cpu, Precision::F32).expect("f32 accepts the trained file");
+    let cls = Classifier::load(&out, &Device::Cpu, Precision::Bf16)
+        .expect("the loader accepts the trained file");
     let m = cls.meta();
     assert_eq!(m.labels, vec!["female", "male"]);
     assert_eq!((m.input_size, m.channels.clone()), (32, vec![8, 16]));
@@ -241,7 +245,7 @@ fn shipped_weights_keep_their_accuracy_on_shared_test() {
         "the shared test set is missing at {}: this test needs ../shared/data/faces",
         test_dir.display()
     );
-    let cls = Classifier::load(&common::weights(), &Device::Cpu).unwrap();
+    let cls = Classifier::load(&common::weights(), &Device::Cpu, Precision::Bf16).unwrap();
     let pre = Preprocessor::new(cls.meta(), Limits::default());
     let set = dataset::load(&test_dir, &cls.meta().labels, &pre).unwrap();
     assert_eq!(set.len(), 1000);

@@ -107,7 +107,7 @@ fn notify(nats: &NatsArgs, subject: &str, body: &str) -> anyhow::Result<()> {
 /// The preprocessing of `cls`, as the worker would run it.
 fn preprocessor(faces: &FaceArgs, cls: &Classifier) -> anyhow::Result<Preprocessor> {
     let detector = match faces.detector() {
-        Some(path) => Some(Arc::new(FaceFinder::load(path)?)),
+        Some(path) => Some(Arc::new(FaceFinder::load(path, faces.precision)?)),
         None => None,
     };
     let prep = Preparation {
@@ -274,7 +274,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
         } => {
             let device = parse_device(&device)?;
-            let cls = Classifier::load(&weights, &device)?;
+            let cls = Classifier::load(&weights, &device, faces.precision)?;
             let pre = preprocessor(&faces, &cls)?;
             let set = train::dataset::load(&data, &cls.meta().labels, &pre)?;
             for s in &set.skipped {
@@ -299,7 +299,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             faces,
             images,
         } => {
-            let cls = Classifier::load(&weights, &candle_core::Device::Cpu)?;
+            let cls = Classifier::load(&weights, &candle_core::Device::Cpu, faces.precision)?;
             let pre = preprocessor(&faces, &cls)?;
             let size = cls.meta().input_size;
             let mut failed = false;

@@ -196,6 +196,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             detector: detector.clone(),
             threshold: cli.faces.face_threshold,
         }),
+        precision: cli.faces.precision,
         decode_threads: cli.decode_threads.unwrap_or(cores),
         infer_threads: cli.infer_threads.unwrap_or(cores),
         metrics_addr: cli.metrics_addr,

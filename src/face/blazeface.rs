@@ -19,6 +19,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
+use crate::model::Precision;
+
 /// Register width in f32 lanes: channel counts are padded to a multiple.
 const LANES: usize = 16;
 /// Pixels per register tile of the pointwise products.
@@ -64,6 +66,9 @@ pub enum DetectorError {
 pub enum Kernels {
     /// AVX-512F register tiles (x86-64 CPUs that have it).
     Avx512,
+    /// [`Kernels::Avx512`] with the pointwise products in bfloat16 (inputs
+    /// and weights rounded, sums in f32; AVX512-BF16 `vdpbf16ps`).
+    Avx512Bf16,
     /// Plain Rust loops, any CPU.
     Portable,
 }
@@ -71,10 +76,25 @@ pub enum Kernels {
 impl Kernels {
     /// The fastest kernels this CPU runs.
     pub fn best() -> Self {
-        if crate::model::direct::available() {
+        if Precision::Bf16.available() {
+            Kernels::Avx512Bf16
+        } else if Precision::F32.available() {
             Kernels::Avx512
         } else {
             Kernels::Portable
+        }
+    }
+
+    /// The fastest kernels this CPU runs at f32 (the reference precision).
+    pub fn best_f32() -> Self {
+        Self::for_precision(Precision::F32)
+    }
+
+    /// The fastest kernels this CPU runs at `precision` or finer.
+    pub fn for_precision(precision: Precision) -> Self {
+        match (Self::best(), precision) {
+            (Kernels::Avx512Bf16, Precision::F32) => Kernels::Avx512,
+            (best, _) => best,
         }
     }
 }
@@ -94,6 +114,9 @@ struct Pointwise {
     /// Offset of each group's weights in `weights`.
     offsets: Vec<usize>,
     weights: Vec<f32>,
+    /// The same weights in bfloat16, input channels in adjacent pairs
+    /// (`[cin_p / 2][16 * g][2]` per group, at the same offsets).
+    weights_bf16: Vec<u16>,
     bias: Vec<f32>,
 }
 
@@ -160,6 +183,16 @@ impl Pointwise {
         }
         let mut bias = vec![0.0; cout_p];
         bias[..cout].copy_from_slice(&b[..cout]);
+        let mut weights_bf16 = vec![0u16; weights.len()];
+        for (group, &off) in groups.iter().zip(&offsets) {
+            let width = group.width();
+            for ci in 0..cin_p {
+                for lane in 0..width {
+                    weights_bf16[off + ((ci / 2) * width + lane) * 2 + ci % 2] =
+                        crate::model::direct::to_bf16(weights[off + ci * width + lane]);
+                }
+            }
+        }
         Self {
             cin,
             cout,
@@ -168,6 +201,7 @@ impl Pointwise {
             groups,
             offsets,
             weights,
+            weights_bf16,
             bias,
         }
     }
@@ -175,18 +209,25 @@ impl Pointwise {
     /// `out[p][..cout_p] = epilogue(bias + in[p][..cin_p] x W)` for `n`
     /// pixels, `cin_p` values each, back to back. The pixels past the last
     /// whole [`STRIP`] (maps narrower than a strip, when the network runs on
-    /// a smaller input) go through a zero-padded strip on the stack.
-    fn run(&self, kernels: Kernels, input: &[f32], n: usize, then: Epilogue<'_>, out: &mut [f32]) {
+    /// a smaller input) go through a zero-padded strip in `staging`.
+    fn run(
+        &self,
+        kernels: Kernels,
+        input: &[f32],
+        n: usize,
+        then: Epilogue<'_>,
+        out: &mut [f32],
+        staging: &mut Staging,
+    ) {
         let whole = n / STRIP * STRIP;
+        self.run_strips(kernels, input, whole, then, out, &mut staging.bf16);
         if whole < n {
-            self.run_strips(kernels, input, whole, then, out);
-            self.run_rest(kernels, input, whole, n, then, out);
-        } else {
-            self.run_strips(kernels, input, n, then, out);
+            self.run_rest(kernels, input, whole, n, then, out, staging);
         }
     }
 
     /// The last `n - whole` (fewer than [`STRIP`]) pixels of [`Pointwise::run`].
+    #[allow(clippy::too_many_arguments)]
     fn run_rest(
         &self,
         kernels: Kernels,
@@ -195,28 +236,35 @@ impl Pointwise {
         n: usize,
         then: Epilogue<'_>,
         out: &mut [f32],
+        staging: &mut Staging,
     ) {
-        const MAX_C: usize = 128;
-        assert!(self.cin_p <= MAX_C && self.cout_p <= MAX_C);
         let rest = n - whole;
-        let mut inp = [0f32; STRIP * MAX_C];
-        let mut outp = [0f32; STRIP * MAX_C];
-        let mut skipp = [0f32; STRIP * MAX_C];
-        inp[..rest * self.cin_p].copy_from_slice(&input[whole * self.cin_p..][..rest * self.cin_p]);
+        let Staging {
+            bf16,
+            input: inp,
+            output: outp,
+            skip: skipp,
+        } = staging;
+        let (cin_p, cout_p) = (self.cin_p, self.cout_p);
+        let inp = &mut inp[..STRIP * cin_p];
+        inp[..rest * cin_p].copy_from_slice(&input[whole * cin_p..][..rest * cin_p]);
+        inp[rest * cin_p..].fill(0.0);
         let then = match then {
             Epilogue::BiasSkipRelu(skip, c) => {
-                assert!(c <= MAX_C);
+                let skipp = &mut skipp[..STRIP * c];
                 skipp[..rest * c].copy_from_slice(&skip[whole * c..][..rest * c]);
-                Epilogue::BiasSkipRelu(&skipp[..STRIP * c], c)
+                skipp[rest * c..].fill(0.0);
+                Epilogue::BiasSkipRelu(skipp, c)
             }
             other => other,
         };
-        self.run_strips(kernels, &inp, STRIP, then, &mut outp);
-        out[whole * self.cout_p..][..rest * self.cout_p]
-            .copy_from_slice(&outp[..rest * self.cout_p]);
+        let outp = &mut outp[..STRIP * cout_p];
+        self.run_strips(kernels, inp, STRIP, then, outp, bf16);
+        out[whole * cout_p..][..rest * cout_p].copy_from_slice(&outp[..rest * cout_p]);
     }
 
-    /// [`Pointwise::run`] for `n` a multiple of [`STRIP`].
+    /// [`Pointwise::run`] for `n` a multiple of [`STRIP`]; `bf16` holds the
+    /// input rounded to bfloat16 for [`Kernels::Avx512Bf16`].
     fn run_strips(
         &self,
         kernels: Kernels,
@@ -224,6 +272,7 @@ impl Pointwise {
         n: usize,
         then: Epilogue<'_>,
         out: &mut [f32],
+        bf16: &mut [u16],
     ) {
         assert!(n.is_multiple_of(STRIP));
         assert!(input.len() >= n * self.cin_p && out.len() >= n * self.cout_p);
@@ -237,53 +286,45 @@ impl Pointwise {
         };
         match kernels {
             #[cfg(target_arch = "x86_64")]
+            Kernels::Avx512Bf16 => {
+                // The input rounded to bfloat16 once for every group.
+                let len = n * self.cin_p;
+                let input16 = &mut bf16[..len];
+                // SAFETY: AVX512-BF16 present (`Kernels::best`); both slices
+                // hold `len` values, a multiple of 16. The strips: as for
+                // `Kernels::Avx512`, with the bf16 weights laid out at the
+                // same offsets.
+                unsafe {
+                    crate::model::direct::round_bf16(&input[..len], input16);
+                    let then = (skip, skip_c, relu);
+                    self.each_strip(input16, &self.weights_bf16, n, then, out, |g| {
+                        match (g.full, g.half) {
+                            (0, _) => pw_strip_bf16::<0, true>,
+                            (1, false) => pw_strip_bf16::<1, false>,
+                            (1, true) => pw_strip_bf16::<1, true>,
+                            (2, false) => pw_strip_bf16::<2, false>,
+                            (2, true) => pw_strip_bf16::<2, true>,
+                            _ => pw_strip_bf16::<3, false>,
+                        }
+                    })
+                };
+            }
+            #[cfg(target_arch = "x86_64")]
             Kernels::Avx512 => {
-                for (group, &off) in self.groups.iter().zip(&self.offsets) {
-                    let first = group.first;
-                    let w = self.weights[off..].as_ptr();
-                    let bias = self.bias[first..].as_ptr();
-                    for p in (0..n).step_by(STRIP) {
-                        let ip = input[p * self.cin_p..].as_ptr();
-                        let op = out[p * self.cout_p + first..].as_mut_ptr();
-                        let sp = skip.map_or(std::ptr::null(), |s| s[p * skip_c..].as_ptr());
-                        // SAFETY: the CPU has AVX-512F (`Kernels::best`); the
-                        // input holds STRIP pixels of cin_p values, the group's
-                        // weights cin_p * 16g values, bias and out 16g values
-                        // from `first` per pixel, skip STRIP pixels of skip_c
-                        // values (asserted above).
-                        unsafe {
-                            let run = match (group.full, group.half) {
-                                (0, _) => pw_strip::<0, true>,
-                                (1, false) => pw_strip::<1, false>,
-                                (1, true) => pw_strip::<1, true>,
-                                (2, false) => pw_strip::<2, false>,
-                                (2, true) => pw_strip::<2, true>,
-                                _ => pw_strip::<3, false>,
-                            };
-                            run(
-                                ip,
-                                self.cin,
-                                self.cin_p,
-                                w,
-                                bias,
-                                sp,
-                                skip_c,
-                                first,
-                                relu,
-                                op,
-                                self.cout_p,
-                            )
-                        };
-                    }
-                }
-                // An 8-lane last register leaves the last 8 padded lanes
-                // unwritten; they must read as zero (the next block adds
-                // them as its skip, and the maps' buffers are reused).
-                if self.groups.last().is_some_and(|g| g.half) {
-                    for px in out[..n * self.cout_p].chunks_exact_mut(self.cout_p) {
-                        px[self.cout_p - LANES / 2..].fill(0.0);
-                    }
-                }
+                // SAFETY: the CPU has AVX-512F (`Kernels::best`).
+                unsafe {
+                    let then = (skip, skip_c, relu);
+                    self.each_strip(input, &self.weights, n, then, out, |g| {
+                        match (g.full, g.half) {
+                            (0, _) => pw_strip::<0, true>,
+                            (1, false) => pw_strip::<1, false>,
+                            (1, true) => pw_strip::<1, true>,
+                            (2, false) => pw_strip::<2, false>,
+                            (2, true) => pw_strip::<2, true>,
+                            _ => pw_strip::<3, false>,
+                        }
+                    })
+                };
             }
             _ => {
                 for (group, &off) in self.groups.iter().zip(&self.offsets) {
@@ -317,9 +358,94 @@ impl Pointwise {
         }
     }
 
+    /// Every group's register tiles over `n` pixels (a multiple of
+    /// [`STRIP`]) of `input` (`cin_p` values each, f32 or bf16 as `weights`),
+    /// each tile run by the function `kernel` picks for its group, then the
+    /// epilogue `then` (skip, its channels, ReLU).
+    ///
+    /// # Safety
+    /// The CPU runs the picked kernels; `input` holds `n * cin_p` values,
+    /// `weights` this layer's groups at `offsets` in the kernels' layout,
+    /// `out` `n * cout_p` values, the skip `n` pixels of its channels.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn each_strip<T>(
+        &self,
+        input: &[T],
+        weights: &[T],
+        n: usize,
+        (skip, skip_c, relu): (Option<&[f32]>, usize, bool),
+        out: &mut [f32],
+        kernel: impl Fn(&Group) -> StripKernel<T>,
+    ) {
+        for (group, &off) in self.groups.iter().zip(&self.offsets) {
+            let first = group.first;
+            let w = weights[off..].as_ptr();
+            let bias = self.bias[first..].as_ptr();
+            let run = kernel(group);
+            for p in (0..n).step_by(STRIP) {
+                let store = Store {
+                    bias,
+                    skip: skip.map_or(std::ptr::null(), |s| s[p * skip_c..].as_ptr()),
+                    skip_c,
+                    first,
+                    relu,
+                    out: out[p * self.cout_p + first..].as_mut_ptr(),
+                    out_stride: self.cout_p,
+                };
+                // SAFETY: the input holds STRIP pixels of cin_p values from
+                // p, the group's weights cin_p * 16g values, bias and out 16g
+                // values from `first` per pixel, skip STRIP pixels of skip_c
+                // values (the caller's contract and `run_strips`' asserts).
+                unsafe {
+                    run(
+                        input[p * self.cin_p..].as_ptr(),
+                        self.cin,
+                        self.cin_p,
+                        w,
+                        store,
+                    )
+                };
+            }
+        }
+        self.zero_half_padding(n, out);
+    }
+
+    /// An 8-lane last register leaves the last 8 padded lanes unwritten; they
+    /// must read as zero (the next block adds them as its skip, and the
+    /// maps' buffers are reused).
+    fn zero_half_padding(&self, n: usize, out: &mut [f32]) {
+        if self.groups.last().is_some_and(|g| g.half) {
+            for px in out[..n * self.cout_p].chunks_exact_mut(self.cout_p) {
+                px[self.cout_p - LANES / 2..].fill(0.0);
+            }
+        }
+    }
+
     /// Multiply-adds times two over `pixels` pixels (real channels only).
     fn flops(&self, pixels: usize) -> u64 {
         2 * (self.cin * self.cout * pixels) as u64
+    }
+}
+
+/// Buffers a pointwise product stages its input in, kept with a thread's
+/// scratch: the input rounded to bfloat16 (one row of a map), and the
+/// zero-padded last strip of a map narrower than a strip.
+struct Staging {
+    bf16: Vec<u16>,
+    input: Vec<f32>,
+    output: Vec<f32>,
+    skip: Vec<f32>,
+}
+
+impl Staging {
+    /// Room for rows of up to `pixels` pixels of up to `channels` values.
+    fn new(pixels: usize, channels: usize) -> Self {
+        Self {
+            bf16: vec![0; pixels * channels],
+            input: vec![0.0; STRIP * channels],
+            output: vec![0.0; STRIP * channels],
+            skip: vec![0.0; STRIP * channels],
+        }
     }
 }
 
@@ -335,24 +461,17 @@ enum Epilogue<'a> {
     BiasSkipRelu(&'a [f32], usize),
 }
 
-/// One strip of [`STRIP`] pixels times `G` 16-lane registers (and an 8-lane
-/// one when `H`) of a pointwise product, with its epilogue, in registers from
-/// the first multiply to the store.
-///
-/// # Safety
-/// The CPU supports AVX-512F; with `R = G + H` registers, `input` holds STRIP
-/// pixels `in_stride` apart of at least `cin` values, `w` `cin * 16 R`
-/// values, `bias` 16 R values, `out` STRIP pixels `out_stride` apart of
-/// 16 R values; `skip` is null or holds STRIP pixels of `skip_c` values,
-/// indexed by absolute channel (`first + ..`).
+/// A pointwise register tile: input, real input channels, input stride,
+/// weights, where to store.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn pw_strip<const G: usize, const H: bool>(
-    input: *const f32,
-    cin: usize,
-    in_stride: usize,
-    w: *const f32,
+type StripKernel<T> = unsafe fn(*const T, usize, usize, *const T, Store);
+
+/// Where and how a register tile of a pointwise product is stored: `bias`
+/// (16 R values for `R = G + H` registers), `skip` (null, or STRIP pixels of
+/// `skip_c` values indexed by absolute channel, `first + ..`), ReLU or not,
+/// and `out` (STRIP pixels `out_stride` apart of 16 R values).
+#[derive(Clone, Copy)]
+struct Store {
     bias: *const f32,
     skip: *const f32,
     skip_c: usize,
@@ -360,6 +479,24 @@ unsafe fn pw_strip<const G: usize, const H: bool>(
     relu: bool,
     out: *mut f32,
     out_stride: usize,
+}
+
+/// One strip of [`STRIP`] pixels times `G` 16-lane registers (and an 8-lane
+/// one when `H`) of a pointwise product, with its epilogue, in registers from
+/// the first multiply to the store.
+///
+/// # Safety
+/// The CPU supports AVX-512F; with `R = G + H` registers, `input` holds STRIP
+/// pixels `in_stride` apart of at least `cin` values, `w` `cin * 16 R`
+/// values; `to` as [`Store`] says.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pw_strip<const G: usize, const H: bool>(
+    input: *const f32,
+    cin: usize,
+    in_stride: usize,
+    w: *const f32,
+    to: Store,
 ) {
     use std::arch::x86_64::*;
     let row = (G + usize::from(H)) * LANES;
@@ -387,6 +524,88 @@ unsafe fn pw_strip<const G: usize, const H: bool>(
             }
         }
     }
+    // SAFETY: the caller's contract.
+    unsafe { pw_store::<G, H>(&acc, &tail, to) };
+}
+
+/// [`pw_strip`] in bfloat16: `input` holds bf16 values (the padding past
+/// `cin` zero, so an odd `cin` reads one zero), `w` `[cin_p / 2][16 R][2]`
+/// bf16 values; input channels are taken two at a time.
+///
+/// # Safety
+/// As [`pw_strip`], and the CPU supports AVX512-BF16 (with AVX512-VL).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+unsafe fn pw_strip_bf16<const G: usize, const H: bool>(
+    input: *const u16,
+    cin: usize,
+    in_stride: usize,
+    w: *const u16,
+    to: Store,
+) {
+    use std::arch::x86_64::*;
+    let row = (G + usize::from(H)) * LANES * 2;
+    let mut acc = [[_mm512_setzero_ps(); G]; STRIP];
+    let mut tail = [_mm256_setzero_ps(); STRIP];
+    for pair in 0..cin.div_ceil(2) {
+        let wp = unsafe { w.add(pair * row) };
+        let mut wv = [_mm512_setzero_ps(); G];
+        for (k, v) in wv.iter_mut().enumerate() {
+            *v = unsafe { _mm512_loadu_ps(wp.add(k * 2 * LANES).cast()) };
+        }
+        let wt = if H {
+            unsafe { _mm256_loadu_ps(wp.add(G * 2 * LANES).cast()) }
+        } else {
+            _mm256_setzero_ps()
+        };
+        for (p, (row, t)) in acc.iter_mut().zip(tail.iter_mut()).enumerate() {
+            // Two adjacent bf16 values read as one i32.
+            let both = unsafe {
+                input
+                    .add(p * in_stride + 2 * pair)
+                    .cast::<i32>()
+                    .read_unaligned()
+            };
+            let a: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(both)) };
+            for (r, v) in row.iter_mut().zip(&wv) {
+                *r = _mm512_dpbf16_ps(*r, a, unsafe {
+                    std::mem::transmute::<__m512, __m512bh>(*v)
+                });
+            }
+            if H {
+                let a: __m256bh = unsafe { std::mem::transmute(_mm256_set1_epi32(both)) };
+                *t = _mm256_dpbf16_ps(*t, a, unsafe {
+                    std::mem::transmute::<__m256, __m256bh>(wt)
+                });
+            }
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe { pw_store::<G, H>(&acc, &tail, to) };
+}
+
+/// The epilogue of a pointwise register tile: bias, skip, ReLU, store.
+///
+/// # Safety
+/// The CPU supports AVX-512F; `to` as [`Store`] says.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn pw_store<const G: usize, const H: bool>(
+    acc: &[[std::arch::x86_64::__m512; G]; STRIP],
+    tail: &[std::arch::x86_64::__m256; STRIP],
+    to: Store,
+) {
+    use std::arch::x86_64::*;
+    let Store {
+        bias,
+        skip,
+        skip_c,
+        first,
+        relu,
+        out,
+        out_stride,
+    } = to;
     let zero = _mm512_setzero_ps();
     for (p, row) in acc.iter().enumerate() {
         for (k, r) in row.iter().enumerate() {
@@ -489,6 +708,8 @@ struct Scratch {
     /// Head outputs.
     head16: Vec<f32>,
     head8: Vec<f32>,
+    /// The pointwise products' staging.
+    staging: Staging,
 }
 
 /// `(cin, cout, stride)` of the front model's blocks, `backbone1` then `backbone2`.
@@ -518,14 +739,14 @@ fn pad16(c: usize) -> usize {
 
 impl BlazeFace {
     /// Reads a front model from a safetensors file (PyTorch names and layout,
-    /// as in `shared/models/blazeface/front.safetensors`).
-    pub fn load(path: &Path) -> Result<Self, DetectorError> {
+    /// as in `shared/models/blazeface/front.safetensors`), to run on `kernels`.
+    pub fn load(path: &Path, kernels: Kernels) -> Result<Self, DetectorError> {
         let shown = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|cause| DetectorError::Io {
             path: shown.clone(),
             cause,
         })?;
-        Self::from_bytes(&bytes, Kernels::best()).map_err(|detail| DetectorError::Format {
+        Self::from_bytes(&bytes, kernels).map_err(|detail| DetectorError::Format {
             path: shown,
             detail,
         })
@@ -778,6 +999,7 @@ impl BlazeFace {
             largest = largest.max((b.out_side() + 2).pow(2) * b.pw.cout_p);
             widest = widest.max(b.pw.cout_p).max(b.cin_p);
         }
+        let widest = widest.max(self.head16.cout_p).max(self.head8.cout_p);
         let maps = [vec![0f32; largest], vec![0f32; largest]];
         Scratch {
             input: vec![0f32; (self.side + 3).pow(2) * 3],
@@ -787,6 +1009,7 @@ impl BlazeFace {
             pool_row: vec![0f32; stem_side * widest],
             head16: vec![0f32; m16 * m16 * self.head16.cout_p],
             head8: vec![0f32; m8 * m8 * self.head8.cout_p],
+            staging: Staging::new(stem_side.max(STRIP), widest),
         }
     }
 
@@ -822,16 +1045,24 @@ impl BlazeFace {
                 self.kernels,
                 input,
                 output,
-                &mut s.dw_row,
-                &mut s.pool_row,
+                (&mut s.dw_row, &mut s.pool_row),
+                &mut s.staging,
             );
             // Heads: 16x16 map after backbone1, 8x8 map after backbone2.
             if i + 1 == self.backbone1 {
-                head(&self.head16, self.kernels, output, m16, &mut s.head16);
+                let out = &mut s.head16;
+                head(&self.head16, self.kernels, output, m16, out, &mut s.staging);
             }
             std::mem::swap(&mut input, &mut output);
         }
-        head(&self.head8, self.kernels, input, m8, &mut s.head8);
+        head(
+            &self.head8,
+            self.kernels,
+            input,
+            m8,
+            &mut s.head8,
+            &mut s.staging,
+        );
         let mut anchor = 0;
         for (map, side, per_cell, width) in [
             (&s.head16, m16, HEAD16_PER_CELL, self.head16.cout_p),
@@ -866,15 +1097,27 @@ impl BlazeFace {
                 }
             }
             let dst = &mut s.maps[0][(y + 1) * map_stride + cout_p..][..out_side * cout_p];
-            self.stem
-                .pw
-                .run(self.kernels, &s.patch, out_side, Epilogue::BiasRelu, dst);
+            self.stem.pw.run(
+                self.kernels,
+                &s.patch,
+                out_side,
+                Epilogue::BiasRelu,
+                dst,
+                &mut s.staging,
+            );
         }
     }
 }
 
 /// A head's 1x1 convolution over every pixel of a bordered map.
-fn head(pw: &Pointwise, kernels: Kernels, map: &[f32], side: usize, out: &mut [f32]) {
+fn head(
+    pw: &Pointwise,
+    kernels: Kernels,
+    map: &[f32],
+    side: usize,
+    out: &mut [f32],
+    staging: &mut Staging,
+) {
     let row = (side + 2) * pw.cin_p;
     for y in 0..side {
         let input = &map[(y + 1) * row + pw.cin_p..][..side * pw.cin_p];
@@ -884,6 +1127,7 @@ fn head(pw: &Pointwise, kernels: Kernels, map: &[f32], side: usize, out: &mut [f
             side,
             Epilogue::Bias,
             &mut out[y * side * pw.cout_p..],
+            staging,
         );
     }
 }
@@ -915,8 +1159,8 @@ fn run_block(
     kernels: Kernels,
     input: &[f32],
     output: &mut [f32],
-    dw_row: &mut [f32],
-    pool_row: &mut [f32],
+    (dw_row, pool_row): (&mut [f32], &mut [f32]),
+    staging: &mut Staging,
 ) {
     let (cin_p, cout_p) = (b.cin_p, b.pw.cout_p);
     let in_row = (b.side + 2) * cin_p;
@@ -927,7 +1171,9 @@ fn run_block(
         match kernels {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AVX-512F present (`Kernels::best`).
-            Kernels::Avx512 => unsafe { depthwise_row_avx512(b, input, y, dw_row) },
+            Kernels::Avx512 | Kernels::Avx512Bf16 => unsafe {
+                depthwise_row_avx512(b, input, y, dw_row)
+            },
             _ => depthwise_row(b, input, y, dw_row),
         }
         let skip: &[f32] = if b.stride == 1 {
@@ -953,6 +1199,7 @@ fn run_block(
             out_side,
             Epilogue::BiasSkipRelu(skip, cin_p),
             dst,
+            staging,
         );
     }
 }

@@ -22,6 +22,8 @@ pub use align::{Face, FaceCrop, Rgb, align};
 pub use blazeface::{BlazeFace, DetectorError, Kernels};
 pub use decode::Detection;
 
+use crate::model::Precision;
+
 thread_local! {
     /// Each thread's resizer, letterboxed detector input and raw outputs.
     static LETTERBOX: RefCell<Letterbox> = RefCell::new(Letterbox::default());
@@ -97,9 +99,13 @@ pub struct FaceFinder {
 }
 
 impl FaceFinder {
-    /// Loads the detector's weights file.
-    pub fn load(path: &Path) -> Result<Self, DetectorError> {
-        Ok(Self::new(BlazeFace::load(path)?))
+    /// Loads the detector's weights file, to run at `precision` (as
+    /// [`Kernels::for_precision`] says).
+    pub fn load(path: &Path, precision: Precision) -> Result<Self, DetectorError> {
+        Ok(Self::new(BlazeFace::load(
+            path,
+            Kernels::for_precision(precision),
+        )?))
     }
 
     /// Wraps a built network (at its full 128x128 input).

@@ -52,6 +52,13 @@ struct Block {
     /// Direct: `[cout / (16*group)][9][cin][16*group]`.
     /// Winograd: `[16][cout / (16*group)][cin][16*group]`, transformed.
     weights: Vec<f32>,
+    /// In bfloat16: the same weights rounded, inputs in adjacent pairs.
+    /// Winograd: `[16][cout / (16*group)][cin / 2][16*group][2]`. Direct
+    /// (the first block only, whose input is the picture): each kernel row's
+    /// `3 * cin` taps and channels as one run, padded to an even count,
+    /// `[cout / (16*group)][3][run / 2][16*group][2]`. Empty when the
+    /// products run in f32.
+    weights_bf16: Vec<u16>,
     bias: Vec<f32>,
 }
 
@@ -71,15 +78,54 @@ pub struct DirectNet {
 /// input buffer per block, two conv rows, Winograd buffers.
 struct Scratch {
     padded: Vec<Vec<f32>>,
+    /// The first block's padded input in bfloat16, when that block runs in
+    /// bfloat16, with one spare value at the end (a kernel row's run is
+    /// padded to an even count, and the zero weight meets that value).
+    input_bf16: Vec<u16>,
     rows: Vec<f32>,
     /// One pooled pixel's channels.
     pixel: Vec<f32>,
     /// Global average pool of the last block.
     features: Vec<f32>,
     /// Winograd: transformed input `[16][tiles][cin]` and products
-    /// `[16][tiles][cout]` of one chunk of tiles.
+    /// `[16][tiles][cout]` of one chunk of tiles; the input in bfloat16
+    /// when the block's products are.
     wino_in: Vec<f32>,
+    wino_in_bf16: Vec<u16>,
     wino_out: Vec<f32>,
+}
+
+/// Arithmetic of the Winograd blocks' products (the bulk of the work).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 products: the same numbers as the tensor paths to about 1e-5.
+    F32,
+    /// Transformed inputs and weights rounded to bfloat16, products summed
+    /// in f32 (AVX512-BF16 `vdpbf16ps`: twice the multiply-adds of an f32
+    /// FMA per instruction); logits move by about 1e-2.
+    Bf16,
+}
+
+impl Precision {
+    /// Whether this CPU runs the kernels at this precision.
+    pub fn available(self) -> bool {
+        match self {
+            Self::F32 => available(),
+            Self::Bf16 => available() && bf16_available(),
+        }
+    }
+}
+
+/// Whether this CPU has AVX512-BF16.
+fn bf16_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Whether this CPU runs the kernels.
@@ -97,16 +143,17 @@ pub fn available() -> bool {
 impl DirectNet {
     /// Builds the network from folded blocks (`[Cout, Cin, 3, 3]` weights with
     /// the batch-norm scale applied, and the per-channel shift), the linear
-    /// layer as `[features, labels]` and its bias. `None` when the CPU or the
-    /// shapes do not suit the kernels.
+    /// layer as `[features, labels]` and its bias, its Winograd products at
+    /// `precision`. `None` when the CPU or the shapes do not suit the kernels.
     pub fn new(
         input_size: usize,
         input_channels: usize,
         convs: &[(Vec<f32>, Vec<f32>)],
         fc_w: Vec<f32>,
         fc_b: Vec<f32>,
+        precision: Precision,
     ) -> Option<Self> {
-        if !available() || convs.is_empty() {
+        if !precision.available() || convs.is_empty() {
             return None;
         }
         let mut side = input_size;
@@ -152,6 +199,11 @@ impl DirectNet {
                 }
                 (group, strip, packed)
             };
+            let weights_bf16 = match precision {
+                Precision::Bf16 if winograd => pair_bf16(&weights, cin, group * LANES),
+                Precision::Bf16 if blocks.is_empty() => flat_bf16(&weights, cin, group * LANES),
+                _ => Vec::new(),
+            };
             blocks.push(Block {
                 side,
                 cin,
@@ -160,6 +212,7 @@ impl DirectNet {
                 strip,
                 winograd,
                 weights,
+                weights_bf16,
                 bias: b.clone(),
             });
             side /= 2;
@@ -176,6 +229,15 @@ impl DirectNet {
             labels,
             scratch: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The arithmetic of the Winograd products.
+    pub fn precision(&self) -> Precision {
+        if self.blocks.iter().any(|b| !b.weights_bf16.is_empty()) {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
     }
 
     /// Input values per picture (`side * side * channels`, NHWC).
@@ -265,6 +327,10 @@ impl DirectNet {
                 .iter()
                 .map(|b| vec![0.0; (b.side + 2) * (b.side + 2) * b.cin])
                 .collect(),
+            input_bf16: match &self.blocks[..] {
+                [b, ..] if b.direct_bf16() => vec![0; (b.side + 2) * (b.side + 2) * b.cin + 2],
+                _ => Vec::new(),
+            },
             rows: vec![0.0; most(|b| 2 * b.side * b.cout)],
             pixel: vec![0.0; most(|b| b.cout)],
             features: Vec::new(),
@@ -274,6 +340,14 @@ impl DirectNet {
                     WINO * b.wino_chunk() * b.cin
                 } else {
                     0
+                })
+            ],
+            wino_in_bf16: vec![
+                0;
+                most(|b| if b.weights_bf16.is_empty() {
+                    0
+                } else {
+                    WINO * b.wino_chunk() * b.cin
                 })
             ],
             wino_out: vec![
@@ -290,18 +364,25 @@ impl DirectNet {
     fn picture(&self, picture: &[f32], s: &mut Scratch, out: &mut [f32]) {
         let Scratch {
             padded,
+            input_bf16,
             rows,
             pixel,
             features: pooled,
             wino_in,
+            wino_in_bf16,
             wino_out,
         } = s;
-        // Copy the picture into the first padded buffer's interior.
+        // Copy the picture into the first padded buffer's interior (in
+        // bfloat16 when the first block runs in it).
         let b0 = &self.blocks[0];
         let (side, c) = (b0.side, b0.cin);
-        for y in 0..side {
-            let to = ((y + 1) * (side + 2) + 1) * c;
-            padded[0][to..to + side * c].copy_from_slice(&picture[y * side * c..][..side * c]);
+        if b0.direct_bf16() {
+            b0.fill_bf16(picture, input_bf16);
+        } else {
+            for y in 0..side {
+                let to = ((y + 1) * (side + 2) + 1) * c;
+                padded[0][to..to + side * c].copy_from_slice(&picture[y * side * c..][..side * c]);
+            }
         }
         let last = self.blocks.len() - 1;
         pooled.clear();
@@ -313,22 +394,38 @@ impl DirectNet {
             if block.winograd {
                 let pixel = &mut pixel[..block.cout];
                 if i == last {
-                    block.winograd_pool(input, wino_in, wino_out, pixel, |_, _, v| {
-                        for (p, v) in pooled.iter_mut().zip(v) {
-                            *p += v;
-                        }
-                    });
+                    block.winograd_pool(
+                        input,
+                        (wino_in, wino_in_bf16),
+                        wino_out,
+                        pixel,
+                        |_, _, v| {
+                            for (p, v) in pooled.iter_mut().zip(v) {
+                                *p += v;
+                            }
+                        },
+                    );
                 } else {
                     let next = &mut rest[0];
                     let c = block.cout;
-                    block.winograd_pool(input, wino_in, wino_out, pixel, |y, x, v| {
-                        next[((y + 1) * (half + 2) + x + 1) * c..][..c].copy_from_slice(v);
-                    });
+                    block.winograd_pool(
+                        input,
+                        (wino_in, wino_in_bf16),
+                        wino_out,
+                        pixel,
+                        |y, x, v| {
+                            next[((y + 1) * (half + 2) + x + 1) * c..][..c].copy_from_slice(v);
+                        },
+                    );
                 }
                 continue;
             }
             for y in (0..block.side).step_by(2) {
-                block.conv_rows(input, y, rows);
+                if block.direct_bf16() {
+                    block.conv_rows_bf16(input_bf16, y, rows);
+                } else {
+                    block.conv_rows(input, y, rows);
+                }
                 let rows = &rows[..2 * block.side * block.cout];
                 let pixel = &mut pixel[..block.cout];
                 if i == last {
@@ -365,6 +462,86 @@ impl DirectNet {
 }
 
 impl Block {
+    /// Whether this is a direct block running in bfloat16 (the first).
+    fn direct_bf16(&self) -> bool {
+        !self.winograd && !self.weights_bf16.is_empty()
+    }
+
+    /// The picture (`[side][side][cin]` f32) rounded to bfloat16 into the
+    /// interior of `input` (`[side+2][side+2][cin]` plus the spare value; the
+    /// border stays zero).
+    fn fill_bf16(&self, picture: &[f32], input: &mut [u16]) {
+        let (side, cin) = (self.side, self.cin);
+        let len = side * cin;
+        assert!(picture.len() == side * len && input.len() == (side + 2) * (side + 2) * cin + 2);
+        let whole = len / LANES * LANES;
+        for y in 0..side {
+            let src = &picture[y * len..][..len];
+            let dst = &mut input[((y + 1) * (side + 2) + 1) * cin..][..len];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: bf16 weights exist only where AVX512-BF16 was found;
+            // both slices hold `whole` values, a multiple of 16.
+            unsafe {
+                round_bf16(&src[..whole], &mut dst[..whole])
+            };
+            for (d, &v) in dst[whole..].iter_mut().zip(&src[whole..]) {
+                *d = to_bf16(v);
+            }
+        }
+    }
+
+    /// [`Block::conv_rows`] of the first block in bfloat16, from its padded
+    /// input (see [`Block::fill_bf16`]): each kernel row is one run of
+    /// `3 * cin` consecutive values (three pixels' channels), taken in pairs.
+    fn conv_rows_bf16(&self, input: &[u16], y: usize, rows: &mut [f32]) {
+        let (side, cin, cout) = (self.side, self.cin, self.cout);
+        let pairs = (3 * cin).div_ceil(2);
+        let width = self.group * LANES;
+        assert!(input.len() == (side + 2) * (side + 2) * cin + 2);
+        assert!(rows.len() >= 2 * side * cout && y + 1 < side);
+        assert!(self.weights_bf16.len() == cout * 3 * pairs * 2 && side.is_multiple_of(self.strip));
+        let row_stride = (side + 2) * cin;
+        for (pixel, g, dst) in self.row_tiles(y) {
+            let (src, w) = (pixel * cin, g * 3 * pairs * 2 * width);
+            // SAFETY: bf16 weights exist only where AVX512-BF16 was found.
+            // The tile reads rows y+dy..y+dy+3 from column x, `2 * pairs`
+            // values past each of `strip` pixels: at most one value past the
+            // row, which is the next row's or the spare value at the end
+            // (checked above); the weights of group g span
+            // 3 * pairs * 2 * width values; it writes `strip` pixels of
+            // `width` channels inside `rows`.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                let (i, wp, o) = (
+                    input.as_ptr().add(src),
+                    self.weights_bf16.as_ptr().add(w),
+                    rows.as_mut_ptr().add(dst),
+                );
+                let at = (row_stride, cin, pairs);
+                match (self.strip, self.group) {
+                    (16, 1) => tile_bf16_runs::<16, 1, 3>(i, at, wp, o, cout),
+                    (8, 1) => tile_bf16_runs::<8, 1, 3>(i, at, wp, o, cout),
+                    _ => tile_bf16_runs::<8, 2, 3>(i, at, wp, o, cout),
+                }
+            }
+        }
+    }
+
+    /// The register tiles of conv rows `y` and `y + 1`: the padded input
+    /// pixel each starts at (row y+dy, column x), its output-channel group,
+    /// and its offset in the rows' buffer.
+    fn row_tiles(&self, y: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        let (side, cout, width) = (self.side, self.cout, self.group * LANES);
+        (0..2).flat_map(move |dy| {
+            (0..side).step_by(self.strip).flat_map(move |x| {
+                (0..cout / width).map(move |g| {
+                    let dst = (dy * side + x) * cout + g * width;
+                    ((y + dy) * (side + 2) + x, g, dst)
+                })
+            })
+        })
+    }
+
     /// Conv output rows `y` and `y + 1` (without bias) into `rows`,
     /// `[2][side][cout]`, from the padded input `[side+2][side+2][cin]`.
     fn conv_rows(&self, input: &[f32], y: usize, rows: &mut [f32]) {
@@ -374,31 +551,25 @@ impl Block {
         assert!(rows.len() >= 2 * side * cout && y + 1 < side);
         assert!(self.weights.len() == cout * TAPS * cin && side.is_multiple_of(self.strip));
         let row_stride = (side + 2) * cin;
-        for dy in 0..2 {
-            for x in (0..side).step_by(self.strip) {
-                for g in 0..cout / width {
-                    let src = ((y + dy) * (side + 2) + x) * cin;
-                    let w = g * TAPS * cin * width;
-                    let dst = (dy * side + x) * cout + g * width;
-                    // SAFETY: `available()` was checked when the network was
-                    // built. The tile reads padded rows y+dy..y+dy+2 and
-                    // columns x..x+strip+2, all inside `input` (checked above);
-                    // the weights of group g span TAPS*cin*width values inside
-                    // `weights`; it writes `strip` pixels of `width` channels
-                    // starting at `dst`, inside `rows`.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        let (i, wp, o) = (
-                            input.as_ptr().add(src),
-                            self.weights.as_ptr().add(w),
-                            rows.as_mut_ptr().add(dst),
-                        );
-                        match (self.strip, self.group) {
-                            (16, 1) => tile::<16, 1, 3>(i, row_stride, cin, wp, o, cout),
-                            (8, 1) => tile::<8, 1, 3>(i, row_stride, cin, wp, o, cout),
-                            _ => tile::<8, 2, 3>(i, row_stride, cin, wp, o, cout),
-                        }
-                    }
+        for (pixel, g, dst) in self.row_tiles(y) {
+            let (src, w) = (pixel * cin, g * TAPS * cin * width);
+            // SAFETY: `available()` was checked when the network was built.
+            // The tile reads padded rows y+dy..y+dy+2 and columns
+            // x..x+strip+2, all inside `input` (checked above); the weights
+            // of group g span TAPS*cin*width values inside `weights`; it
+            // writes `strip` pixels of `width` channels starting at `dst`,
+            // inside `rows`.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                let (i, wp, o) = (
+                    input.as_ptr().add(src),
+                    self.weights.as_ptr().add(w),
+                    rows.as_mut_ptr().add(dst),
+                );
+                match (self.strip, self.group) {
+                    (16, 1) => tile::<16, 1, 3>(i, row_stride, cin, wp, o, cout),
+                    (8, 1) => tile::<8, 1, 3>(i, row_stride, cin, wp, o, cout),
+                    _ => tile::<8, 2, 3>(i, row_stride, cin, wp, o, cout),
                 }
             }
         }
@@ -417,7 +588,7 @@ impl Block {
     fn winograd_pool(
         &self,
         input: &[f32],
-        v: &mut [f32],
+        (v, v16): (&mut [f32], &mut [u16]),
         m: &mut [f32],
         pixel: &mut [f32],
         mut emit: impl FnMut(usize, usize, &[f32]),
@@ -429,6 +600,12 @@ impl Block {
         assert!(v.len() >= WINO * chunk * cin && m.len() >= WINO * chunk * cout);
         assert!(pixel.len() == cout && self.bias.len() == cout);
         assert!(self.weights.len() == WINO * cout * cin);
+        let bf16 = !self.weights_bf16.is_empty();
+        assert!(
+            !bf16
+                || (v16.len() >= WINO * chunk * cin
+                    && self.weights_bf16.len() == WINO * cout * cin)
+        );
         assert!(total.is_multiple_of(16) && chunk.is_multiple_of(16) && 16 % self.strip == 0);
         assert!(cin.is_multiple_of(LANES) && cout.is_multiple_of(width));
         let row_stride = (side + 2) * cin;
@@ -441,34 +618,40 @@ impl Block {
             // input spans WINO * n * cin values of `v`, its products
             // WINO * n * cout values of `m`, and the weights of one
             // position and register group cin * width values of `weights`
-            // (all checked above); channel offsets step by whole registers.
+            // (all checked above; the same counts of `v16` and
+            // `weights_bf16` in bfloat16); channel offsets step by whole
+            // registers; AVX512-BF16 was checked when bf16 weights were made.
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 for k in 0..n {
                     let (y, x) = ((start + k) / half, (start + k) % half);
                     let src = input.as_ptr().add((2 * y * (side + 2) + 2 * x) * cin);
                     for c in (0..cin).step_by(LANES) {
-                        let dst = v.as_mut_ptr().add(k * cin + c);
-                        wino_input(src.add(c), row_stride, cin, dst, n * cin);
+                        if bf16 {
+                            let dst = v16.as_mut_ptr().add(k * cin + c);
+                            wino_input_bf16(src.add(c), row_stride, cin, dst, n * cin);
+                        } else {
+                            let dst = v.as_mut_ptr().add(k * cin + c);
+                            wino_input(src.add(c), row_stride, cin, dst, n * cin);
+                        }
                     }
                 }
                 for pos in 0..WINO {
-                    let vp = v.as_ptr().add(pos * n * cin);
-                    let mp = m.as_mut_ptr().add(pos * n * cout);
-                    for g in 0..cout / width {
-                        let u = self
-                            .weights
-                            .as_ptr()
-                            .add((pos * (cout / width) + g) * cin * width);
-                        for k in (0..n).step_by(self.strip) {
-                            let (i, o) = (vp.add(k * cin), mp.add(k * cout + g * width));
-                            match self.group {
-                                // One position: a 1x1 "convolution" of the tiles.
-                                3 => tile::<8, 3, 1>(i, 0, cin, u, o, cout),
-                                2 => tile::<8, 2, 1>(i, 0, cin, u, o, cout),
-                                _ => tile::<16, 1, 1>(i, 0, cin, u, o, cout),
-                            }
-                        }
+                    if bf16 {
+                        let tile = match self.group {
+                            3 => tile_bf16::<8, 3>,
+                            2 => tile_bf16::<8, 2>,
+                            _ => tile_bf16::<16, 1>,
+                        };
+                        self.products(v16, &self.weights_bf16, m, pos, n, tile);
+                    } else {
+                        // One position: a 1x1 "convolution" of the tiles.
+                        let tile = match self.group {
+                            3 => wino_tile::<8, 3>,
+                            2 => wino_tile::<8, 2>,
+                            _ => wino_tile::<16, 1>,
+                        };
+                        self.products(v, &self.weights, m, pos, n, tile);
                     }
                 }
                 for k in 0..n {
@@ -481,6 +664,41 @@ impl Block {
                         );
                     }
                     emit((start + k) / half, (start + k) % half, pixel);
+                }
+            }
+        }
+    }
+
+    /// One Winograd position's products: `m[pos]` `[n][cout]` from `v[pos]`
+    /// `[n][cin]` and the position's `weights` (f32 or bf16, as `tile` reads
+    /// them), register tile by register tile.
+    ///
+    /// # Safety
+    /// The CPU runs `tile`; `v` holds `WINO * n * cin` values, `m`
+    /// `WINO * n * cout`, `weights` `WINO * cout * cin` in `tile`'s layout;
+    /// `n` is a multiple of the strip.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn products<T>(
+        &self,
+        v: &[T],
+        weights: &[T],
+        m: &mut [f32],
+        pos: usize,
+        n: usize,
+        tile: ProductTile<T>,
+    ) {
+        let (cin, cout, width) = (self.cin, self.cout, self.group * LANES);
+        // SAFETY: by the function's contract, every offset below is inside
+        // the buffers (weights of one position and group: cin * width).
+        unsafe {
+            let vp = v.as_ptr().add(pos * n * cin);
+            let mp = m.as_mut_ptr().add(pos * n * cout);
+            for g in 0..cout / width {
+                let u = weights
+                    .as_ptr()
+                    .add((pos * (cout / width) + g) * cin * width);
+                for k in (0..n).step_by(self.strip) {
+                    tile(vp.add(k * cin), cin, u, mp.add(k * cout + g * width), cout);
                 }
             }
         }
@@ -552,6 +770,180 @@ pub(crate) unsafe fn tile<const P: usize, const G: usize, const K: usize>(
     }
 }
 
+/// A Winograd position's register tile: `P` tiles' inputs (`cin` values
+/// each), `cin`, the weights, the products, their stride.
+#[cfg(target_arch = "x86_64")]
+type ProductTile<T> = unsafe fn(*const T, usize, *const T, *mut f32, usize);
+
+/// [`tile`] for one Winograd position: `P` tiles (each "pixel" a tile's
+/// `cin` transformed inputs) times `G` registers of output channels.
+///
+/// # Safety
+/// As [`tile`] with `K = 1`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn wino_tile<const P: usize, const G: usize>(
+    input: *const f32,
+    cin: usize,
+    w: *const f32,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { tile::<P, G, 1>(input, 0, cin, w, out, out_stride) }
+}
+
+/// [`tile`] for one Winograd position in bfloat16: `P` tiles times `G`
+/// registers of output channels, summed over `cin` input channels two at a
+/// time (`vdpbf16ps` multiplies a pair of inputs by a pair of weights per
+/// lane and adds both products to the f32 sum).
+///
+/// # Safety
+/// The CPU supports AVX-512F and AVX512-BF16; `input` holds `P` tiles of
+/// `cin` (even) bf16 values; `w` holds `cin * 16 * G` values laid out
+/// `[cin / 2][16 * G][2]`; `out` has room for `P` rows `out_stride` apart of
+/// `16 * G` values each.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile_bf16<const P: usize, const G: usize>(
+    input: *const u16,
+    cin: usize,
+    w: *const u16,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    // SAFETY: the same contract: one "row" of P tiles, `cin` values apart,
+    // one run of `cin` values each.
+    unsafe { tile_bf16_runs::<P, G, 1>(input, (0, cin, cin / 2), w, out, out_stride) }
+}
+
+/// A bfloat16 register tile: `P` pixels times `G` registers of output
+/// channels, summed over `R` rows, each row a run of `2 * pairs`
+/// consecutive input values from the pixel on, taken two at a time
+/// (`vdpbf16ps` multiplies a pair of inputs by a pair of weights per lane
+/// and adds both products to the f32 sum). `R = 3` is the first block's
+/// direct convolution (a kernel row's run is three pixels' channels, plus a
+/// zero-weighted spare when odd); `R = 1` one Winograd position's product.
+///
+/// # Safety
+/// The CPU supports AVX-512F and AVX512-BF16; `input` points at pixel
+/// (row, x) of a bf16 buffer with `row_stride` values per row and
+/// `pixel_stride` per pixel, and holds, for rows row..row+R and each of the
+/// `P` pixels, `2 * pairs` values from the pixel on; `w` holds
+/// `R * pairs * 2 * 16 * G` bf16 values laid out `[R][pairs][16 * G][2]`;
+/// `out` has room for `P` rows `out_stride` apart of `16 * G` values each.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile_bf16_runs<const P: usize, const G: usize, const R: usize>(
+    input: *const u16,
+    (row_stride, pixel_stride, pairs): (usize, usize, usize),
+    w: *const u16,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); G]; P];
+    for ky in 0..R {
+        // SAFETY: in bounds by the function's contract.
+        let ip = unsafe { input.add(ky * row_stride) };
+        let wp = unsafe { w.add(ky * pairs * G * 2 * LANES) };
+        for pair in 0..pairs {
+            let mut wv = [_mm512_setzero_ps(); G];
+            for (g, v) in wv.iter_mut().enumerate() {
+                // SAFETY: in bounds by the function's contract.
+                *v = unsafe { _mm512_loadu_ps(wp.add((pair * G + g) * 2 * LANES).cast()) };
+            }
+            for (p, row) in acc.iter_mut().enumerate() {
+                // SAFETY: in bounds by the function's contract; the pair is
+                // two adjacent u16, read unaligned as one i32.
+                let both = unsafe {
+                    ip.add(p * pixel_stride + 2 * pair)
+                        .cast::<i32>()
+                        .read_unaligned()
+                };
+                let a: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(both)) };
+                for (r, v) in row.iter_mut().zip(&wv) {
+                    let b: __m512bh = unsafe { std::mem::transmute(*v) };
+                    *r = _mm512_dpbf16_ps(*r, a, b);
+                }
+            }
+        }
+    }
+    for (p, row) in acc.iter().enumerate() {
+        for (g, r) in row.iter().enumerate() {
+            unsafe { _mm512_storeu_ps(out.add(p * out_stride + g * LANES), *r) };
+        }
+    }
+}
+
+/// Direct weights `[groups][9][cin][width]` as the bfloat16 runs of
+/// [`tile_bf16_runs`]: per group and kernel row, value `kx * cin + ci` of
+/// the run, padded with a zero to an even count and paired,
+/// `[groups][3][pairs][width][2]`.
+fn flat_bf16(w: &[f32], cin: usize, width: usize) -> Vec<u16> {
+    let pairs = (3 * cin).div_ceil(2);
+    let groups = w.len() / (TAPS * cin * width);
+    let mut out = vec![0u16; groups * 3 * pairs * 2 * width];
+    for g in 0..groups {
+        for ky in 0..3 {
+            for kx in 0..3 {
+                for ci in 0..cin {
+                    let j = kx * cin + ci;
+                    for lane in 0..width {
+                        let from = ((g * TAPS + ky * 3 + kx) * cin + ci) * width + lane;
+                        let to = (((g * 3 + ky) * pairs + j / 2) * width + lane) * 2 + j % 2;
+                        out[to] = to_bf16(w[from]);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// f32 to bfloat16, rounded to nearest even (as `vcvtneps2bf16`).
+pub(crate) fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+/// `src` rounded to bfloat16 into `dst`, 16 values at a time.
+///
+/// # Safety
+/// The CPU supports AVX-512F and AVX512-BF16; both slices have the same
+/// length, a multiple of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(crate) unsafe fn round_bf16(src: &[f32], dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    assert!(src.len() == dst.len() && src.len().is_multiple_of(LANES));
+    for (s, d) in src.chunks_exact(LANES).zip(dst.chunks_exact_mut(LANES)) {
+        // SAFETY: 16 values each side.
+        unsafe {
+            let half: __m256i =
+                std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(s.as_ptr())));
+            _mm256_storeu_si256(d.as_mut_ptr().cast(), half);
+        }
+    }
+}
+
+/// Winograd weights `[16][groups][cin][width]` as bfloat16 in input-channel
+/// pairs, `[16][groups][cin / 2][width][2]`, for [`tile_bf16`].
+fn pair_bf16(u: &[f32], cin: usize, width: usize) -> Vec<u16> {
+    let mut out = vec![0u16; u.len()];
+    for (src, dst) in u
+        .chunks_exact(cin * width)
+        .zip(out.chunks_exact_mut(cin * width))
+    {
+        for ci in 0..cin {
+            for lane in 0..width {
+                dst[((ci / 2) * width + lane) * 2 + ci % 2] = to_bf16(src[ci * width + lane]);
+            }
+        }
+    }
+    out
+}
+
 /// Winograd F(2x2, 3x3) weights `U = G g G^T` of a block's `[cout][cin][3][3]`
 /// weights, laid out `[16][cout / width][cin][width]` for [`tile`].
 fn winograd_weights(w: &[f32], cin: usize, cout: usize, width: usize) -> Vec<f32> {
@@ -582,20 +974,19 @@ fn winograd_weights(w: &[f32], cin: usize, cout: usize, width: usize) -> Vec<f32
 }
 
 /// Input transform `V = B^T d B` of one 4x4 tile for 16 channels: reads
-/// pixel (r, c) at `src + r * row_stride + c * pixel_stride`, writes
-/// position p at `dst + p * pos_stride`.
+/// pixel (r, c) at `src + r * row_stride + c * pixel_stride` and returns the
+/// 16 positions.
 ///
 /// # Safety
-/// The CPU supports AVX-512F; the reads and writes are in bounds.
+/// The CPU supports AVX-512F; the reads are in bounds.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn wino_input(
+#[inline]
+unsafe fn wino_transform(
     src: *const f32,
     row_stride: usize,
     pixel_stride: usize,
-    dst: *mut f32,
-    pos_stride: usize,
-) {
+) -> [std::arch::x86_64::__m512; WINO] {
     use std::arch::x86_64::*;
     let d: [[__m512; 4]; 4] = std::array::from_fn(|r| {
         std::array::from_fn(|c| unsafe {
@@ -610,16 +1001,59 @@ unsafe fn wino_input(
         t[2][c] = _mm512_sub_ps(d[2][c], d[1][c]);
         t[3][c] = _mm512_sub_ps(d[1][c], d[3][c]);
     }
-    for (i, r) in t.iter().enumerate() {
-        let v = [
-            _mm512_sub_ps(r[0], r[2]),
-            _mm512_add_ps(r[1], r[2]),
-            _mm512_sub_ps(r[2], r[1]),
-            _mm512_sub_ps(r[1], r[3]),
-        ];
-        for (j, v) in v.into_iter().enumerate() {
-            unsafe { _mm512_storeu_ps(dst.add((i * 4 + j) * pos_stride), v) };
+    std::array::from_fn(|p| {
+        let r = &t[p / 4];
+        match p % 4 {
+            0 => _mm512_sub_ps(r[0], r[2]),
+            1 => _mm512_add_ps(r[1], r[2]),
+            2 => _mm512_sub_ps(r[2], r[1]),
+            _ => _mm512_sub_ps(r[1], r[3]),
         }
+    })
+}
+
+/// [`wino_transform`] of one tile, position p written at
+/// `dst + p * pos_stride`.
+///
+/// # Safety
+/// The CPU supports AVX-512F; the reads and writes are in bounds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn wino_input(
+    src: *const f32,
+    row_stride: usize,
+    pixel_stride: usize,
+    dst: *mut f32,
+    pos_stride: usize,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: in bounds by the function's contract.
+    let v = unsafe { wino_transform(src, row_stride, pixel_stride) };
+    for (p, v) in v.into_iter().enumerate() {
+        unsafe { _mm512_storeu_ps(dst.add(p * pos_stride), v) };
+    }
+}
+
+/// [`wino_input`] rounding to bfloat16 (16 channels, 32 bytes per position).
+///
+/// # Safety
+/// The CPU supports AVX-512F and AVX512-BF16; the reads and writes are in
+/// bounds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn wino_input_bf16(
+    src: *const f32,
+    row_stride: usize,
+    pixel_stride: usize,
+    dst: *mut u16,
+    pos_stride: usize,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: in bounds by the function's contract.
+    let v = unsafe { wino_transform(src, row_stride, pixel_stride) };
+    for (p, v) in v.into_iter().enumerate() {
+        let half: __m256i = unsafe { std::mem::transmute(_mm512_cvtneps_pbh(v)) };
+        unsafe { _mm256_storeu_si256(dst.add(p * pos_stride).cast(), half) };
     }
 }
 

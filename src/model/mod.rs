@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{D, DType, Device, Tensor, Var};
+pub use direct::Precision;
 pub use weights::{ModelMeta, WeightsError};
 
 /// Batch-norm epsilon.
@@ -31,6 +32,8 @@ const BN_MOMENTUM: f64 = 0.1;
 pub const PROBE_BATCH: usize = 4;
 /// Largest difference allowed between stored and recomputed probe outputs.
 pub const PROBE_TOLERANCE: f32 = 1e-3;
+/// The same with the bfloat16 kernels, whose logits move by about 1e-2.
+pub const PROBE_TOLERANCE_BF16: f32 = 1e-2;
 
 /// Which convolution the network runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -44,14 +47,21 @@ pub enum ConvImpl {
     /// Inference through the AVX-512 kernels of [`direct`] where the CPU and
     /// the shapes allow, else as `Fast`; training always runs as `Fast`.
     Direct,
+    /// `Direct` with the Winograd products in bfloat16 where the CPU has
+    /// AVX512-BF16, else as `Direct`.
+    DirectBf16,
 }
 
 impl ConvImpl {
     /// The implementation to use on `device`: the direct kernels on a CPU that
-    /// has them, the im2col path on other CPUs, candle's elsewhere.
-    pub fn for_device(device: &Device) -> Self {
+    /// has them (with bfloat16 products when `precision` asks for them and
+    /// the CPU has AVX512-BF16), the im2col path on other CPUs, candle's
+    /// elsewhere.
+    pub fn for_device(device: &Device, precision: Precision) -> Self {
         if !device.is_cpu() {
             Self::Candle
+        } else if precision == Precision::Bf16 && Precision::Bf16.available() {
+            Self::DirectBf16
         } else if direct::available() {
             Self::Direct
         } else {
@@ -62,7 +72,7 @@ impl ConvImpl {
     /// The tensor path behind this choice (`Direct` falls back to `Fast`).
     fn tensor_path(self) -> Self {
         match self {
-            Self::Direct => Self::Fast,
+            Self::Direct | Self::DirectBf16 => Self::Fast,
             other => other,
         }
     }
@@ -274,14 +284,14 @@ impl Cnn {
         dropout_mask: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let mut x = match self.conv_impl {
-            ConvImpl::Fast | ConvImpl::Direct => x.clone(),
+            ConvImpl::Fast | ConvImpl::Direct | ConvImpl::DirectBf16 => x.clone(),
             ConvImpl::Candle => x.permute((0, 3, 1, 2))?,
         };
         for block in &self.blocks {
             x = self.block(&x, block, train)?;
         }
         let pooled = match self.conv_impl {
-            ConvImpl::Fast | ConvImpl::Direct => x.mean(1)?.mean(1)?,
+            ConvImpl::Fast | ConvImpl::Direct | ConvImpl::DirectBf16 => x.mean(1)?.mean(1)?,
             ConvImpl::Candle => x.mean(D::Minus1)?.mean(D::Minus1)?,
         };
         let pooled = match dropout_mask {
@@ -294,14 +304,14 @@ impl Cnn {
     fn block(&self, x: &Tensor, b: &Block, train: bool) -> candle_core::Result<Tensor> {
         let cout = b.conv.dim(0)?;
         let y = match self.conv_impl {
-            ConvImpl::Fast | ConvImpl::Direct => {
+            ConvImpl::Fast | ConvImpl::Direct | ConvImpl::DirectBf16 => {
                 conv::conv3x3_nhwc(x, &conv::weight_matrix(&b.conv)?)?
             }
             ConvImpl::Candle => x.conv2d(&b.conv, 1, 1, 1, 1)?,
         };
         let n = (y.elem_count() / cout) as f64;
         let (y, batch_stats) = match (self.conv_impl, train) {
-            (ConvImpl::Fast | ConvImpl::Direct, true) => {
+            (ConvImpl::Fast | ConvImpl::Direct | ConvImpl::DirectBf16, true) => {
                 let shape = y.shape().clone();
                 let (out, stats) = batchnorm::batch_norm_rows(
                     &y.reshape(((n as usize), cout))?,
@@ -332,7 +342,7 @@ impl Cnn {
             (imp, false) => {
                 let (scale, shift) = b.running_affine()?;
                 let out = match imp {
-                    ConvImpl::Fast | ConvImpl::Direct => {
+                    ConvImpl::Fast | ConvImpl::Direct | ConvImpl::DirectBf16 => {
                         y.broadcast_mul(&scale)?.broadcast_add(&shift)?
                     }
                     ConvImpl::Candle => affine_nchw(&y, &scale, &shift)?,
@@ -350,7 +360,9 @@ impl Cnn {
             )?;
         }
         match self.conv_impl {
-            ConvImpl::Fast | ConvImpl::Direct => conv::max_pool2x2_nhwc(&y)?.relu(),
+            ConvImpl::Fast | ConvImpl::Direct | ConvImpl::DirectBf16 => {
+                conv::max_pool2x2_nhwc(&y)?.relu()
+            }
             ConvImpl::Candle => max_pool2x2_nchw(&y)?.relu(),
         }
     }
@@ -362,17 +374,22 @@ impl Cnn {
             .iter()
             .map(Block::folded)
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let direct = if conv_impl == ConvImpl::Direct {
-            self.direct_net(&folded)?
-        } else {
-            None
+        let direct = match conv_impl {
+            ConvImpl::Direct => self.direct_net(&folded, direct::Precision::F32)?,
+            ConvImpl::DirectBf16 => match self.direct_net(&folded, direct::Precision::Bf16)? {
+                Some(net) => Some(net),
+                None => self.direct_net(&folded, direct::Precision::F32)?,
+            },
+            ConvImpl::Fast | ConvImpl::Candle => None,
         };
         let conv_impl = conv_impl.tensor_path();
         let convs = folded
             .into_iter()
             .map(|(w, shift)| {
                 let weight = match conv_impl {
-                    ConvImpl::Fast | ConvImpl::Direct => conv::weight_matrix(&w)?.contiguous()?,
+                    ConvImpl::Fast | ConvImpl::Direct | ConvImpl::DirectBf16 => {
+                        conv::weight_matrix(&w)?.contiguous()?
+                    }
                     ConvImpl::Candle => w.contiguous()?,
                 };
                 Ok((weight, shift))
@@ -393,6 +410,7 @@ impl Cnn {
     fn direct_net(
         &self,
         folded: &[(Tensor, Tensor)],
+        precision: direct::Precision,
     ) -> candle_core::Result<Option<direct::DirectNet>> {
         if !self.fc_b.device().is_cpu() {
             return Ok(None);
@@ -407,6 +425,7 @@ impl Cnn {
             &convs,
             self.fc_w.t()?.flatten_all()?.to_vec1::<f32>()?,
             self.fc_b.to_vec1::<f32>()?,
+            precision,
         ))
     }
 }
@@ -452,11 +471,11 @@ pub struct Classifier {
 }
 
 impl Classifier {
-    /// Loads a weights file, builds the network for `device` and checks that
-    /// the probe batch in the metadata reproduces.
-    pub fn load(path: &Path, device: &Device) -> Result<Self, ModelError> {
+    /// Loads a weights file, builds the network for `device` at `precision`
+    /// and checks that the probe batch in the metadata reproduces.
+    pub fn load(path: &Path, device: &Device, precision: Precision) -> Result<Self, ModelError> {
         let (meta, tensors) = weights::load(path, device)?;
-        Self::from_parts(meta, &tensors, ConvImpl::for_device(device))
+        Self::from_parts(meta, &tensors, ConvImpl::for_device(device, precision))
     }
 
     /// Builds and validates a classifier from metadata and tensors.
@@ -490,7 +509,11 @@ impl Classifier {
                 },
                 f32::max,
             );
-            if worst.is_nan() || worst > PROBE_TOLERANCE {
+            let tolerance = match self.conv_impl() {
+                ConvImpl::DirectBf16 => PROBE_TOLERANCE_BF16,
+                _ => PROBE_TOLERANCE,
+            };
+            if worst.is_nan() || worst > tolerance {
                 return Err(ModelError::Invalid(format!(
                     "probe row {row}: outputs {got:?} differ from the stored {want:?}"
                 )));
@@ -512,10 +535,10 @@ impl Classifier {
     /// The convolution that actually runs (`Direct` only where its kernels
     /// are in use).
     pub fn conv_impl(&self) -> ConvImpl {
-        if self.direct.is_some() {
-            ConvImpl::Direct
-        } else {
-            self.conv_impl
+        match &self.direct {
+            Some(net) if net.precision() == direct::Precision::Bf16 => ConvImpl::DirectBf16,
+            Some(_) => ConvImpl::Direct,
+            None => self.conv_impl,
         }
     }
 
@@ -530,12 +553,12 @@ impl Classifier {
             return Tensor::from_vec(net.logits(&input, 1), (b, net.labels()), x.device());
         }
         let mut x = match self.conv_impl {
-            ConvImpl::Fast | ConvImpl::Direct => x.clone(),
+            ConvImpl::Fast | ConvImpl::Direct | ConvImpl::DirectBf16 => x.clone(),
             ConvImpl::Candle => x.permute((0, 3, 1, 2))?,
         };
         for (w, bias) in &self.convs {
             x = match self.conv_impl {
-                ConvImpl::Fast | ConvImpl::Direct => {
+                ConvImpl::Fast | ConvImpl::Direct | ConvImpl::DirectBf16 => {
                     // Max-pool before the bias: the bias is per channel, so it
                     // commutes with the max, and the add runs on 4x less data.
                     let y = conv::conv3x3_nhwc(&x, w)?;
@@ -550,7 +573,7 @@ impl Classifier {
             };
         }
         let pooled = match self.conv_impl {
-            ConvImpl::Fast | ConvImpl::Direct => x.mean(1)?.mean(1)?,
+            ConvImpl::Fast | ConvImpl::Direct | ConvImpl::DirectBf16 => x.mean(1)?.mean(1)?,
             ConvImpl::Candle => x.mean(D::Minus1)?.mean(D::Minus1)?,
         };
         pooled.matmul(&self.fc_w)?.broadcast_add(&self.fc_b)
@@ -726,6 +749,37 @@ mod tests {
         for (i, row) in split.iter().enumerate() {
             assert_eq!(row, &by_slice[i % by_slice.len()]);
         }
+    }
+
+    #[test]
+    fn bf16_kernels_stay_close_to_f32() {
+        // The Winograd products in bfloat16: logits within a few hundredths
+        // of candle's, on the shipped geometry with random weights.
+        let meta = ModelMeta {
+            input_size: 32,
+            channels: vec![16, 48, 96],
+            ..tiny_meta()
+        };
+        let cnn = Cnn::new(meta.clone(), &random_tensors(&meta), ConvImpl::Candle).unwrap();
+        let x = probe_input(&meta, &Device::Cpu).unwrap();
+        let reference = cnn.forward(&x, false, None).unwrap();
+        let bf16 = cnn.classifier(ConvImpl::DirectBf16).unwrap();
+        if !direct::Precision::Bf16.available() {
+            eprintln!("this CPU has no AVX512-BF16: the bf16 kernels fall back");
+            assert_ne!(bf16.conv_impl(), ConvImpl::DirectBf16);
+        } else {
+            assert_eq!(bf16.conv_impl(), ConvImpl::DirectBf16);
+        }
+        let diff = max_diff(&bf16.logits(&x).unwrap(), &reference);
+        let scale = reference
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        eprintln!("bf16: largest logit difference {diff} (largest logit {scale})");
+        assert!(diff < 0.02 * scale.max(1.0), "{diff} against {scale}");
     }
 
     #[test]

@@ -27,7 +27,7 @@ use super::ema::{Ema, snapshot};
 use super::eval;
 use super::pictures::Pictures;
 use crate::face::{FaceCrop, FaceFinder, Look};
-use crate::model::{self, Cnn, ConvImpl, ModelMeta};
+use crate::model::{self, Cnn, ConvImpl, ModelMeta, Precision};
 use crate::preprocess::{FaceStage, Limits, Preprocessor, rgb_view};
 
 /// Where the validation pictures come from.
@@ -228,7 +228,8 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
     let mut meta = base_meta(cfg);
     meta.validate().map_err(anyhow::Error::msg)?;
     let finder = Arc::new(
-        FaceFinder::load(&cfg.detector)
+        // The serving default, so training crops are cut as the worker cuts.
+        FaceFinder::load(&cfg.detector, Precision::Bf16)
             .with_context(|| format!("loading the face detector {}", cfg.detector.display()))?,
     );
     let threshold = cfg
@@ -314,7 +315,9 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
             vars.push(v);
         }
     }
-    let conv_impl = ConvImpl::for_device(&cfg.device);
+    // f32 throughout: the probe stored with the weights is the reference
+    // every CPU checks against.
+    let conv_impl = ConvImpl::for_device(&cfg.device, Precision::F32);
     let cnn = Cnn::new(meta.clone(), &model_tensors, conv_impl)?;
     let mut opt = candle_nn::AdamW::new(
         vars,

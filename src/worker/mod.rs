@@ -42,6 +42,7 @@ use tokio::sync::mpsc;
 use crate::batcher::{BatchConfig, Batcher, Inflow};
 use crate::face::FaceFinder;
 use crate::metrics::{DropReason, Health, Metrics};
+use crate::model::Precision;
 use crate::preprocess::{DecodeBudget, Limits, Preparation};
 use decode::DecodeStage;
 use infer::InputPool;
@@ -105,6 +106,8 @@ pub struct WorkerConfig {
     pub decode_memory: usize,
     /// Face detection (PROTOCOL §2); `None` classifies whole pictures.
     pub faces: Option<FaceConfig>,
+    /// Arithmetic of the CPU kernels (classifier and detector).
+    pub precision: Precision,
     /// Pictures decoded at the same time.
     pub decode_threads: usize,
     /// Threads one forward pass may split a batch over (CPU direct kernels).
@@ -226,7 +229,7 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<Running> {
 /// Loads the detector (when detection is on) and the classifier.
 async fn load_model(cfg: &WorkerConfig, metrics: &Metrics) -> anyhow::Result<ModelSlot> {
     let detector = match &cfg.faces {
-        Some(f) => Some(Arc::new(FaceFinder::load(&f.detector).with_context(|| {
+        Some(f) => Some(Arc::new(FaceFinder::load(&f.detector, cfg.precision).with_context(|| {
             "loading the face detector (--detector; --face-detection off classifies whole pictures)"
         })?)),
         None => None,
@@ -238,7 +241,8 @@ async fn load_model(cfg: &WorkerConfig, metrics: &Metrics) -> anyhow::Result<Mod
         budget: Some(DecodeBudget::new(cfg.decode_memory)),
     };
     let (weights, device, m) = (cfg.weights.clone(), cfg.device.clone(), metrics.clone());
-    tokio::task::spawn_blocking(move || ModelSlot::open(weights, device, prep, m))
+    let precision = cfg.precision;
+    tokio::task::spawn_blocking(move || ModelSlot::open(weights, device, precision, prep, m))
         .await?
         .with_context(|| format!("loading weights {}", cfg.weights.display()))
 }

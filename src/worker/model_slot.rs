@@ -13,7 +13,7 @@ use candle_core::Device;
 
 use crate::config::device_name;
 use crate::metrics::Metrics;
-use crate::model::{Classifier, ModelError};
+use crate::model::{Classifier, ConvImpl, ModelError, Precision};
 use crate::preprocess::{Preparation, Preprocessor};
 
 /// A loaded, validated model with what the worker needs next to it.
@@ -29,9 +29,15 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Reads and validates a weights file (tensors, shapes, probe batch) and
-    /// sets up its preprocessing as `prep` says.
-    pub fn load(path: &Path, device: &Device, prep: &Preparation) -> Result<Self, ModelError> {
+    /// Reads and validates a weights file (tensors, shapes, probe batch),
+    /// builds it for `device` at `precision`, and sets up its preprocessing
+    /// as `prep` says.
+    pub fn load(
+        path: &Path,
+        device: &Device,
+        precision: Precision,
+        prep: &Preparation,
+    ) -> Result<Self, ModelError> {
         let bytes = std::fs::read(path).map_err(|cause| {
             ModelError::Weights(crate::model::WeightsError::Io {
                 path: path.to_owned(),
@@ -44,7 +50,7 @@ impl LoadedModel {
         });
         let id: Arc<str> = format!("{}#{:08x}", meta.version, hash as u32).into();
         let classifier =
-            Classifier::from_parts(meta, &tensors, crate::model::ConvImpl::for_device(device))?;
+            Classifier::from_parts(meta, &tensors, ConvImpl::for_device(device, precision))?;
         let pre = Preprocessor::for_model(classifier.meta(), prep).map_err(ModelError::Invalid)?;
         let labels = classifier.meta().labels.clone().into();
         Ok(Self {
@@ -62,6 +68,7 @@ pub struct ModelSlot {
     current: Arc<ArcSwap<LoadedModel>>,
     path: PathBuf,
     device: Device,
+    precision: Precision,
     prep: Preparation,
     metrics: Metrics,
     reload_lock: Arc<tokio::sync::Mutex<()>>,
@@ -83,15 +90,17 @@ impl ModelSlot {
     pub fn open(
         path: PathBuf,
         device: Device,
+        precision: Precision,
         prep: Preparation,
         metrics: Metrics,
     ) -> Result<Self, ModelError> {
-        let model = LoadedModel::load(&path, &device, &prep)?;
+        let model = LoadedModel::load(&path, &device, precision, &prep)?;
         metrics.set_model(&model.id, &device_name(&device));
         Ok(Self {
             current: Arc::new(ArcSwap::from_pointee(model)),
             path,
             device,
+            precision,
             prep,
             metrics,
             reload_lock: Arc::default(),
@@ -113,9 +122,12 @@ impl ModelSlot {
     pub async fn reload(&self) -> ReloadOutcome {
         let _one_at_a_time = self.reload_lock.lock().await;
         let (path, device, prep) = (self.path.clone(), self.device.clone(), self.prep.clone());
-        let loaded = tokio::task::spawn_blocking(move || LoadedModel::load(&path, &device, &prep))
-            .await
-            .unwrap_or_else(|e| Err(ModelError::Invalid(format!("loader panicked: {e}"))));
+        let precision = self.precision;
+        let loaded = tokio::task::spawn_blocking(move || {
+            LoadedModel::load(&path, &device, precision, &prep)
+        })
+        .await
+        .unwrap_or_else(|e| Err(ModelError::Invalid(format!("loader panicked: {e}"))));
         let old = self.current();
         let outcome = match loaded {
             Ok(new) if new.id == old.id => ReloadOutcome::Unchanged,
