@@ -368,10 +368,22 @@ impl Preprocessor {
 
     /// Scales interleaved RGB bytes to the model's normalised floats.
     pub fn normalise(&self, rgb: &[u8], out: &mut [f32]) {
-        for (px, dst) in rgb.chunks_exact(3).zip(out.chunks_exact_mut(3)) {
-            for c in 0..3 {
-                dst[c] = (px[c] as f32 * (1.0 / 255.0) - self.mean[c]) * self.inv_std[c];
+        // Sixteen pixels at a time with the channels' constants laid out
+        // alike, so the loop vectorises; the same arithmetic as per value.
+        const RUN: usize = 48;
+        let mean: [f32; RUN] = std::array::from_fn(|i| self.mean[i % 3]);
+        let inv_std: [f32; RUN] = std::array::from_fn(|i| self.inv_std[i % 3]);
+        let n = rgb.len().min(out.len()) / 3 * 3;
+        let mut src = rgb[..n].chunks_exact(RUN);
+        let mut dst = out[..n].chunks_exact_mut(RUN);
+        for (s, d) in (&mut src).zip(&mut dst) {
+            for i in 0..RUN {
+                d[i] = (f32::from(s[i]) * (1.0 / 255.0) - mean[i]) * inv_std[i];
             }
+        }
+        // The rest starts on a whole pixel, so channel i % 3 still holds.
+        for (i, (s, d)) in src.remainder().iter().zip(dst.into_remainder()).enumerate() {
+            *d = (f32::from(*s) * (1.0 / 255.0) - mean[i]) * inv_std[i];
         }
     }
 }
