@@ -1,5 +1,5 @@
-//! Settings shared by the binaries: device selection and the face
-//! detection flags.
+//! Settings shared by the binaries: device selection, the face detection
+//! flags and the kernels' precision.
 //!
 //! Parsing only; nothing here opens connections or files.
 
