@@ -33,6 +33,10 @@ const TAPS: usize = 9;
 const WINO_CHUNK: usize = 64;
 /// Positions of a Winograd F(2x2, 3x3) tile (4x4).
 const WINO: usize = 16;
+/// Values left between one Winograd position's block of a chunk and the
+/// next: the blocks are whole multiples of 4 KiB, so without the skew a
+/// tile's 16 positions would fall in one L1 set.
+const WINO_SKEW: usize = 32;
 /// Pictures a thread claims at a time in [`DirectNet::logits`], and the
 /// fewest worth a thread of their own.
 pub const MIN_PER_THREAD: usize = 4;
@@ -337,7 +341,7 @@ impl DirectNet {
             wino_in: vec![
                 0.0;
                 most(|b| if b.winograd {
-                    WINO * b.wino_chunk() * b.cin
+                    WINO * (b.wino_chunk() * b.cin + WINO_SKEW)
                 } else {
                     0
                 })
@@ -347,13 +351,13 @@ impl DirectNet {
                 most(|b| if b.weights_bf16.is_empty() {
                     0
                 } else {
-                    WINO * b.wino_chunk() * b.cin
+                    WINO * (b.wino_chunk() * b.cin + WINO_SKEW)
                 })
             ],
             wino_out: vec![
                 0.0;
                 most(|b| if b.winograd {
-                    WINO * b.wino_chunk() * b.cout
+                    WINO * (b.wino_chunk() * b.cout + WINO_SKEW)
                 } else {
                     0
                 })
@@ -597,26 +601,26 @@ impl Block {
         let (half, chunk, width) = (side / 2, self.wino_chunk(), self.group * LANES);
         let total = half * half;
         assert!(input.len() == (side + 2) * (side + 2) * cin);
-        assert!(v.len() >= WINO * chunk * cin && m.len() >= WINO * chunk * cout);
+        let room = |c: usize| WINO * (chunk * c + WINO_SKEW);
+        assert!(v.len() >= room(cin) && m.len() >= room(cout));
         assert!(pixel.len() == cout && self.bias.len() == cout);
         assert!(self.weights.len() == WINO * cout * cin);
         let bf16 = !self.weights_bf16.is_empty();
-        assert!(
-            !bf16
-                || (v16.len() >= WINO * chunk * cin
-                    && self.weights_bf16.len() == WINO * cout * cin)
-        );
+        assert!(!bf16 || (v16.len() >= room(cin) && self.weights_bf16.len() == WINO * cout * cin));
         assert!(total.is_multiple_of(16) && chunk.is_multiple_of(16) && 16 % self.strip == 0);
         assert!(cin.is_multiple_of(LANES) && cout.is_multiple_of(width));
         let row_stride = (side + 2) * cin;
         for start in (0..total).step_by(chunk) {
             // The last chunk may be shorter (a multiple of 16 tiles all the same).
             let n = chunk.min(total - start);
+            // Values from one position's block to the next's.
+            let (vs, ms) = (n * cin + WINO_SKEW, n * cout + WINO_SKEW);
             // SAFETY (all three steps): `available()` was checked when the
             // network was built. Tile t reads padded rows 2y..2y+4 and columns
             // 2x..2x+4 (y, x < half), inside `input`; the chunk's transformed
-            // input spans WINO * n * cin values of `v`, its products
-            // WINO * n * cout values of `m`, and the weights of one
+            // input spans WINO blocks of n * cin values `vs` apart in `v`,
+            // its products WINO blocks of n * cout `ms` apart in `m`, inside
+            // their room (checked above), and the weights of one
             // position and register group cin * width values of `weights`
             // (all checked above; the same counts of `v16` and
             // `weights_bf16` in bfloat16); channel offsets step by whole
@@ -629,10 +633,10 @@ impl Block {
                     for c in (0..cin).step_by(LANES) {
                         if bf16 {
                             let dst = v16.as_mut_ptr().add(k * cin + c);
-                            wino_input_bf16(src.add(c), row_stride, cin, dst, n * cin);
+                            wino_input_bf16(src.add(c), row_stride, cin, dst, vs);
                         } else {
                             let dst = v.as_mut_ptr().add(k * cin + c);
-                            wino_input(src.add(c), row_stride, cin, dst, n * cin);
+                            wino_input(src.add(c), row_stride, cin, dst, vs);
                         }
                     }
                 }
@@ -643,7 +647,7 @@ impl Block {
                             2 => tile_bf16::<8, 2>,
                             _ => tile_bf16::<16, 1>,
                         };
-                        self.products(v16, &self.weights_bf16, m, pos, n, tile);
+                        self.products(v16, &self.weights_bf16, m, pos, (n, vs, ms), tile);
                     } else {
                         // One position: a 1x1 "convolution" of the tiles.
                         let tile = match self.group {
@@ -651,14 +655,14 @@ impl Block {
                             2 => wino_tile::<8, 2>,
                             _ => wino_tile::<16, 1>,
                         };
-                        self.products(v, &self.weights, m, pos, n, tile);
+                        self.products(v, &self.weights, m, pos, (n, vs, ms), tile);
                     }
                 }
                 for k in 0..n {
                     for c in (0..cout).step_by(LANES) {
                         wino_output(
                             m.as_ptr().add(k * cout + c),
-                            n * cout,
+                            ms,
                             self.bias.as_ptr().add(c),
                             pixel.as_mut_ptr().add(c),
                         );
@@ -670,13 +674,14 @@ impl Block {
     }
 
     /// One Winograd position's products: `m[pos]` `[n][cout]` from `v[pos]`
-    /// `[n][cin]` and the position's `weights` (f32 or bf16, as `tile` reads
-    /// them), register tile by register tile.
+    /// `[n][cin]` (position blocks `vs` and `ms` values apart) and the
+    /// position's `weights` (f32 or bf16, as `tile` reads them), register
+    /// tile by register tile.
     ///
     /// # Safety
-    /// The CPU runs `tile`; `v` holds `WINO * n * cin` values, `m`
-    /// `WINO * n * cout`, `weights` `WINO * cout * cin` in `tile`'s layout;
-    /// `n` is a multiple of the strip.
+    /// The CPU runs `tile`; `v` holds `WINO` blocks of `n * cin` values `vs`
+    /// apart, `m` `WINO` of `n * cout` `ms` apart, `weights`
+    /// `WINO * cout * cin` in `tile`'s layout; `n` is a multiple of the strip.
     #[cfg(target_arch = "x86_64")]
     unsafe fn products<T>(
         &self,
@@ -684,15 +689,15 @@ impl Block {
         weights: &[T],
         m: &mut [f32],
         pos: usize,
-        n: usize,
+        (n, vs, ms): (usize, usize, usize),
         tile: ProductTile<T>,
     ) {
         let (cin, cout, width) = (self.cin, self.cout, self.group * LANES);
         // SAFETY: by the function's contract, every offset below is inside
         // the buffers (weights of one position and group: cin * width).
         unsafe {
-            let vp = v.as_ptr().add(pos * n * cin);
-            let mp = m.as_mut_ptr().add(pos * n * cout);
+            let vp = v.as_ptr().add(pos * vs);
+            let mp = m.as_mut_ptr().add(pos * ms);
             for g in 0..cout / width {
                 let u = weights
                     .as_ptr()
