@@ -158,7 +158,12 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<Running> {
     let metrics = Metrics::new();
     let health = Arc::new(Health::default());
     let slot = load_model(&cfg, &metrics).await?;
-    tracing::info!(model = %slot.current().id, "model loaded");
+    let model = slot.current();
+    tracing::info!(
+        model = %model.id,
+        kernels = ?model.classifier.conv_impl(),
+        "model loaded"
+    );
     health.model_loaded.store(true, Ordering::SeqCst);
 
     let client = connect(&cfg, health.clone(), metrics.clone()).await?;
