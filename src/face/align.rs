@@ -298,6 +298,19 @@ mod simd {
     /// Output pixels per call.
     pub const PIXELS: usize = 16;
 
+    /// Three bytes of every four, in order: output byte k is byte
+    /// 4 * (k / 3) + k % 3 of sixteen packed `RGBx` lanes.
+    #[cfg(target_arch = "x86_64")]
+    const PACK_RGB: [i8; 64] = {
+        let mut order = [0i8; 64];
+        let mut k = 0;
+        while k < 48 {
+            order[k] = (4 * (k / 3) + k % 3) as i8;
+            k += 1;
+        }
+        order
+    };
+
     /// Whether this CPU runs [`sample16`].
     pub fn available() -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -407,18 +420,9 @@ mod simd {
             };
             packed = _mm512_or_si512(packed, q);
         }
-        // Three bytes of every four, in order: output byte k is byte
-        // 4 * (k / 3) + k % 3 of `packed`.
-        let order: [i8; 64] = std::array::from_fn(|k| {
-            if k < 48 {
-                (4 * (k / 3) + k % 3) as i8
-            } else {
-                0
-            }
-        });
         // SAFETY: 64 bytes read from the array; 48 written, inside `out`.
         unsafe {
-            let order = _mm512_loadu_si512(order.as_ptr().cast());
+            let order = _mm512_loadu_si512(PACK_RGB.as_ptr().cast());
             let bytes = _mm512_permutexvar_epi8(order, packed);
             _mm512_mask_storeu_epi8(out.cast(), (1u64 << 48) - 1, bytes);
         }

@@ -183,16 +183,15 @@ impl Pointwise {
         }
         let mut bias = vec![0.0; cout_p];
         bias[..cout].copy_from_slice(&b[..cout]);
-        let mut weights_bf16 = vec![0u16; weights.len()];
-        for (group, &off) in groups.iter().zip(&offsets) {
-            let width = group.width();
-            for ci in 0..cin_p {
-                for lane in 0..width {
-                    weights_bf16[off + ((ci / 2) * width + lane) * 2 + ci % 2] =
-                        crate::model::direct::to_bf16(weights[off + ci * width + lane]);
-                }
-            }
-        }
+        // Each group's `[cin_p][width]` block paired as the classifier's are.
+        let weights_bf16 = groups
+            .iter()
+            .zip(&offsets)
+            .flat_map(|(group, &off)| {
+                let width = group.width();
+                crate::model::direct::pair_bf16(&weights[off..][..cin_p * width], cin_p, width)
+            })
+            .collect();
         Self {
             cin,
             cout,

@@ -932,9 +932,11 @@ pub(crate) unsafe fn round_bf16(src: &[f32], dst: &mut [u16]) {
     }
 }
 
-/// Winograd weights `[16][groups][cin][width]` as bfloat16 in input-channel
-/// pairs, `[16][groups][cin / 2][width][2]`, for [`tile_bf16`].
-fn pair_bf16(u: &[f32], cin: usize, width: usize) -> Vec<u16> {
+/// Weights in blocks of `[cin][width]` (the Winograd weights
+/// `[16][groups][cin][width]`, a pointwise layer's groups) as bfloat16 in
+/// input-channel pairs, `[cin / 2][width][2]` per block, for [`tile_bf16`]
+/// and the detector's pointwise tiles.
+pub(crate) fn pair_bf16(u: &[f32], cin: usize, width: usize) -> Vec<u16> {
     let mut out = vec![0u16; u.len()];
     for (src, dst) in u
         .chunks_exact(cin * width)
