@@ -4,16 +4,26 @@
 # by bench/make_uploads.py (built first when missing; needs python3 with
 # Pillow and numpy, installed into target/uploads-venv when absent).
 #
-#   bench/eval_uploads.sh [WEIGHTS] [extra profile-trainer eval flags...]
+#   bench/eval_uploads.sh [--hard] [WEIGHTS] [extra profile-trainer eval flags...]
+#
+# --hard evaluates the harder copy instead (`make_uploads.py --hard --seed 11`,
+# in target/uploads-hard): the same kinds with smaller, further-off, more
+# rotated, darker and more compressed faces.
 #
 # Prints one Markdown table: pictures, accuracy, "no face" answers, faces
 # missed, faces found where there is none. A missed face and a face found in
 # a picture without one both count as wrong answers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+uploads=target/uploads
+make=()
+if [ "${1:-}" = --hard ]; then
+  uploads=target/uploads-hard
+  make=(--hard --seed 11)
+  shift
+fi
 weights=${1:-weights/gender-cnn.safetensors}
 shift || true
-uploads=target/uploads
 if [ ! -f "$uploads/noface/profile.csv" ]; then
   py=python3
   if ! python3 -c 'import PIL, numpy' 2>/dev/null; then
@@ -23,7 +33,7 @@ if [ ! -f "$uploads/noface/profile.csv" ]; then
     }
     py=target/uploads-venv/bin/python
   fi
-  "$py" bench/make_uploads.py --out "$uploads"
+  "$py" bench/make_uploads.py --out "$uploads" "${make[@]}"
 fi
 cargo build --release --quiet --bin profile-trainer
 out=$(mktemp -d)

@@ -3,7 +3,7 @@
 (`../shared/data/faces/test` by default): each picture re-made the way people
 upload profile pictures, one folder per kind, plus pictures without a face.
 
-    python bench/make_uploads.py [--src DIR] [--out DIR] [--seed N] [--no-face N]
+    python bench/make_uploads.py [--src DIR] [--out DIR] [--seed N] [--no-face N] [--hard]
 
 Every folder is in the seed layout (`<userid>.<ext>` plus `profile.csv` with
 `userid,gender,age,race`); pictures without a face have gender `none`. Run
@@ -151,15 +151,28 @@ def no_face(r, i):
     return img, kind
 
 
-def save(img, path_stem, fmt, r):
+# Each kind's parameters: the default set, and `--hard`, the same kinds pushed
+# further (smaller and further-off faces, stronger rotation, darker, smaller
+# and more compressed), to see how the pipeline holds up beyond the default.
+PARAMS = {
+    False: dict(offcentre=(0.35, 0.6), loose=(0.6, 0.8), tight=(0.72, 0.88), rotated=(10, 25, 0.55, 0.75),
+                gamma=(1.2, 1.8), gain=(0.3, 0.55), tiny=(40, 80, 8, 25), large=(900, 1600, 0.5, 0.8),
+                webp=(0.5, 0.9, 50, 85), jpeg=(70, 95)),
+    True: dict(offcentre=(0.22, 0.4), loose=(0.45, 0.65), tight=(0.62, 0.78), rotated=(20, 35, 0.45, 0.65),
+               gamma=(1.5, 2.2), gain=(0.2, 0.4), tiny=(30, 56, 5, 18), large=(1400, 2000, 0.35, 0.6),
+               webp=(0.4, 0.8, 25, 50), jpeg=(40, 75)),
+}
+
+
+def save(img, path_stem, fmt, r, p):
     if fmt == "jpg":
-        img.save(path_stem + ".jpg", quality=r.randrange(70, 95))
+        img.save(path_stem + ".jpg", quality=r.randrange(*p["jpeg"]))
         return ".jpg"
     if fmt == "png":
         img.save(path_stem + ".png")
         return ".png"
     if fmt == "webp":
-        img.save(path_stem + ".webp", quality=r.randrange(50, 85))
+        img.save(path_stem + ".webp", quality=r.randrange(*p["webp"][2:]))
         return ".webp"
     raise ValueError(fmt)
 
@@ -184,42 +197,46 @@ def place(face, r, frac_lo, frac_hi, centred=False):
     return canvas
 
 
-def variant(kind, face, r):
-    """(picture, format) for one kind of upload."""
+def variant(kind, face, r, p):
+    """(picture, format) for one kind of upload, with the parameters `p`."""
     if kind == "aligned":
         return face, "jpg"
     if kind == "offcentre":
-        return place(face, r, 0.35, 0.6), "jpg"
+        return place(face, r, *p["offcentre"]), "jpg"
     if kind == "loose":
-        return place(face, r, 0.6, 0.8, centred=True), "jpg"
+        return place(face, r, *p["loose"], centred=True), "jpg"
     if kind == "tight":
-        k = r.uniform(0.72, 0.88)
+        k = r.uniform(*p["tight"])
         s = face.size[0]
         c = int(s * k)
         x = r.randrange(0, s - c + 1)
         y = r.randrange(0, s - c + 1)
         return face.crop((x, y, x + c, y + c)).resize((s, s), Image.BICUBIC), "jpg"
     if kind == "rotated":
-        angle = r.choice([-1, 1]) * r.uniform(10, 25)
-        big = place(face, r, 0.55, 0.75, centred=True)
+        lo, hi, flo, fhi = p["rotated"]
+        angle = r.choice([-1, 1]) * r.uniform(lo, hi)
+        big = place(face, r, flo, fhi, centred=True)
         return big.rotate(angle, resample=Image.BICUBIC, fillcolor=rand_colour(r)), "jpg"
     if kind == "grey":
         return ImageOps.grayscale(face).convert("RGB"), "jpg"
     if kind == "dim":
         arr = np.asarray(face, float) / 255.0
-        arr = (arr ** r.uniform(1.2, 1.8)) * r.uniform(0.3, 0.55)
+        arr = (arr ** r.uniform(*p["gamma"])) * r.uniform(*p["gain"])
         return Image.fromarray((arr * 255).clip(0, 255).astype(np.uint8)), "jpg"
     if kind == "tiny":
-        s = r.randrange(40, 80)
+        slo, shi, qlo, qhi = p["tiny"]
+        s = r.randrange(slo, shi)
         small = face.resize((s, s), Image.BILINEAR)
         buf = io.BytesIO()
-        small.save(buf, "JPEG", quality=r.randrange(8, 25))
+        small.save(buf, "JPEG", quality=r.randrange(qlo, qhi))
         return Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), "jpg"
     if kind == "large_png":
-        s = r.randrange(900, 1600)
-        return place(face, r, 0.5, 0.8).resize((s, s), Image.BICUBIC), "png"
+        slo, shi, flo, fhi = p["large"]
+        s = r.randrange(slo, shi)
+        return place(face, r, flo, fhi).resize((s, s), Image.BICUBIC), "png"
     if kind == "webp":
-        return place(face, r, 0.5, 0.9, centred=r.random() < 0.5), "webp"
+        flo, fhi, _, _ = p["webp"]
+        return place(face, r, flo, fhi, centred=r.random() < 0.5), "webp"
     raise ValueError(kind)
 
 
@@ -234,12 +251,16 @@ def main():
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--no-face", type=int, default=350, help="pictures without a face")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N faces (0: all)")
+    ap.add_argument("--hard", action="store_true", help="the same kinds, pushed further (see PARAMS)")
+    ap.add_argument("--kinds", default=",".join(KINDS + ["noface"]), help="comma-separated kinds to (re)make")
     a = ap.parse_args()
+    params = PARAMS[a.hard]
     with open(os.path.join(a.src, "profile.csv")) as f:
         rows = list(csv.DictReader(f))
     if a.limit:
         rows = rows[: a.limit]
-    for kind in KINDS:
+    kinds = a.kinds.split(",")
+    for kind in [k for k in KINDS if k in kinds]:
         r = random.Random(f"{a.seed}/{kind}")
         np.random.seed(r.randrange(1 << 30))
         out = os.path.join(a.out, kind)
@@ -249,10 +270,12 @@ def main():
             w.writerow(["userid", "gender", "age", "race"])
             for row in rows:
                 face = Image.open(os.path.join(a.src, row["userid"] + ".jpg")).convert("RGB")
-                img, fmt = variant(kind, face, r)
-                save(img, os.path.join(out, row["userid"]), fmt, r)
+                img, fmt = variant(kind, face, r, params)
+                save(img, os.path.join(out, row["userid"]), fmt, r, params)
                 w.writerow([row["userid"], row["gender"], row.get("age", ""), row.get("race", "")])
         print(f"{kind}: {len(rows)} pictures in {out}")
+    if "noface" not in kinds:
+        return
     r = random.Random(f"{a.seed}/noface")
     out = os.path.join(a.out, "noface")
     os.makedirs(out, exist_ok=True)
@@ -263,7 +286,7 @@ def main():
             img, kind = no_face(r, i)
             uid = f"noface{i:04d}"
             fmt = r.choice(["jpg", "jpg", "png", "webp"])
-            save(img, os.path.join(out, uid), fmt, r)
+            save(img, os.path.join(out, uid), fmt, r, params)
             w.writerow([uid, "none", "", "", kind])
     print(f"noface: {a.no_face} pictures in {out}")
 

@@ -148,7 +148,7 @@ struct TrainArgs {
     #[arg(long)]
     out: PathBuf,
     /// Passes over the training data.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 28)]
     epochs: usize,
     /// Pictures per optimiser step.
     #[arg(long, default_value_t = 64)]
