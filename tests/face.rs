@@ -115,6 +115,7 @@ fn the_reference_face_is_found_where_the_reference_says() {
         },
         0.75,
         Look::Full,
+        None,
     );
     assert_eq!(faces.len(), 1, "{faces:?}");
     let f = faces[0];
@@ -169,8 +170,8 @@ fn the_quick_look_finds_the_face_the_full_look_finds() {
             w: img.width(),
             h: img.height(),
         };
-        let full = finder.find(picture, 0.75, Look::Full);
-        let quick = finder.find(picture, 0.75, Look::Quick);
+        let full = finder.find(picture, 0.75, Look::Full, None);
+        let quick = finder.find(picture, 0.75, Look::Quick, None);
         assert_eq!((full.len(), quick.len()), (1, 1), "{full:?} {quick:?}");
         let (f, q) = (full[0], quick[0]);
         let [fx, fy] = f.centre();
@@ -216,6 +217,14 @@ fn pasted(side: u32, x: u32, y: u32, w: u32, h: u32, degrees: f32) -> image::Rgb
 }
 
 fn find(img: &image::RgbImage) -> Vec<profile_classifier::face::Face> {
+    find_closer(img, None)
+}
+
+/// [`find`], with the closer look at `closer_look` when given.
+fn find_closer(
+    img: &image::RgbImage,
+    closer_look: Option<f32>,
+) -> Vec<profile_classifier::face::Face> {
     let finder = FaceFinder::new(shipped(Kernels::best()));
     finder.find(
         Rgb {
@@ -225,7 +234,25 @@ fn find(img: &image::RgbImage) -> Vec<profile_classifier::face::Face> {
         },
         0.75,
         Look::Full,
+        closer_look,
     )
+}
+
+#[test]
+fn the_closer_look_finds_a_small_face_where_it_is() {
+    // A 130 px face at (760, 560) of a 1000x800 picture: 13% of its longer
+    // side, too small for the whole-picture looks, a fifth of a tile.
+    let img = pasted(130, 760, 560, 1000, 800, 0.0);
+    assert!(find(&img).is_empty(), "the whole-picture looks found it");
+    assert_one_face_at(
+        &find_closer(&img, Some(0.9)),
+        [825.0, 625.0],
+        20.0,
+        80.0..160.0,
+    );
+    // A picture without a face stays without one.
+    let plain = image::RgbImage::from_pixel(1000, 800, image::Rgb([110, 120, 130]));
+    assert!(find_closer(&plain, Some(0.9)).is_empty());
 }
 
 #[test]
@@ -233,19 +260,24 @@ fn a_face_pasted_at_a_known_place_is_found_there() {
     // 220 px face at (380, 90) of a 720x480 picture: the detector's box lies
     // on the pasted square (the face fills most of the aligned crop).
     let img = pasted(220, 380, 90, 720, 480, 0.0);
-    let faces = find(&img);
+    assert_one_face_at(&find(&img), [490.0, 200.0], 25.0, 150.0..260.0);
+}
+
+/// Exactly one face, its box centred within `tol` of `centre`, its size in `size`.
+fn assert_one_face_at(
+    faces: &[profile_classifier::face::Face],
+    centre: [f32; 2],
+    tol: f32,
+    size: std::ops::Range<f32>,
+) {
     assert_eq!(faces.len(), 1, "{faces:?}");
     let [cx, cy] = faces[0].centre();
     assert!(
-        (cx - 490.0).abs() < 25.0 && (cy - 200.0).abs() < 25.0,
+        (cx - centre[0]).abs() < tol && (cy - centre[1]).abs() < tol,
         "{:?}",
         faces[0]
     );
-    assert!(
-        faces[0].size() > 150.0 && faces[0].size() < 260.0,
-        "{:?}",
-        faces[0]
-    );
+    assert!(size.contains(&faces[0].size()), "{:?}", faces[0]);
 }
 
 #[test]
@@ -268,6 +300,7 @@ fn a_turned_face_is_measured_and_comes_back_level() {
             dx: 0.0,
             dy: 0.0,
             first_look: Look::Full,
+            closer_look: None,
         };
         let mut out = vec![0u8; 128 * 128 * 3];
         profile_classifier::face::align(

@@ -34,6 +34,7 @@ fn with_faces() -> &'static Preprocessor {
                 dx: 0.0,
                 dy: 0.0,
                 first_look: profile_classifier::face::Look::Quick,
+                closer_look: Some(0.98),
             },
             threshold: 0.75,
         })

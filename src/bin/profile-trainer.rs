@@ -91,6 +91,17 @@ fn parse_first_look(s: &str) -> Result<Look, String> {
         .and_then(Look::try_from)
 }
 
+/// `--closer-look`: a score in (0, 1), or `off`.
+fn parse_closer_look(s: &str) -> Result<Option<f32>, String> {
+    if s == "off" {
+        return Ok(None);
+    }
+    match s.parse::<f32>() {
+        Ok(t) if t > 0.0 && t < 1.0 => Ok(Some(t)),
+        _ => Err(format!("{s}: a detector score in (0, 1), or off")),
+    }
+}
+
 /// Publishes one reload message and says so.
 fn notify(nats: &NatsArgs, subject: &str, body: &str) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
@@ -137,6 +148,12 @@ struct TrainArgs {
     /// the same way.
     #[arg(long, default_value = "64", value_parser = parse_first_look)]
     first_look: Look,
+    /// Detector score (0-1) a face found by the closer look needs, or `off`:
+    /// when the whole-picture looks find nothing, the detector looks at four
+    /// overlapping tiles of the picture for a smaller face. Stored in the
+    /// weights; the worker looks the same way.
+    #[arg(long, default_value = "0.98", value_parser = parse_closer_look)]
+    closer_look: Option<f32>,
     /// Validation folder in the same layout.
     #[arg(long, conflicts_with = "val_fraction")]
     val: Option<PathBuf>,
@@ -223,6 +240,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 detector: a.detector,
                 face_threshold: a.face_threshold,
                 first_look: a.first_look,
+                closer_look: a.closer_look,
                 validation: a
                     .val
                     .map_or(Validation::Fraction(a.val_fraction), Validation::Dir),

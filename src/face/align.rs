@@ -30,6 +30,11 @@ pub struct FaceCrop {
     /// the full look.
     #[serde(default)]
     pub first_look: super::Look,
+    /// Detector score a face found by the closer look (tiles of the
+    /// picture, after the whole-picture looks found nothing) needs; `None`
+    /// takes no closer look (files written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closer_look: Option<f32>,
 }
 
 impl FaceCrop {
@@ -40,6 +45,11 @@ impl FaceCrop {
                 "face threshold {} is not in (0, 1)",
                 self.threshold
             ));
+        }
+        if let Some(t) = self.closer_look
+            && !(t > 0.0 && t < 1.0)
+        {
+            return Err(format!("closer-look threshold {t} is not in (0, 1)"));
         }
         if !(self.side.is_finite() && self.side > 0.1 && self.side < 20.0) {
             return Err(format!("face crop side {} is not in (0.1, 20)", self.side));
@@ -101,6 +111,15 @@ impl Face {
     /// Box area, for choosing the largest face.
     pub fn area(&self) -> f32 {
         self.w.max(0.0) * self.h.max(0.0)
+    }
+
+    /// Intersection over union of the two boxes (0 when apart, 1 when equal).
+    pub fn overlap(&self, other: &Face) -> f32 {
+        let iw = ((self.x + self.w).min(other.x + other.w) - self.x.max(other.x)).max(0.0);
+        let ih = ((self.y + self.h).min(other.y + other.h) - self.y.max(other.y)).max(0.0);
+        let inter = iw * ih;
+        let union = self.area() + other.area() - inter;
+        if union > 0.0 { inter / union } else { 0.0 }
     }
 
     /// The same face moved, scaled about its centre and turned (training
@@ -514,6 +533,7 @@ mod tests {
         dx: 0.0,
         dy: 0.0,
         first_look: super::super::Look::Full,
+        closer_look: None,
     };
 
     #[test]
@@ -527,6 +547,28 @@ mod tests {
         assert_eq!(serde_json::to_value(crop).unwrap()["first_look"], 64);
         let odd = r#"{"threshold":0.85,"side":1.1,"dx":0.0,"dy":0.0,"first_look":96}"#;
         assert!(serde_json::from_str::<FaceCrop>(odd).is_err());
+    }
+
+    #[test]
+    fn the_closer_look_is_read_from_metadata() {
+        let old = r#"{"threshold":0.85,"side":1.1,"dx":0.0,"dy":0.0,"first_look":64}"#;
+        let crop: FaceCrop = serde_json::from_str(old).unwrap();
+        assert_eq!(crop.closer_look, None);
+        assert!(
+            serde_json::to_value(crop)
+                .unwrap()
+                .get("closer_look")
+                .is_none()
+        );
+        let closer = r#"{"threshold":0.85,"side":1.1,"dx":0.0,"dy":0.0,"closer_look":0.98}"#;
+        let crop: FaceCrop = serde_json::from_str(closer).unwrap();
+        assert_eq!(crop.closer_look, Some(0.98));
+        assert!(crop.validate().is_ok());
+        let sure = FaceCrop {
+            closer_look: Some(1.0),
+            ..crop
+        };
+        assert!(sure.validate().is_err());
     }
 
     #[test]

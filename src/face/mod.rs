@@ -92,6 +92,59 @@ impl From<Look> for u32 {
 /// look decides.
 pub const QUICK_MIN_SHARE: f32 = 0.4;
 
+/// Side of a tile of the closer look, as a share of the picture's longer
+/// side: a face spanning a fifth of the picture fills a third of a tile.
+pub const TILE_SHARE: f32 = 0.6;
+
+/// Shortest tile side, in pixels, for which the closer look is taken: a
+/// smaller picture has no face too small for the whole-picture looks.
+pub const MIN_TILE: u32 = 96;
+
+/// A rectangle of a picture, in its pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Window {
+    x: u32,
+    y: u32,
+    w: u32,
+    h: u32,
+}
+
+impl Window {
+    fn whole(picture: Rgb<'_>) -> Self {
+        Self {
+            x: 0,
+            y: 0,
+            w: picture.w.max(1),
+            h: picture.h.max(1),
+        }
+    }
+
+    /// The closer look's tiles: squares of [`TILE_SHARE`] of the longer
+    /// side (clipped to the picture) at both ends of each axis, overlapping
+    /// in the middle; none when a tile would be under [`MIN_TILE`].
+    fn tiles(picture: Rgb<'_>) -> Vec<Self> {
+        let (w, h) = (picture.w.max(1), picture.h.max(1));
+        let t = (TILE_SHARE * w.max(h) as f32).round() as u32;
+        if t < MIN_TILE {
+            return Vec::new();
+        }
+        let starts = |len: u32| {
+            if len <= t {
+                vec![(0, len)]
+            } else {
+                vec![(0, t), (len - t, t)]
+            }
+        };
+        let mut tiles = Vec::with_capacity(4);
+        for &(y, th) in &starts(h) {
+            for &(x, tw) in &starts(w) {
+                tiles.push(Self { x, y, w: tw, h: th });
+            }
+        }
+        tiles
+    }
+}
+
 /// The detector, ready to find faces in decoded pictures.
 pub struct FaceFinder {
     net: BlazeFace,
@@ -128,10 +181,23 @@ impl FaceFinder {
     /// [`QUICK_MIN_SHARE`] of the picture, the full look follows; when that
     /// finds nothing, the picture is looked at once more, smaller
     /// ([`ZOOM_OUT`] of the square): the short-range detector misses faces
-    /// that fill the whole frame or run past its edges (tight crops).
-    pub fn find(&self, picture: Rgb<'_>, threshold: f32, first_look: Look) -> Vec<Face> {
+    /// that fill the whole frame or run past its edges (tight crops). When
+    /// that finds nothing either and `closer_look` is given, the closer
+    /// look: the full look at each of four overlapping tiles
+    /// ([`TILE_SHARE`] of the picture), for faces too small in the whole
+    /// picture for the detector's square, each scoring at least
+    /// `closer_look` (four more looks find more false faces, so they must
+    /// be surer).
+    pub fn find(
+        &self,
+        picture: Rgb<'_>,
+        threshold: f32,
+        first_look: Look,
+        closer_look: Option<f32>,
+    ) -> Vec<Face> {
+        let whole = Window::whole(picture);
         if first_look == Look::Quick {
-            let faces = self.find_at(&self.quick, picture, threshold, 1.0);
+            let faces = self.find_at(&self.quick, picture, whole, threshold, 1.0);
             let longer = picture.w.max(picture.h) as f32;
             if faces
                 .first()
@@ -140,17 +206,46 @@ impl FaceFinder {
                 return faces;
             }
         }
-        let faces = self.find_at(&self.net, picture, threshold, 1.0);
+        let faces = self.find_at(&self.net, picture, whole, threshold, 1.0);
         if !faces.is_empty() {
             return faces;
         }
-        self.find_at(&self.net, picture, threshold, ZOOM_OUT)
+        let faces = self.find_at(&self.net, picture, whole, threshold, ZOOM_OUT);
+        match closer_look {
+            Some(sure) if faces.is_empty() => self.closer_look(picture, sure),
+            _ => faces,
+        }
     }
 
-    /// One look by `net`, the picture fitted into `zoom` of its square.
-    fn find_at(&self, net: &BlazeFace, picture: Rgb<'_>, threshold: f32, zoom: f32) -> Vec<Face> {
+    /// The full look at every tile of [`Window::tiles`]; a face seen in two
+    /// overlapping tiles is kept once (the larger box), largest first.
+    fn closer_look(&self, picture: Rgb<'_>, threshold: f32) -> Vec<Face> {
+        let mut seen: Vec<Face> = Window::tiles(picture)
+            .into_iter()
+            .flat_map(|tile| self.find_at(&self.net, picture, tile, threshold, 1.0))
+            .collect();
+        seen.sort_by(|a, b| b.area().total_cmp(&a.area()));
+        let mut faces: Vec<Face> = Vec::with_capacity(seen.len());
+        for face in seen {
+            if faces.iter().all(|kept| kept.overlap(&face) < 0.5) {
+                faces.push(face);
+            }
+        }
+        faces
+    }
+
+    /// One look by `net` at `window` of the picture, fitted into `zoom` of
+    /// the detector's square; faces in the picture's pixels.
+    fn find_at(
+        &self,
+        net: &BlazeFace,
+        picture: Rgb<'_>,
+        window: Window,
+        threshold: f32,
+        zoom: f32,
+    ) -> Vec<Face> {
         let side = net.input_side();
-        let (w, h) = (picture.w.max(1), picture.h.max(1));
+        let (w, h) = (window.w, window.h);
         let fit = zoom * side as f32 / w.max(h) as f32;
         let sw = ((w as f32 * fit).round() as u32).clamp(1, side as u32);
         let sh = ((h as f32 * fit).round() as u32).clamp(1, side as u32);
@@ -168,10 +263,24 @@ impl FaceFinder {
             small.resize((sw * sh * 3) as usize, 0);
             let resizer = resizer.get_or_insert_with(Resizer::new);
             let resized = (|| {
-                let src = ImageRef::new(w, h, picture.pixels, PixelType::U8x3).ok()?;
+                let src = ImageRef::new(
+                    picture.w.max(1),
+                    picture.h.max(1),
+                    picture.pixels,
+                    PixelType::U8x3,
+                )
+                .ok()?;
                 let mut dst = Image::from_slice_u8(sw, sh, small, PixelType::U8x3).ok()?;
-                let options =
+                let mut options =
                     ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+                if window != Window::whole(picture) {
+                    options = options.crop(
+                        f64::from(window.x),
+                        f64::from(window.y),
+                        f64::from(w),
+                        f64::from(h),
+                    );
+                }
                 resizer.resize(&src, &mut dst, &options).ok()
             })();
             if resized.is_none() {
@@ -189,8 +298,8 @@ impl FaceFinder {
         });
         // Relative to the square -> the picture's pixels.
         let (kx, ky) = (w as f32 / sw as f32, h as f32 / sh as f32);
-        let to_x = |r: f32| (r * side as f32 - ox as f32) * kx;
-        let to_y = |r: f32| (r * side as f32 - oy as f32) * ky;
+        let to_x = |r: f32| window.x as f32 + (r * side as f32 - ox as f32) * kx;
+        let to_y = |r: f32| window.y as f32 + (r * side as f32 - oy as f32) * ky;
         let mut faces: Vec<Face> = detections
             .iter()
             .map(|d| Face {

@@ -342,6 +342,7 @@ mod tests {
             dx: -0.01,
             dy: 0.02,
             first_look: crate::face::Look::Quick,
+            closer_look: Some(0.98),
         };
         let with_face = ModelMeta {
             face: Some(crop),

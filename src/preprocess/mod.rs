@@ -264,9 +264,12 @@ impl Preprocessor {
             self.resize_normalise_raw(picture.pixels, picture.w, picture.h, out);
             return Framing::Whole;
         };
-        let faces = stage
-            .finder
-            .find(picture, stage.threshold, stage.crop.first_look);
+        let faces = stage.finder.find(
+            picture,
+            stage.threshold,
+            stage.crop.first_look,
+            stage.crop.closer_look,
+        );
         let Some(face) = faces.first().copied() else {
             return Framing::NoFace;
         };

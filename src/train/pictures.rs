@@ -28,15 +28,16 @@ pub struct Pictures {
 
 impl Pictures {
     /// Reads every folder: pictures decoded with `pre`'s limits, faces found
-    /// by `finder` at `threshold`, first looked for at `first_look`.
-    /// Rows labelled `none` are left out.
+    /// by `finder` at `threshold`, first looked for at `first_look`, then
+    /// closer at `closer_look` ([`FaceFinder::find`]). Rows labelled
+    /// `none` are left out.
     pub fn load(
         dirs: &[PathBuf],
         labels: &[String],
         pre: &Preprocessor,
         finder: &FaceFinder,
         threshold: f32,
-        first_look: Look,
+        (first_look, closer_look): (Look, Option<f32>),
     ) -> Result<Self, dataset::DatasetError> {
         let mut out = Pictures {
             samples: Vec::new(),
@@ -51,7 +52,7 @@ impl Pictures {
                 let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
                 let img = pre.decode(&bytes).map_err(|e| e.to_string())?;
                 let face = finder
-                    .find(rgb_view(&img), threshold, first_look)
+                    .find(rgb_view(&img), threshold, first_look, closer_look)
                     .first()
                     .copied();
                 Ok((img, face))
@@ -104,7 +105,11 @@ impl Pictures {
     /// Where the detector puts faces inside these pictures, taken as crops:
     /// the median, over pictures with a face, of the picture's square around
     /// the face in the face's own frame. `None` without any face.
-    pub fn measure_crop(&self, threshold: f32, first_look: Look) -> Option<FaceCrop> {
+    pub fn measure_crop(
+        &self,
+        threshold: f32,
+        (first_look, closer_look): (Look, Option<f32>),
+    ) -> Option<FaceCrop> {
         let (mut sides, mut dxs, mut dys) = (Vec::new(), Vec::new(), Vec::new());
         for (img, face) in self.images.iter().zip(&self.faces) {
             let Some(face) = face else { continue };
@@ -123,6 +128,7 @@ impl Pictures {
         let crop = FaceCrop {
             threshold,
             first_look,
+            closer_look,
             side: median(&mut sides)?,
             dx: median(&mut dxs)?,
             dy: median(&mut dys)?,

@@ -51,6 +51,9 @@ pub struct TrainConfig {
     /// Where the detector first looks for a face (quick: 64x64, then the
     /// full 128x128 when that takes no face; full: 128x128 only).
     pub first_look: Look,
+    /// Detector score a face found by the closer look needs (`None`: no
+    /// closer look); stored in the weights.
+    pub closer_look: Option<f32>,
     /// Validation source.
     pub validation: Validation,
     /// Weights file to write.
@@ -242,7 +245,7 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
         &decoder,
         &finder,
         threshold,
-        cfg.first_look,
+        (cfg.first_look, cfg.closer_look),
     )
     .with_context(|| format!("reading {}", folders(&cfg.data)))?;
     for s in &pictures.skipped {
@@ -254,7 +257,7 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
         folders(&cfg.data)
     );
     let crop = pictures
-        .measure_crop(threshold, cfg.first_look)
+        .measure_crop(threshold, (cfg.first_look, cfg.closer_look))
         .with_context(|| {
             format!(
                 "the face detector found no face in the {} training pictures",
