@@ -91,13 +91,18 @@ fn parse_first_look(s: &str) -> Result<Look, String> {
         .and_then(Look::try_from)
 }
 
+/// `--closer-look`: the score a face found by the closer look needs, or
+/// none (`off`).
+#[derive(Debug, Clone, Copy)]
+struct CloserLook(Option<f32>);
+
 /// `--closer-look`: a score in (0, 1), or `off`.
-fn parse_closer_look(s: &str) -> Result<Option<f32>, String> {
+fn parse_closer_look(s: &str) -> Result<CloserLook, String> {
     if s == "off" {
-        return Ok(None);
+        return Ok(CloserLook(None));
     }
     match s.parse::<f32>() {
-        Ok(t) if t > 0.0 && t < 1.0 => Ok(Some(t)),
+        Ok(t) if t > 0.0 && t < 1.0 => Ok(CloserLook(Some(t))),
         _ => Err(format!("{s}: a detector score in (0, 1), or off")),
     }
 }
@@ -153,7 +158,7 @@ struct TrainArgs {
     /// overlapping tiles of the picture for a smaller face. Stored in the
     /// weights; the worker looks the same way.
     #[arg(long, default_value = "0.98", value_parser = parse_closer_look)]
-    closer_look: Option<f32>,
+    closer_look: CloserLook,
     /// Validation folder in the same layout.
     #[arg(long, conflicts_with = "val_fraction")]
     val: Option<PathBuf>,
@@ -240,7 +245,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 detector: a.detector,
                 face_threshold: a.face_threshold,
                 first_look: a.first_look,
-                closer_look: a.closer_look,
+                closer_look: a.closer_look.0,
                 validation: a
                     .val
                     .map_or(Validation::Fraction(a.val_fraction), Validation::Dir),
