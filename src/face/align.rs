@@ -113,13 +113,10 @@ impl Face {
         self.w.max(0.0) * self.h.max(0.0)
     }
 
-    /// Intersection over union of the two boxes (0 when apart, 1 when equal).
+    /// Intersection over union of the two boxes ([`super::decode::iou`]).
     pub fn overlap(&self, other: &Face) -> f32 {
-        let iw = ((self.x + self.w).min(other.x + other.w) - self.x.max(other.x)).max(0.0);
-        let ih = ((self.y + self.h).min(other.y + other.h) - self.y.max(other.y)).max(0.0);
-        let inter = iw * ih;
-        let union = self.area() + other.area() - inter;
-        if union > 0.0 { inter / union } else { 0.0 }
+        let corners = |f: &Face| [f.x, f.y, f.x + f.w, f.y + f.h];
+        super::decode::iou(corners(self), corners(other))
     }
 
     /// The same face moved, scaled about its centre and turned (training

@@ -27,18 +27,22 @@ pub struct Detection {
 }
 
 impl Detection {
-    fn area(&self) -> f32 {
-        (self.xmax - self.xmin).max(0.0) * (self.ymax - self.ymin).max(0.0)
-    }
-
     /// Intersection over union of two boxes.
     pub fn iou(&self, other: &Detection) -> f32 {
-        let w = (self.xmax.min(other.xmax) - self.xmin.max(other.xmin)).max(0.0);
-        let h = (self.ymax.min(other.ymax) - self.ymin.max(other.ymin)).max(0.0);
-        let inter = w * h;
-        let union = self.area() + other.area() - inter;
-        if union > 0.0 { inter / union } else { 0.0 }
+        let corners = |d: &Detection| [d.xmin, d.ymin, d.xmax, d.ymax];
+        iou(corners(self), corners(other))
     }
+}
+
+/// Intersection over union of two boxes given as `[xmin, ymin, xmax, ymax]`
+/// (0 when apart, 1 when equal).
+pub fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
+    let area = |r: [f32; 4]| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
+    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let inter = w * h;
+    let union = area(a) + area(b) - inter;
+    if union > 0.0 { inter / union } else { 0.0 }
 }
 
 /// `sigmoid(clamp(logit, -100, 100))`.

@@ -2,9 +2,10 @@
 //! the decoding of its outputs ([`decode`]), and the one alignment function
 //! that cuts the face out for the classifier ([`align`]).
 //!
-//! [`FaceFinder`] puts them together for a decoded picture: letterbox it into
-//! the detector's square, run the network, decode, map the faces back to the
-//! picture's own pixels, largest first. Nothing here decodes image files,
+//! [`FaceFinder`] puts them together for a decoded picture: letterbox it (or,
+//! on the closer look, a tile of it) into the detector's square, run the
+//! network, decode, map the faces back to the picture's own pixels, largest
+//! first. Nothing here decodes image files,
 //! speaks NATS or runs the classifier.
 
 pub mod align;
