@@ -1,15 +1,19 @@
-//! The decode stage: parsed requests are decoded and framed on blocking
-//! threads, at most `threads` at a time, in arrival order. A framed picture
-//! goes on to the batcher; a picture without a face, or one that cannot be
-//! decoded, is answered from here.
+//! The decode stage: parsed requests are decoded and framed on `threads`
+//! threads of its own, which take the next request as soon as they are
+//! done with one (no hand-off through the async runtime per picture). A
+//! framed picture goes on to the batcher; a picture without a face, or one
+//! that cannot be decoded, is answered from here.
 //!
 //! Runs the current model's [`crate::preprocess::Preprocessor`]; it does not
 //! classify and does not touch NATS.
 
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 
 use super::answer::{Answer, Envelope, seen};
 use super::infer::{Decoded, InputPool};
@@ -46,25 +50,41 @@ pub struct DecodeStage {
 }
 
 impl DecodeStage {
-    /// Decodes every request that arrives until the channel closes, then
-    /// waits for the decodes still running.
-    pub async fn run(self, mut parsed: mpsc::UnboundedReceiver<Parsed>) {
-        let threads = self.threads.max(1);
-        let permits = Arc::new(Semaphore::new(threads));
+    /// Starts `threads` decoding threads that decode every request from
+    /// `parsed` until all its senders are gone; join them to wait for the
+    /// decodes still running.
+    pub fn start(self, parsed: Receiver<Parsed>) -> std::io::Result<Vec<JoinHandle<()>>> {
         let stage = Arc::new(self);
-        while let Some(item) = parsed.recv().await {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                break;
+        let parsed = Arc::new(Mutex::new(parsed));
+        (0..stage.threads.max(1))
+            .map(|i| {
+                let (stage, parsed) = (stage.clone(), parsed.clone());
+                std::thread::Builder::new()
+                    .name(format!("decode-{i}"))
+                    .spawn(move || stage.serve(&parsed))
+            })
+            .collect()
+    }
+
+    /// One decoding thread: the next request, whichever thread is free
+    /// first, until the channel closes.
+    fn serve(&self, parsed: &Mutex<Receiver<Parsed>>) {
+        loop {
+            // The lock is held while waiting, so one idle thread waits on
+            // the channel and the others on the lock.
+            let next = match parsed.lock() {
+                Ok(rx) => rx.recv(),
+                Err(_) => return,
             };
-            let guard = stage.inflow.enter();
-            let stage = stage.clone();
-            tokio::task::spawn_blocking(move || {
-                stage.decode(item);
-                drop(guard);
-                drop(permit);
-            });
+            let Ok(item) = next else { return };
+            let guard = self.inflow.enter();
+            // Decoders catch their own panics (`internal` answers); this
+            // keeps the thread serving should anything else here panic.
+            if std::panic::catch_unwind(AssertUnwindSafe(|| self.decode(item))).is_err() {
+                tracing::error!("a decode panicked outside the decoder; its request has no answer");
+            }
+            drop(guard);
         }
-        let _ = permits.acquire_many(threads as u32).await;
     }
 
     fn decode(&self, Parsed { env, request }: Parsed) {

@@ -339,7 +339,7 @@ async fn pipeline(
             .context("starting the inference thread")?
     };
 
-    let (parsed_tx, parsed_rx) = mpsc::unbounded_channel();
+    let (parsed_tx, parsed_rx) = std::sync::mpsc::channel();
     let decode_stage = DecodeStage {
         slot: slot.clone(),
         decoded: decoded_tx,
@@ -349,7 +349,17 @@ async fn pipeline(
         metrics: metrics.clone(),
         threads: cfg.decode_threads,
     };
-    let decode = tokio::spawn(guarded(alive("decode"), decode_stage.run(parsed_rx)));
+    let decoders = decode_stage
+        .start(parsed_rx)
+        .context("starting the decoding threads")?;
+    let decode = tokio::spawn(guarded(alive("decode"), async move {
+        let _ = tokio::task::spawn_blocking(move || {
+            for decoder in decoders {
+                let _ = decoder.join();
+            }
+        })
+        .await;
+    }));
 
     let reloader = tokio::spawn(reload::watch(slot, reloads, cfg.watch_interval));
     let keep_alive = cfg

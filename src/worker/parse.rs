@@ -29,7 +29,7 @@ pub struct Taker<'a> {
     /// JetStream deliveries in progress.
     pub tracker: &'a Tracker,
     /// To the decode stage.
-    pub parsed: mpsc::UnboundedSender<Parsed>,
+    pub parsed: std::sync::mpsc::Sender<Parsed>,
     /// To the publisher, for requests answered at once.
     pub answers: mpsc::UnboundedSender<Answer>,
 }
@@ -110,7 +110,9 @@ impl Taker<'_> {
                     userid: Some(request.userid.clone()),
                     ..env
                 };
-                if let Err(mpsc::error::SendError(p)) = self.parsed.send(Parsed { env, request }) {
+                if let Err(std::sync::mpsc::SendError(p)) =
+                    self.parsed.send(Parsed { env, request })
+                {
                     let _ = self.answers.send(Answer::Failure {
                         env: p.env,
                         code: crate::protocol::ErrorCode::Internal,
