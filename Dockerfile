@@ -44,6 +44,9 @@ USER profile
 # mounts, so dependencies are downloaded and compiled once across builds.
 FROM ${BUILD_IMAGE} AS build
 ARG CUDA=0
+# libjpeg-turbo (the turbojpeg crate) is compiled with cmake, its SIMD code with nasm.
+RUN apt-get update && apt-get install -y --no-install-recommends cmake nasm \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src

@@ -324,3 +324,94 @@ fn a_turned_face_is_measured_and_comes_back_level() {
         );
     }
 }
+
+/// `img` as a JPEG of quality 95.
+fn jpeg(img: &image::RgbImage) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 95)
+        .encode_image(img)
+        .expect("encodes");
+    bytes
+}
+
+/// The worker's preprocessing with face detection in front: a 64x64 model,
+/// the quick first look, the closer look at 0.9.
+fn served() -> profile_classifier::preprocess::Preprocessor {
+    use profile_classifier::preprocess::{FaceStage, Limits, Preprocessor};
+    let crop = profile_classifier::face::FaceCrop {
+        threshold: 0.75,
+        side: 1.1,
+        dx: 0.0,
+        dy: 0.0,
+        first_look: Look::Quick,
+        closer_look: Some(0.9),
+    };
+    let meta = profile_classifier::model::ModelMeta::sketch(64, &[16]);
+    Preprocessor::new(&meta, Limits::default()).with_faces(FaceStage {
+        finder: std::sync::Arc::new(FaceFinder::new(shipped(Kernels::best()))),
+        crop,
+        threshold: crop.threshold,
+    })
+}
+
+/// The face a framing found.
+fn framed_face(
+    framing: profile_classifier::preprocess::Framing,
+) -> Vec<profile_classifier::face::Face> {
+    match framing {
+        profile_classifier::preprocess::Framing::Face { faces: 1, face } => vec![face],
+        other => panic!("one face expected: {other:?}"),
+    }
+}
+
+/// A JPEG whose face is large is cut out of the half-scale picture; the
+/// face's box comes back in the full picture's pixels, and the model input
+/// stays close to the one cut out of the full-scale picture.
+#[test]
+fn a_large_face_is_cut_out_at_half_scale_where_it_is() {
+    let pre = served();
+    let img = pasted(220, 380, 90, 720, 480, 0.0);
+    let bytes = jpeg(&img);
+    let mut half = vec![0f32; pre.input_len()];
+    let framing = pre.run(&bytes, &mut half).expect("frames");
+    assert_one_face_at(&framed_face(framing), [490.0, 200.0], 25.0, 150.0..260.0);
+    // The same bytes decoded at full scale, framed as before.
+    let decoded = pre.decode(&bytes).expect("decodes");
+    let mut full = vec![0f32; pre.input_len()];
+    let framing = pre.frame(
+        profile_classifier::preprocess::rgb_view(&decoded),
+        &mut full,
+    );
+    assert_one_face_at(&framed_face(framing), [490.0, 200.0], 25.0, 150.0..260.0);
+    // Normalised to [-1, 1]: 2/255 a level.
+    let mean = half
+        .iter()
+        .zip(&full)
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f32>()
+        / half.len() as f32;
+    let levels = mean * 255.0 / 2.0;
+    eprintln!("half against full scale: {levels:.2} levels per value on average");
+    // Not the same pixels (the half-scale path ran), but close.
+    assert!(levels > 0.0 && levels < 2.5, "{levels} levels per value");
+}
+
+/// A face too small for the whole-picture looks is still found by the
+/// closer look, which runs on the full-scale picture.
+#[test]
+fn a_small_face_is_looked_for_at_full_scale() {
+    let pre = served();
+    let bytes = jpeg(&pasted(130, 760, 560, 1000, 800, 0.0));
+    let mut out = vec![0f32; pre.input_len()];
+    let framing = pre.run(&bytes, &mut out).expect("frames");
+    assert_one_face_at(&framed_face(framing), [825.0, 625.0], 20.0, 80.0..160.0);
+    let plain = jpeg(&image::RgbImage::from_pixel(
+        1000,
+        800,
+        image::Rgb([110, 120, 130]),
+    ));
+    assert_eq!(
+        pre.run(&plain, &mut out).expect("frames"),
+        profile_classifier::preprocess::Framing::NoFace
+    );
+}

@@ -144,6 +144,20 @@ impl Face {
             eyes: [ex(self.eyes[0]), ex(self.eyes[1])],
         }
     }
+
+    /// The same face in a picture stretched by `sx` across and `sy` down
+    /// (from a picture decoded at reduced scale to its full size).
+    pub fn stretched(&self, sx: f32, sy: f32) -> Face {
+        let at = |p: [f32; 2]| [p[0] * sx, p[1] * sy];
+        Face {
+            score: self.score,
+            x: self.x * sx,
+            y: self.y * sy,
+            w: self.w * sx,
+            h: self.h * sy,
+            eyes: [at(self.eyes[0]), at(self.eyes[1])],
+        }
+    }
 }
 
 /// An RGB picture borrowed as bytes.

@@ -197,15 +197,10 @@ impl FaceFinder {
         closer_look: Option<f32>,
     ) -> Vec<Face> {
         let whole = Window::whole(picture);
-        if first_look == Look::Quick {
-            let faces = self.find_at(&self.quick, picture, whole, threshold, 1.0);
-            let longer = picture.w.max(picture.h) as f32;
-            if faces
-                .first()
-                .is_some_and(|f| f.size() >= QUICK_MIN_SHARE * longer)
-            {
-                return faces;
-            }
+        if first_look == Look::Quick
+            && let Some(faces) = self.quick_look(picture, threshold)
+        {
+            return faces;
         }
         let faces = self.find_at(&self.net, picture, whole, threshold, 1.0);
         if !faces.is_empty() {
@@ -218,9 +213,21 @@ impl FaceFinder {
         }
     }
 
+    /// The quick look alone: its faces, largest first, when the largest is
+    /// at least [`QUICK_MIN_SHARE`] of the picture's longer side (what
+    /// [`FaceFinder::find`] takes from it); `None` otherwise.
+    pub fn quick_look(&self, picture: Rgb<'_>, threshold: f32) -> Option<Vec<Face>> {
+        let faces = self.find_at(&self.quick, picture, Window::whole(picture), threshold, 1.0);
+        let longer = picture.w.max(picture.h) as f32;
+        faces
+            .first()
+            .is_some_and(|f| f.size() >= QUICK_MIN_SHARE * longer)
+            .then_some(faces)
+    }
+
     /// The full look at every tile of [`Window::tiles`]; a face seen in two
     /// overlapping tiles is kept once (the larger box), largest first.
-    fn closer_look(&self, picture: Rgb<'_>, threshold: f32) -> Vec<Face> {
+    pub fn closer_look(&self, picture: Rgb<'_>, threshold: f32) -> Vec<Face> {
         let mut seen: Vec<Face> = Window::tiles(picture)
             .into_iter()
             .flat_map(|tile| self.find_at(&self.net, picture, tile, threshold, 1.0))
