@@ -1,13 +1,14 @@
 //! The direct path for the usual profile picture, a colour (YCbCr or RGB)
-//! JPEG without an EXIF rotation: decoded straight into the caller's buffer,
-//! headers parsed once.
+//! JPEG without an EXIF rotation: decoded straight into the caller's
+//! buffer.
 //!
-//! At full scale zune-jpeg decodes it, with the options `image` gives
-//! zune-jpeg, so the pixels are those of the general path. When the caller
-//! needs fewer pixels (a picture shrunk to the model's input),
-//! libjpeg-turbo decodes it at 1/2, 1/4 or 1/8 scale with its reduced
-//! inverse DCTs, which skips most of the decoding work; should that fail
-//! for any reason, the picture is decoded at full scale as before.
+//! When the caller needs fewer pixels (a picture shrunk to the model's
+//! input), libjpeg-turbo reads the headers and decodes it at 1/2, 1/4 or
+//! 1/8 scale with its reduced inverse DCTs, which skips most of the
+//! decoding work. Otherwise, or should libjpeg-turbo report anything at
+//! all, zune-jpeg decodes it at full scale with the options `image` gives
+//! zune-jpeg, so the pixels are those of the general path, after the
+//! general path's checks (a truncated file is refused there).
 //!
 //! Must not decode anything the limits have not let through, nor any other
 //! JPEG (grey, CMYK, rotated): the general path handles those.
@@ -15,7 +16,8 @@
 use std::cell::RefCell;
 
 use image::ImageFormat;
-use turbojpeg::{Decompressor, Image, PixelFormat, ScalingFactor};
+use image::metadata::Orientation;
+use turbojpeg::{Colorspace, Decompressor, Image, PixelFormat, ScalingFactor};
 
 use super::{DecodeBudget, Limits, PreprocessError, Reservation};
 use super::{check_pixels, reserve, undecodable};
@@ -68,6 +70,21 @@ pub(super) fn decode_plain(
     pixels: &mut Vec<u8>,
     shrink: Option<Shrink>,
 ) -> Result<Option<Decoded>, PreprocessError> {
+    if let Some(shrink) = shrink
+        && let Some(decoded) = decode_reduced(bytes, limits, budget, pixels, shrink)?
+    {
+        return Ok(Some(decoded));
+    }
+    decode_full(bytes, limits, budget, pixels)
+}
+
+/// The full-scale path of [`decode_plain`], through zune-jpeg.
+fn decode_full(
+    bytes: &[u8],
+    limits: Limits,
+    budget: Option<&DecodeBudget>,
+    pixels: &mut Vec<u8>,
+) -> Result<Option<Decoded>, PreprocessError> {
     use zune_core::colorspace::ColorSpace;
     let jpeg_error = |e: zune_jpeg::errors::DecodeErrors| match e {
         zune_jpeg::errors::DecodeErrors::Unsupported(u) => PreprocessError::new(
@@ -109,21 +126,7 @@ pub(super) fn decode_plain(
     let len = decoder
         .output_buffer_size()
         .ok_or_else(|| undecodable(ImageFormat::Jpeg, "picture too large for memory"))?;
-    // The full-scale size is reserved either way: it also covers what
-    // libjpeg-turbo buffers for a progressive file.
     let reserved = reserve(budget, ImageFormat::Jpeg, w, h, "8-bit RGB", len as u64)?;
-    let by = shrink.map_or(1, |s| reduction(w, h, s.need).min(s.most));
-    if by > 1
-        && let Some((rw, rh)) = decode_reduced(bytes, (w, h), by, pixels)
-    {
-        let (w, h, full) = (rw, rh, (w, h));
-        return Ok(Some(Decoded {
-            w,
-            h,
-            full,
-            _reserved: reserved,
-        }));
-    }
     pixels.resize(len, 0);
     decoder.decode_into(pixels).map_err(jpeg_error)?;
     let full = (w, h);
@@ -145,27 +148,59 @@ pub(super) fn reduction(w: u32, h: u32, need: u32) -> u32 {
         .unwrap_or(1)
 }
 
-/// Decodes at 1/`by` scale with libjpeg-turbo into `pixels`; the reduced
-/// size, or `None` when libjpeg-turbo reports anything at all (a warning
-/// included) or reads another size than `size` from the header.
+/// Decodes at reduced scale with libjpeg-turbo into `pixels`, headers
+/// read by libjpeg-turbo alone. `None` (nothing decoded, the full-scale
+/// path decides) when the picture is not a plain colour upright JPEG, does
+/// not reduce under `shrink`, is outside the pixel limit, or libjpeg-turbo
+/// reports anything at all (a warning included: a truncated file, say).
+/// The full-scale size is reserved in the budget: it also covers what
+/// libjpeg-turbo buffers for a progressive file.
 fn decode_reduced(
     bytes: &[u8],
-    size: (u32, u32),
-    by: u32,
+    limits: Limits,
+    budget: Option<&DecodeBudget>,
     pixels: &mut Vec<u8>,
-) -> Option<(u32, u32)> {
+    shrink: Shrink,
+) -> Result<Option<Decoded>, PreprocessError> {
     TURBO.with_borrow_mut(|slot| {
         if slot.is_none() {
-            let mut fresh = Decompressor::new().ok()?;
-            fresh.set_scan_limit(SCAN_LIMIT).ok()?;
+            let Ok(mut fresh) = Decompressor::new() else {
+                return Ok(None);
+            };
+            if fresh.set_scan_limit(SCAN_LIMIT).is_err() {
+                return Ok(None);
+            }
             *slot = Some(fresh);
         }
-        let turbo = slot.as_mut()?;
+        let Some(turbo) = slot.as_mut() else {
+            return Ok(None);
+        };
+        let Ok(header) = turbo.read_header(bytes) else {
+            return Ok(None);
+        };
+        let plain_colour = matches!(header.colorspace, Colorspace::YCbCr | Colorspace::RGB);
+        let (Ok(w), Ok(h)) = (u32::try_from(header.width), u32::try_from(header.height)) else {
+            return Ok(None);
+        };
+        let pixel_count = u64::from(w) * u64::from(h);
+        if !plain_colour || pixel_count == 0 || pixel_count > limits.max_pixels || !upright(bytes) {
+            return Ok(None);
+        }
+        let by = reduction(w, h, shrink.need).min(shrink.most);
+        if by == 1 {
+            return Ok(None);
+        }
+        let reserved = reserve(
+            budget,
+            ImageFormat::Jpeg,
+            w,
+            h,
+            "8-bit RGB",
+            pixel_count * 3,
+        )?;
         let factor = ScalingFactor::new(1, by as usize);
-        turbo.set_scaling_factor(factor).ok()?;
-        let header = turbo.read_header(bytes).ok()?;
-        if (header.width, header.height) != (size.0 as usize, size.1 as usize) {
-            return None;
+        if turbo.set_scaling_factor(factor).is_err() {
+            return Ok(None);
         }
         let scaled = header.scaled(factor);
         let len = 3 * scaled.width * scaled.height;
@@ -177,7 +212,45 @@ fn decode_reduced(
             height: scaled.height,
             format: PixelFormat::RGB,
         };
-        turbo.decompress(bytes, image).ok()?;
-        Some((scaled.width as u32, scaled.height as u32))
+        if turbo.decompress(bytes, image).is_err() {
+            return Ok(None);
+        }
+        Ok(Some(Decoded {
+            w: scaled.width as u32,
+            h: scaled.height as u32,
+            full: (w, h),
+            _reserved: reserved,
+        }))
     })
+}
+
+/// True unless an EXIF segment before the first scan gives an orientation
+/// other than "no transforms"; also false for headers it cannot walk (the
+/// full-scale path then decides). Walks the marker segments only.
+fn upright(bytes: &[u8]) -> bool {
+    let mut at = 2; // after the start-of-image marker
+    loop {
+        let Some(&[0xFF, marker, hi, lo]) = bytes.get(at..at + 4) else {
+            return false;
+        };
+        match marker {
+            0xDA => return true, // start of scan: the headers are over
+            0xFF => {
+                at += 1; // a fill byte
+                continue;
+            }
+            _ => {}
+        }
+        let len = usize::from(u16::from_be_bytes([hi, lo]));
+        let Some(body) = bytes.get(at + 4..at + 2 + len).filter(|_| len >= 2) else {
+            return false;
+        };
+        if marker == 0xE1
+            && let Some(exif) = body.strip_prefix(b"Exif\0\0")
+            && Orientation::from_exif_chunk(exif).is_some_and(|o| o != Orientation::NoTransforms)
+        {
+            return false;
+        }
+        at += 2 + len;
+    }
 }

@@ -841,6 +841,12 @@ mod tests {
             mean < 1.0 && worst < 1.5,
             "mean {mean}, worst picture {worst}"
         );
+        // A picture turned by EXIF is never decoded reduced: the general
+        // path turns it.
+        let turned = with_orientation(&fixture_faces()[0], 6);
+        p.run(&turned, &mut reduced).unwrap();
+        p.resize_normalise(&p.decode(&turned).unwrap(), &mut full);
+        assert_eq!(reduced, full);
     }
 
     #[test]
