@@ -250,12 +250,11 @@ impl Preprocessor {
     /// `internal`.
     ///
     /// A colour JPEG with no EXIF rotation (the usual profile picture) is
-    /// decoded straight into a per-thread buffer, headers parsed once;
-    /// everything else goes through [`Preprocessor::decode`]. At full scale
-    /// both give the same pixels (tested). Such a JPEG is first decoded at
-    /// 1/2, 1/4 or 1/8 scale where both sides stay at least the model's
-    /// input, and framed there when it can be (see
-    /// [`Preprocessor::frame_reduced`]); for whole pictures the input
+    /// decoded straight into a per-thread buffer (module `jpeg`); everything
+    /// else goes through [`Preprocessor::decode`]. At full scale both give
+    /// the same pixels (tested). Such a JPEG is first decoded reduced where
+    /// the model's input allows, and framed there when it can be (see
+    /// `Preprocessor::run_plain_jpeg`); for whole pictures the input
     /// differs from a full-scale decode's by 0.5/255 per value on average
     /// on the fixture faces, and by under 1/255 on each (tested).
     pub fn run(&self, bytes: &[u8], out: &mut [f32]) -> Result<Framing, PreprocessError> {
