@@ -20,7 +20,7 @@ use image::metadata::Orientation;
 use turbojpeg::{Colorspace, Decompressor, Image, PixelFormat, ScalingFactor};
 
 use super::{DecodeBudget, Limits, PreprocessError, Reservation};
-use super::{check_pixels, reserve, undecodable};
+use super::{check_pixels, check_size, reserve, undecodable};
 use crate::protocol::ErrorCode;
 
 /// The reductions libjpeg-turbo decodes with reduced inverse DCTs, largest
@@ -151,8 +151,9 @@ pub(super) fn reduction(w: u32, h: u32, need: u32) -> u32 {
 /// Decodes at reduced scale with libjpeg-turbo into `pixels`, headers
 /// read by libjpeg-turbo alone. `None` (nothing decoded, the full-scale
 /// path decides) when the picture is not a plain colour upright JPEG, does
-/// not reduce under `shrink`, is outside the pixel limit, or libjpeg-turbo
-/// reports anything at all (a warning included: a truncated file, say).
+/// not reduce under `shrink`, fails the size checks (the full-scale path
+/// then gives the error), or libjpeg-turbo reports anything at all (a
+/// warning included: a truncated file, say).
 /// The full-scale size is reserved in the budget: it also covers what
 /// libjpeg-turbo buffers for a progressive file.
 fn decode_reduced(
@@ -182,8 +183,8 @@ fn decode_reduced(
         let (Ok(w), Ok(h)) = (u32::try_from(header.width), u32::try_from(header.height)) else {
             return Ok(None);
         };
-        let pixel_count = u64::from(w) * u64::from(h);
-        if !plain_colour || pixel_count == 0 || pixel_count > limits.max_pixels || !upright(bytes) {
+        let within = check_size(ImageFormat::Jpeg, w, h, limits).is_ok();
+        if !plain_colour || !within || !upright(bytes) {
             return Ok(None);
         }
         let by = reduction(w, h, shrink.need).min(shrink.most);
@@ -196,7 +197,7 @@ fn decode_reduced(
             w,
             h,
             "8-bit RGB",
-            pixel_count * 3,
+            u64::from(w) * u64::from(h) * 3,
         )?;
         let factor = ScalingFactor::new(1, by as usize);
         if turbo.set_scaling_factor(factor).is_err() {

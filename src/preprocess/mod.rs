@@ -650,6 +650,11 @@ fn check_pixels(
             "premature end of data (no end-of-image marker after the last scan)",
         ));
     }
+    check_size(format, w, h, limits)
+}
+
+/// The size checks of [`check_pixels`]: within the pixel limit, not empty.
+fn check_size(format: ImageFormat, w: u32, h: u32, limits: Limits) -> Result<(), PreprocessError> {
     let pixels = u64::from(w) * u64::from(h);
     if pixels > limits.max_pixels {
         return Err(PreprocessError::new(
@@ -731,15 +736,20 @@ mod tests {
         assert!(out.iter().all(|v| (-1.0..=1.0).contains(v)));
     }
 
+    /// Whole-picture preprocessing for a model input of `side` pixels.
+    fn whole(side: usize) -> Preprocessor {
+        let meta = ModelMeta {
+            input_size: side,
+            ..meta()
+        };
+        Preprocessor::new(&meta, Limits::default())
+    }
+
     /// The SIMD resize stays within the documented tolerance of `image`'s
     /// own triangle filter on real 200x200 faces.
     #[test]
     fn simd_resize_matches_the_plain_filter() {
-        let meta = ModelMeta {
-            input_size: 64,
-            ..meta()
-        };
-        let p = Preprocessor::new(&meta, Limits::default());
+        let p = whole(64);
         let mut fast = vec![0f32; p.input_len()];
         let (mut worst, mut sum, mut count) = (0f32, 0f32, 0usize);
         for bytes in fixture_faces() {
@@ -778,11 +788,7 @@ mod tests {
     /// right too. (An input of 128 keeps the 200x200 faces at full scale.)
     #[test]
     fn direct_jpeg_path_matches_the_general_one() {
-        let meta = ModelMeta {
-            input_size: 128,
-            ..meta()
-        };
-        let p = Preprocessor::new(&meta, Limits::default());
+        let p = whole(128);
         let (mut fast, mut general) = (vec![0f32; p.input_len()], vec![0f32; p.input_len()]);
         let mut same = |bytes: &[u8]| {
             p.run(bytes, &mut fast).unwrap();
@@ -810,15 +816,12 @@ mod tests {
         assert!(g.chunks(3).all(|px| px[0] == px[1] && px[1] == px[2]));
     }
 
-    /// Whole pictures at least twice the input on both sides are decoded
-    /// reduced, and the input stays close to that of a full-scale decode.
+    /// Whole pictures that stay at least the input on both sides when
+    /// halved are decoded reduced, and the input stays close to that of a
+    /// full-scale decode.
     #[test]
     fn reduced_jpeg_decoding_stays_close_to_full_scale() {
-        let meta = ModelMeta {
-            input_size: 64,
-            ..meta()
-        };
-        let p = Preprocessor::new(&meta, Limits::default());
+        let p = whole(64);
         let (mut reduced, mut full) = (vec![0f32; p.input_len()], vec![0f32; p.input_len()]);
         let (mut worst, mut sum, mut count) = (0f32, 0f32, 0usize);
         for bytes in fixture_faces() {
