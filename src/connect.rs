@@ -3,7 +3,8 @@
 //! user/password, token, NKey seed file, `.creds` file, TLS (CA, client
 //! certificate and key), connection name.
 //!
-//! Builds `async_nats::ConnectOptions`; it does not connect by itself.
+//! Builds `async_nats::ConnectOptions` and confirms that the server has what
+//! a client published ([`round_trip`]); it does not connect by itself.
 
 use std::path::PathBuf;
 
@@ -128,5 +129,30 @@ pub async fn notify_reload(nats: &NatsArgs, subject: &str, body: &str) -> anyhow
         .publish(subject.to_string(), body.to_string().into())
         .await
         .with_context(|| format!("publishing to {subject}"))?;
-    client.flush().await.context("flushing the reload message")
+    round_trip(&client)
+        .await
+        .context("confirming the reload message")
+}
+
+/// Returns once the server has processed everything `client` published
+/// before the call. A flush only hands the bytes to the operating system,
+/// which may still drop them when the process exits; this sends a message to
+/// the client's own inbox and waits for it to come back, and the server
+/// handles a connection's messages in order.
+pub async fn round_trip(client: &async_nats::Client) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let inbox = client.new_inbox();
+    let mut echo = client
+        .subscribe(inbox.clone())
+        .await
+        .context("subscribing to the client's inbox")?;
+    client
+        .publish(inbox, bytes::Bytes::new())
+        .await
+        .context("publishing to the client's inbox")?;
+    client.flush().await.context("flushing")?;
+    echo.next()
+        .await
+        .map(|_| ())
+        .context("the connection closed before the server answered")
 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::{NatsServer, Worker, answers, binary, fixture_pictures};
+use common::{NatsServer, Worker, answers, binary, fixture_pictures, publish_faces};
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -324,35 +324,47 @@ async fn reconnects_after_the_server_restarts() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigterm_answers_every_taken_request() {
+/// A server with its monitoring port, and a worker connected to it under
+/// `name` with an intake bound above any burst here (every request
+/// delivered is taken, none dropped).
+fn watched_worker(name: &str) -> (NatsServer, u16, Worker) {
     let monitor = common::free_port();
     let server = NatsServer::start_with(false, &["-m", &monitor.to_string()]);
-    // A bound above the burst: every request delivered is taken, none dropped.
-    let mut worker = Worker::start(
+    let worker = Worker::start(
         &server.url(),
         &[
             "--connection-name",
-            "sigterm-worker",
+            name,
             "--max-pending",
-            "4000",
+            "100000",
+            "--max-pending-bytes",
+            "1000000000",
         ],
     );
+    (server, monitor, worker)
+}
+
+/// How many messages the server delivered to the closed connection `name`.
+fn delivered_to(monitor: u16, name: &str) -> usize {
+    let (_, body) = common::http_get(monitor, "/connz?state=closed").expect("monitoring endpoint");
+    let connz: Value = serde_json::from_str(&body).unwrap();
+    connz["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .expect("the worker's closed connection")["out_msgs"]
+        .as_u64()
+        .unwrap() as usize
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_answers_every_taken_request() {
+    let (server, monitor, mut worker) = watched_worker("sigterm-worker");
     let c = client(&server.url()).await;
     let mut all = answers(&c).await;
-    let pics = fixture_pictures();
     let total = 1500;
-    for i in 0..total {
-        let (id, bytes) = &pics[i % pics.len()];
-        c.publish_with_headers(
-            "profiles.images",
-            binary(&format!("{id}-{i}")),
-            bytes.clone().into(),
-        )
-        .await
-        .unwrap();
-    }
-    c.flush().await.unwrap();
+    publish_faces(&c, total, "burst").await;
     // Wait until the worker is busy, then ask it to stop.
     let deadline = Instant::now() + Duration::from_secs(30);
     while worker.metric("profile_worker_results_total{label=\"female\"}")
@@ -368,16 +380,7 @@ async fn sigterm_answers_every_taken_request() {
     assert_eq!(code, Some(0), "worker must exit 0 after draining");
     let got = collect(&mut all, total, Duration::from_secs(3)).await;
     // The server says how many requests it delivered to the worker.
-    let (_, body) = common::http_get(monitor, "/connz?state=closed").expect("monitoring endpoint");
-    let connz: Value = serde_json::from_str(&body).unwrap();
-    let delivered = connz["connections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "sigterm-worker")
-        .expect("the worker's closed connection")["out_msgs"]
-        .as_u64()
-        .unwrap() as usize;
+    let delivered = delivered_to(monitor, "sigterm-worker");
     assert!(delivered > 50);
     assert_eq!(
         got.len(),
@@ -389,6 +392,35 @@ async fn sigterm_answers_every_taken_request() {
         .map(|v| v["userid"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(ids.len(), got.len(), "no duplicates");
+}
+
+/// SIGTERM while the server still holds requests for the worker (queued
+/// for it, not yet written to its socket): everything the server counts as
+/// delivered before it took the unsubscription is answered. The worker is
+/// paused while the burst arrives, so the server's queue for it fills.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_with_requests_queued_at_the_server_answers_them() {
+    let (server, monitor, mut worker) = watched_worker("queued-worker");
+    let c = client(&server.url()).await;
+    let mut all = answers(&c).await;
+    worker.signal("STOP");
+    let total = 4000;
+    publish_faces(&c, total, "queued").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    worker.signal("TERM");
+    worker.signal("CONT");
+    let code = tokio::task::spawn_blocking(move || worker.terminate())
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "worker must exit 0 after draining");
+    let got = collect(&mut all, total, Duration::from_secs(3)).await;
+    let delivered = delivered_to(monitor, "queued-worker");
+    assert!(delivered > 0);
+    assert_eq!(
+        got.len(),
+        delivered,
+        "every request the server delivered before the worker unsubscribed is answered"
+    );
 }
 
 /// SIGTERM after the server has died: the worker cannot flush, but it still

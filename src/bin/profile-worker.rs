@@ -103,7 +103,7 @@ struct Cli {
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, env = "PROFILE_METRICS_ADDR", default_value = "0.0.0.0:9464")]
     metrics_addr: SocketAddr,
-    /// After SIGTERM/SIGINT, seconds each step may take (drain, in-flight requests, last flush).
+    /// After SIGTERM/SIGINT, seconds each step may take (drain, in-flight requests, closing the connection).
     #[arg(long, env = "PROFILE_SHUTDOWN_TIMEOUT", default_value_t = 30.0, allow_hyphen_values = true, value_parser = parse_seconds)]
     shutdown_timeout: f64,
     /// Seconds between checks of the weights file for changes (0: off).

@@ -115,7 +115,7 @@ pub struct WorkerConfig {
     /// Address of `/metrics`, `/healthz`, `/readyz`.
     pub metrics_addr: SocketAddr,
     /// Longest wait for each shutdown step: draining the subscription,
-    /// answering what was taken, the last flush.
+    /// answering what was taken, closing the connection.
     pub shutdown_timeout: Duration,
     /// How often the weights file is checked for changes (zero: never).
     pub watch_interval: Duration,
@@ -166,7 +166,8 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<Running> {
     );
     health.model_loaded.store(true, Ordering::SeqCst);
 
-    let client = connect(&cfg, health.clone(), metrics.clone()).await?;
+    let closed = Arc::new(tokio::sync::Notify::new());
+    let client = connect(&cfg, health.clone(), metrics.clone(), closed.clone()).await?;
     let (metrics_addr, _http) =
         crate::metrics::serve(cfg.metrics_addr, metrics.clone(), health.clone())
             .await
@@ -222,7 +223,7 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<Running> {
 
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(pipeline(
-        cfg, client, source, reloads, slot, metrics, health, stop_rx,
+        cfg, client, closed, source, reloads, slot, metrics, health, stop_rx,
     ));
     Ok(Running {
         metrics_addr,
@@ -253,12 +254,13 @@ async fn load_model(cfg: &WorkerConfig, metrics: &Metrics) -> anyhow::Result<Mod
 }
 
 /// Connects with the worker's options: its name, a subscription buffer
-/// sized from the intake bound, readiness and slow-consumer drops from the
-/// client's events.
+/// sized from the intake bound, readiness, slow-consumer drops and the end
+/// of the connection (`closed`) from the client's events.
 async fn connect(
     cfg: &WorkerConfig,
     health: Arc<Health>,
     metrics: Metrics,
+    closed: Arc<tokio::sync::Notify>,
 ) -> anyhow::Result<async_nats::Client> {
     let events = health.clone();
     let drops = Arc::new(Mutex::new(DropLog::default()));
@@ -270,11 +272,16 @@ async fn connect(
         .subscription_capacity(cfg.intake.client_buffer())
         .event_callback(move |event| {
             let (health, metrics, drops) = (events.clone(), metrics.clone(), drops.clone());
+            let closed = closed.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => health.connected.store(true, Ordering::SeqCst),
-                    async_nats::Event::Disconnected | async_nats::Event::Closed => {
+                    async_nats::Event::Disconnected => {
                         health.connected.store(false, Ordering::SeqCst)
+                    }
+                    async_nats::Event::Closed => {
+                        health.connected.store(false, Ordering::SeqCst);
+                        closed.notify_one();
                     }
                     async_nats::Event::SlowConsumer(_) => {
                         metrics.dropped(DropReason::SlowConsumer, 1);
@@ -301,6 +308,7 @@ async fn connect(
 async fn pipeline(
     cfg: WorkerConfig,
     client: async_nats::Client,
+    closed: Arc<tokio::sync::Notify>,
     mut source: Source,
     reloads: async_nats::Subscriber,
     slot: ModelSlot,
@@ -393,10 +401,14 @@ async fn pipeline(
     if let Some(k) = keep_alive {
         k.abort();
     }
-    // Bounded: with the server gone, a flush would wait for a reconnect forever.
-    if let Some(flushed) = bounded("the last flush", limit, client.flush()).await {
-        flushed.context("flushing answers")?;
-    }
+    // The connection drains and closes once the server has answered the
+    // PING written after every answer: it has them all. Bounded: with the
+    // server gone, it would wait for a reconnect forever.
+    client
+        .drain()
+        .await
+        .context("closing the connection after the answers")?;
+    bounded("closing the connection", limit, closed.notified()).await;
     tracing::info!("stopped");
     Ok(())
 }

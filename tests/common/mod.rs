@@ -235,9 +235,14 @@ impl Worker {
 
     /// Sends SIGTERM (without waiting).
     pub fn signal_term(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends a signal by name (`TERM`, `STOP`, `CONT`), without waiting.
+    pub fn signal(&self, name: &str) {
         if let Some(child) = &self.child {
             let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
+                .args([&format!("-{name}"), &child.id().to_string()])
                 .status();
         }
     }

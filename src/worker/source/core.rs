@@ -59,7 +59,10 @@ impl CoreSource {
         }
     }
 
-    /// Unsubscribes gracefully; returns whether messages may still come.
+    /// Unsubscribes gracefully: the subscription ends once the server has
+    /// confirmed the unsubscription, after every message it sent before
+    /// (the vendored client's fix, vendor/README.md); returns whether
+    /// messages may still come.
     pub async fn drain(&mut self) -> bool {
         tracing::info!("shutting down: draining the subscription");
         match self.sub.drain().await {
