@@ -63,6 +63,9 @@ struct Block {
     /// `[cout / (16*group)][3][run / 2][16*group][2]`. Empty when the
     /// products run in f32.
     weights_bf16: Vec<u16>,
+    /// Whether the bfloat16 Winograd products run on AMX tiles
+    /// ([`super::amx`]) rather than AVX512-BF16.
+    amx: bool,
     bias: Vec<f32>,
 }
 
@@ -216,6 +219,7 @@ impl DirectNet {
                 strip,
                 winograd,
                 weights,
+                amx: winograd && !weights_bf16.is_empty() && super::amx::available(),
                 weights_bf16,
                 bias: b.clone(),
             });
@@ -610,6 +614,9 @@ impl Block {
         assert!(total.is_multiple_of(16) && chunk.is_multiple_of(16) && 16 % self.strip == 0);
         assert!(cin.is_multiple_of(LANES) && cout.is_multiple_of(width));
         let row_stride = (side + 2) * cin;
+        // SAFETY: AMX was found available when the block was built.
+        #[cfg(target_arch = "x86_64")]
+        let tiles = self.amx.then(|| unsafe { super::amx::Tiles::configure() });
         for start in (0..total).step_by(chunk) {
             // The last chunk may be shorter (a multiple of 16 tiles all the same).
             let n = chunk.min(total - start);
@@ -641,7 +648,15 @@ impl Block {
                     }
                 }
                 for pos in 0..WINO {
-                    if bf16 {
+                    if let Some(tiles) = &tiles {
+                        super::amx::product(
+                            tiles,
+                            v16.as_ptr().add(pos * vs),
+                            (n, cin, cout, width),
+                            self.weights_bf16.as_ptr().add(pos * cout * cin),
+                            m.as_mut_ptr().add(pos * ms),
+                        );
+                    } else if bf16 {
                         let tile = match self.group {
                             3 => tile_bf16::<8, 3>,
                             2 => tile_bf16::<8, 2>,

@@ -159,9 +159,11 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<Running> {
     let health = Arc::new(Health::default());
     let slot = load_model(&cfg, &metrics).await?;
     let model = slot.current();
+    let kernels = model.classifier.conv_impl();
     tracing::info!(
         model = %model.id,
-        kernels = ?model.classifier.conv_impl(),
+        ?kernels,
+        amx = kernels == crate::model::ConvImpl::DirectBf16 && crate::model::amx::available(),
         "model loaded"
     );
     health.model_loaded.store(true, Ordering::SeqCst);
