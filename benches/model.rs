@@ -195,8 +195,15 @@ fn detector(kernels: Kernels) -> BlazeFace {
 
 /// The detector kernels this CPU runs, fastest first.
 fn detector_kernels() -> Vec<Kernels> {
-    let mut all = vec![Kernels::best(), Kernels::best_f32(), Kernels::Portable];
-    all.dedup();
+    let mut all = vec![Kernels::best()];
+    if profile_classifier::model::Precision::Bf16.available() {
+        all.push(Kernels::Avx512Bf16);
+    }
+    for k in [Kernels::best_f32(), Kernels::Portable] {
+        if !all.contains(&k) {
+            all.push(k);
+        }
+    }
     all
 }
 
