@@ -248,6 +248,11 @@ impl DirectNet {
         }
     }
 
+    /// Whether the Winograd products run on AMX tiles.
+    pub fn uses_amx(&self) -> bool {
+        self.blocks.iter().any(|b| b.amx)
+    }
+
     /// Input values per picture (`side * side * channels`, NHWC).
     pub fn input_len(&self) -> usize {
         let b = &self.blocks[0];

@@ -543,6 +543,11 @@ impl Classifier {
         }
     }
 
+    /// Whether the serving kernels' products run on AMX tiles.
+    pub fn uses_amx(&self) -> bool {
+        self.direct.as_ref().is_some_and(|net| net.uses_amx())
+    }
+
     /// Logits `[B, labels]` for a normalised NHWC batch `[B, S, S, 3]`.
     pub fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if let Some(net) = &self.direct {

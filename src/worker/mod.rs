@@ -159,11 +159,10 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<Running> {
     let health = Arc::new(Health::default());
     let slot = load_model(&cfg, &metrics).await?;
     let model = slot.current();
-    let kernels = model.classifier.conv_impl();
     tracing::info!(
         model = %model.id,
-        ?kernels,
-        amx = kernels == crate::model::ConvImpl::DirectBf16 && crate::model::amx::available(),
+        kernels = ?model.classifier.conv_impl(),
+        amx = model.classifier.uses_amx(),
         "model loaded"
     );
     health.model_loaded.store(true, Ordering::SeqCst);

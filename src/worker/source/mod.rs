@@ -41,8 +41,9 @@ impl Source {
 
     /// Stops taking new requests. A core subscription drains: everything
     /// the server sent before it took the unsubscription still comes out
-    /// of [`Source::next`], then it ends; returns whether to keep reading. A JetStream source stops at
-    /// once: anything pulled but not taken is redelivered by the server.
+    /// of [`Source::next`], then it ends; returns whether to keep reading.
+    /// A JetStream source stops at once: anything pulled but not taken is
+    /// redelivered by the server.
     pub async fn stop_taking(&mut self) -> bool {
         match self {
             Self::Core(core) => core.drain().await,
