@@ -196,10 +196,13 @@ fn detector(kernels: Kernels) -> BlazeFace {
 /// The detector kernels this CPU runs, fastest first.
 fn detector_kernels() -> Vec<Kernels> {
     let mut all = vec![Kernels::best()];
-    if profile_classifier::model::Precision::Bf16.available() {
-        all.push(Kernels::Avx512Bf16);
-    }
-    for k in [Kernels::best_f32(), Kernels::Portable] {
+    let bf16 = profile_classifier::model::Precision::Bf16
+        .available()
+        .then_some(Kernels::Avx512Bf16);
+    for k in bf16
+        .into_iter()
+        .chain([Kernels::best_f32(), Kernels::Portable])
+    {
         if !all.contains(&k) {
             all.push(k);
         }
