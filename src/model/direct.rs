@@ -3,11 +3,14 @@
 //!
 //! Each picture runs through every block while its activations stay in cache.
 //! A block whose input has a multiple of 16 channels (every block but the
-//! first) is a Winograd F(2x2, 3x3) convolution: each 2x2 output tile, which
-//! is exactly one max-pool window, costs 16 multiplies per input/output
-//! channel pair instead of 36; the input and output transforms are adds only,
-//! and the 16 products per tile are 16 small matrix products run by a
-//! register-tiled kernel. The first block (3 input channels) computes two
+//! first) is a Winograd convolution. In f32 and on AMX tiles it is F(2x2,
+//! 3x3): each 2x2 output tile, which is exactly one max-pool window, costs
+//! 16 multiplies per input/output channel pair instead of 36, with transforms
+//! of adds only. With AVX512-BF16 products it is F(4x4, 3x3): each 4x4 tile,
+//! four pool windows, costs 36 multiplies instead of 144 (2.25 per output
+//! instead of 4), for larger transforms and about four times the rounding
+//! error of F(2x2, 3x3) in bfloat16. Either way a tile's products are one
+//! small matrix product per position, run by a register-tiled kernel. The first block (3 input channels) computes two
 //! output rows at a time with a direct register-tiled kernel (a strip of
 //! pixels times 16 or 32 output channels, accumulated over the nine taps and
 //! every input channel). Either way the block then max-pools, adds the bias,
@@ -33,6 +36,42 @@ const TAPS: usize = 9;
 const WINO_CHUNK: usize = 64;
 /// Positions of a Winograd F(2x2, 3x3) tile (4x4).
 const WINO: usize = 16;
+/// Positions of a Winograd F(4x4, 3x3) tile (6x6).
+const WIDE: usize = 36;
+/// F(4x4, 3x3) tiles transformed and multiplied together (each covers four
+/// F(2x2, 3x3) tiles).
+const WIDE_CHUNK: usize = 16;
+/// F(4x4, 3x3) input transform `B^T` for the interpolation points 0, 1, -1,
+/// 2, -1/2 and infinity ([`bt4`] writes it out). These points round to bfloat16 with about two
+/// thirds of the error of the usual 0, ±1, ±2 (rms 1.3% of a 48-channel
+/// layer's outputs against 2.1%; F(2x2, 3x3): 0.3%).
+#[cfg(test)]
+const BT4: [[f32; 6]; 6] = [
+    [1.0, 1.5, -2.0, -1.5, 1.0, 0.0],
+    [0.0, -1.0, -2.5, -0.5, 1.0, 0.0],
+    [0.0, 1.0, 0.5, -2.5, 1.0, 0.0],
+    [0.0, -0.5, -1.0, 0.5, 1.0, 0.0],
+    [0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
+    [0.0, 1.0, 1.5, -2.0, -1.5, 1.0],
+];
+/// F(4x4, 3x3) weight transform `G` for the same points.
+const G4: [[f64; 3]; 6] = [
+    [1.0, 0.0, 0.0],
+    [-1.0 / 3.0, -1.0 / 3.0, -1.0 / 3.0],
+    [1.0 / 3.0, -1.0 / 3.0, 1.0 / 3.0],
+    [1.0 / 15.0, 2.0 / 15.0, 4.0 / 15.0],
+    [-16.0 / 15.0, 8.0 / 15.0, -4.0 / 15.0],
+    [0.0, 0.0, 1.0],
+];
+/// F(4x4, 3x3) output transform `A^T` for the same points ([`at4`] writes
+/// it out).
+#[cfg(test)]
+const AT4: [[f32; 6]; 4] = [
+    [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+    [0.0, 1.0, -1.0, 2.0, -0.5, 0.0],
+    [0.0, 1.0, 1.0, 4.0, 0.25, 0.0],
+    [0.0, 1.0, -1.0, 8.0, -0.125, 1.0],
+];
 /// Values left between one Winograd position's block of a chunk and the
 /// next: the blocks are whole multiples of 4 KiB, so without the skew a
 /// tile's 16 positions would fall in one L1 set.
@@ -51,13 +90,17 @@ struct Block {
     group: usize,
     /// Pixels (direct) or Winograd tiles per register tile (8 or 16).
     strip: usize,
-    /// Whether this block runs as Winograd F(2x2, 3x3).
+    /// Whether this block runs as Winograd F(2x2, 3x3), or F(4x4, 3x3) when
+    /// `wide`.
     winograd: bool,
+    /// Whether the Winograd tiles are F(4x4, 3x3): 36 positions, each tile
+    /// four pooled pixels (bfloat16 products on AVX512-BF16 only).
+    wide: bool,
     /// Direct: `[cout / (16*group)][9][cin][16*group]`.
-    /// Winograd: `[16][cout / (16*group)][cin][16*group]`, transformed.
+    /// Winograd: `[positions][cout / (16*group)][cin][16*group]`, transformed.
     weights: Vec<f32>,
     /// In bfloat16: the same weights rounded, inputs in adjacent pairs.
-    /// Winograd: `[16][cout / (16*group)][cin / 2][16*group][2]`. Direct
+    /// Winograd: `[positions][cout / (16*group)][cin / 2][16*group][2]`. Direct
     /// (the first block only, whose input is the picture): each kernel row's
     /// `3 * cin` taps and channels as one run, padded to an even count,
     /// `[cout / (16*group)][3][run / 2][16*group][2]`. Empty when the
@@ -176,6 +219,8 @@ impl DirectNet {
                 return None;
             }
             let winograd = cin.is_multiple_of(LANES);
+            let amx = winograd && precision == Precision::Bf16 && super::amx::available();
+            let wide = winograd && precision == Precision::Bf16 && !amx;
             let (group, strip, weights) = if winograd {
                 let group = if cout.is_multiple_of(3 * LANES) {
                     3
@@ -184,8 +229,19 @@ impl DirectNet {
                 } else {
                     1
                 };
-                let strip = if group == 1 { 16 } else { 8 };
-                (group, strip, winograd_weights(w, cin, cout, group * LANES))
+                if wide {
+                    // (side / 4)^2 tiles, side a multiple of 8: a multiple
+                    // of 4, and of 8 unless side / 4 is twice an odd number.
+                    let strip = if (side / 4).pow(2).is_multiple_of(8) {
+                        8
+                    } else {
+                        4
+                    };
+                    (group, strip, wide_weights(w, cin, cout, group * LANES))
+                } else {
+                    let strip = if group == 1 { 16 } else { 8 };
+                    (group, strip, winograd_weights(w, cin, cout, group * LANES))
+                }
             } else {
                 let group = if cout.is_multiple_of(2 * LANES) { 2 } else { 1 };
                 let strip = if group == 1 && side.is_multiple_of(16) {
@@ -218,8 +274,9 @@ impl DirectNet {
                 group,
                 strip,
                 winograd,
+                wide,
                 weights,
-                amx: winograd && !weights_bf16.is_empty() && super::amx::available(),
+                amx,
                 weights_bf16,
                 bias: b.clone(),
             });
@@ -345,32 +402,18 @@ impl DirectNet {
                 _ => Vec::new(),
             },
             rows: vec![0.0; most(|b| 2 * b.side * b.cout)],
-            pixel: vec![0.0; most(|b| b.cout)],
+            pixel: vec![0.0; most(|b| b.pooled_per_tile() * b.cout)],
             features: Vec::new(),
-            wino_in: vec![
-                0.0;
-                most(|b| if b.winograd {
-                    WINO * (b.wino_chunk() * b.cin + WINO_SKEW)
-                } else {
-                    0
-                })
-            ],
+            wino_in: vec![0.0; most(|b| if b.winograd { b.wino_room(b.cin) } else { 0 })],
             wino_in_bf16: vec![
                 0;
-                most(|b| if b.weights_bf16.is_empty() {
+                most(|b| if b.weights_bf16.is_empty() || !b.winograd {
                     0
                 } else {
-                    WINO * (b.wino_chunk() * b.cin + WINO_SKEW)
+                    b.wino_room(b.cin)
                 })
             ],
-            wino_out: vec![
-                0.0;
-                most(|b| if b.winograd {
-                    WINO * (b.wino_chunk() * b.cout + WINO_SKEW)
-                } else {
-                    0
-                })
-            ],
+            wino_out: vec![0.0; most(|b| if b.winograd { b.wino_room(b.cout) } else { 0 })],
         }
     }
 
@@ -405,7 +448,7 @@ impl DirectNet {
             let input = &done[i];
             let half = block.side / 2;
             if block.winograd {
-                let pixel = &mut pixel[..block.cout];
+                let pixel = &mut pixel[..block.pooled_per_tile() * block.cout];
                 if i == last {
                     block.winograd_pool(
                         input,
@@ -588,16 +631,47 @@ impl Block {
         }
     }
 
-    /// Tiles per Winograd chunk: all of them for small sides, else
-    /// [`WINO_CHUNK`]. Every chunk, the last included, is a multiple of 16
-    /// tiles (sides are multiples of 8), so of every register tile's `strip`.
-    fn wino_chunk(&self) -> usize {
-        ((self.side / 2) * (self.side / 2)).min(WINO_CHUNK)
+    /// Winograd positions per tile: 16, or 36 when wide.
+    fn positions(&self) -> usize {
+        if self.wide { WIDE } else { WINO }
     }
 
-    /// The whole block as Winograd F(2x2, 3x3) from the padded input
-    /// `[side+2][side+2][cin]`: each 2x2 output tile is max-pooled, biased
-    /// and ReLU'd, and handed to `emit(y, x, values)` as pooled pixel (y, x).
+    /// Output pixels along a Winograd tile's side: 2, or 4 when wide.
+    fn tile_side(&self) -> usize {
+        if self.wide { 4 } else { 2 }
+    }
+
+    /// Pooled pixels a Winograd tile makes (1, or 4 when wide; 1 for a
+    /// direct block's 2x2 window).
+    fn pooled_per_tile(&self) -> usize {
+        (self.tile_side() / 2).pow(2)
+    }
+
+    /// Winograd tiles of the whole block.
+    fn wino_tiles(&self) -> usize {
+        (self.side / self.tile_side()).pow(2)
+    }
+
+    /// Tiles per Winograd chunk: all of them for small sides, else
+    /// [`WINO_CHUNK`] ([`WIDE_CHUNK`] when wide). Every chunk, the last
+    /// included, is a multiple of the register tile's `strip` (F(2x2, 3x3):
+    /// 16 tiles, sides being multiples of 8; wide: see [`DirectNet::new`]).
+    fn wino_chunk(&self) -> usize {
+        self.wino_tiles()
+            .min(if self.wide { WIDE_CHUNK } else { WINO_CHUNK })
+    }
+
+    /// Scratch values for one chunk's transformed values of `c` channels at
+    /// every position, blocks skewed apart.
+    fn wino_room(&self, c: usize) -> usize {
+        self.positions() * (self.wino_chunk() * c + WINO_SKEW)
+    }
+
+    /// The whole block as Winograd F(2x2, 3x3) (F(4x4, 3x3) when wide) from
+    /// the padded input `[side+2][side+2][cin]`: each tile's outputs are
+    /// max-pooled in 2x2 windows, biased and ReLU'd, and handed to
+    /// `emit(y, x, values)` as pooled pixel (y, x); `pixel` holds a tile's
+    /// pooled pixels.
     fn winograd_pool(
         &self,
         input: &[f32],
@@ -607,43 +681,49 @@ impl Block {
         mut emit: impl FnMut(usize, usize, &[f32]),
     ) {
         let (side, cin, cout) = (self.side, self.cin, self.cout);
-        let (half, chunk, width) = (side / 2, self.wino_chunk(), self.group * LANES);
-        let total = half * half;
+        let (chunk, width, t) = (self.wino_chunk(), self.group * LANES, self.tile_side());
+        let (across, total, pooled) = (side / t, self.wino_tiles(), self.pooled_per_tile());
         assert!(input.len() == (side + 2) * (side + 2) * cin);
-        let room = |c: usize| WINO * (chunk * c + WINO_SKEW);
-        assert!(v.len() >= room(cin) && m.len() >= room(cout));
-        assert!(pixel.len() == cout && self.bias.len() == cout);
-        assert!(self.weights.len() == WINO * cout * cin);
+        assert!(v.len() >= self.wino_room(cin) && m.len() >= self.wino_room(cout));
+        assert!(pixel.len() == pooled * cout && self.bias.len() == cout);
+        assert!(self.weights.len() == self.positions() * cout * cin);
         let bf16 = !self.weights_bf16.is_empty();
-        assert!(!bf16 || (v16.len() >= room(cin) && self.weights_bf16.len() == WINO * cout * cin));
-        assert!(total.is_multiple_of(16) && chunk.is_multiple_of(16) && 16 % self.strip == 0);
+        assert!(!bf16 || v16.len() >= self.wino_room(cin));
+        assert!(!bf16 || self.weights_bf16.len() == self.positions() * cout * cin);
+        assert!(!self.wide || bf16);
+        assert!(total.is_multiple_of(self.strip) && chunk.is_multiple_of(self.strip));
+        assert!((total % chunk).is_multiple_of(self.strip) && 16 % self.strip == 0);
         assert!(cin.is_multiple_of(LANES) && cout.is_multiple_of(width));
         let row_stride = (side + 2) * cin;
         // SAFETY: AMX was found available when the block was built.
         #[cfg(target_arch = "x86_64")]
         let tiles = self.amx.then(|| unsafe { super::amx::Tiles::configure() });
         for start in (0..total).step_by(chunk) {
-            // The last chunk may be shorter (a multiple of 16 tiles all the same).
+            // The last chunk may be shorter (a multiple of the strip).
             let n = chunk.min(total - start);
             // Values from one position's block to the next's.
             let (vs, ms) = (n * cin + WINO_SKEW, n * cout + WINO_SKEW);
             // SAFETY (all three steps): `available()` was checked when the
-            // network was built. Tile t reads padded rows 2y..2y+4 and columns
-            // 2x..2x+4 (y, x < half), inside `input`; the chunk's transformed
-            // input spans WINO blocks of n * cin values `vs` apart in `v`,
-            // its products WINO blocks of n * cout `ms` apart in `m`, inside
-            // their room (checked above), and the weights of one
-            // position and register group cin * width values of `weights`
-            // (all checked above; the same counts of `v16` and
-            // `weights_bf16` in bfloat16); channel offsets step by whole
-            // registers; AVX512-BF16 was checked when bf16 weights were made.
+            // network was built. Tile k reads padded rows t*y..t*y+t+2 and
+            // columns t*x..t*x+t+2 (y, x < across), inside `input`; the
+            // chunk's transformed input spans `positions` blocks of n * cin
+            // values `vs` apart in `v`, its products as many blocks of
+            // n * cout `ms` apart in `m`, inside their room (checked above),
+            // and the weights of one position and register group cin * width
+            // values of `weights` (all checked above; the same counts of `v16`
+            // and `weights_bf16` in bfloat16); channel offsets step by whole
+            // registers; AVX512-BF16 was checked when bf16 weights were made;
+            // a tile's `pooled` pixels of `cout` values fill `pixel`.
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 for k in 0..n {
-                    let (y, x) = ((start + k) / half, (start + k) % half);
-                    let src = input.as_ptr().add((2 * y * (side + 2) + 2 * x) * cin);
+                    let (y, x) = ((start + k) / across, (start + k) % across);
+                    let src = input.as_ptr().add((t * y * (side + 2) + t * x) * cin);
                     for c in (0..cin).step_by(LANES) {
-                        if bf16 {
+                        if self.wide {
+                            let dst = v16.as_mut_ptr().add(k * cin + c);
+                            wide_input_bf16(src.add(c), row_stride, cin, dst, vs);
+                        } else if bf16 {
                             let dst = v16.as_mut_ptr().add(k * cin + c);
                             wino_input_bf16(src.add(c), row_stride, cin, dst, vs);
                         } else {
@@ -652,7 +732,7 @@ impl Block {
                         }
                     }
                 }
-                for pos in 0..WINO {
+                for pos in 0..self.positions() {
                     if let Some(tiles) = &tiles {
                         super::amx::product(
                             tiles,
@@ -662,9 +742,13 @@ impl Block {
                             m.as_mut_ptr().add(pos * ms),
                         );
                     } else if bf16 {
-                        let tile = match self.group {
-                            3 => tile_bf16::<8, 3>,
-                            2 => tile_bf16::<8, 2>,
+                        let tile = match (self.strip, self.group) {
+                            (4, 3) => tile_bf16::<4, 3>,
+                            (4, 2) => tile_bf16::<4, 2>,
+                            (4, _) => tile_bf16::<4, 1>,
+                            (8, 3) => tile_bf16::<8, 3>,
+                            (8, 2) => tile_bf16::<8, 2>,
+                            (8, _) => tile_bf16::<8, 1>,
                             _ => tile_bf16::<16, 1>,
                         };
                         self.products(v16, &self.weights_bf16, m, pos, (n, vs, ms), tile);
@@ -679,15 +763,24 @@ impl Block {
                     }
                 }
                 for k in 0..n {
+                    let (y, x) = ((start + k) / across, (start + k) % across);
                     for c in (0..cout).step_by(LANES) {
-                        wino_output(
-                            m.as_ptr().add(k * cout + c),
-                            ms,
-                            self.bias.as_ptr().add(c),
-                            pixel.as_mut_ptr().add(c),
+                        let (from, bias) =
+                            (m.as_ptr().add(k * cout + c), self.bias.as_ptr().add(c));
+                        if self.wide {
+                            wide_output(from, ms, bias, pixel.as_mut_ptr().add(c), cout);
+                        } else {
+                            wino_output(from, ms, bias, pixel.as_mut_ptr().add(c));
+                        }
+                    }
+                    let per_side = t / 2;
+                    for (q, values) in pixel.chunks_exact(cout).enumerate() {
+                        emit(
+                            per_side * y + q / per_side,
+                            per_side * x + q % per_side,
+                            values,
                         );
                     }
-                    emit((start + k) / half, (start + k) % half, pixel);
                 }
             }
         }
@@ -1000,6 +1093,168 @@ fn winograd_weights(w: &[f32], cin: usize, cout: usize, width: usize) -> Vec<f32
     u
 }
 
+/// Winograd F(4x4, 3x3) weights `U = G g G^T` ([`G4`]) of a block's
+/// `[cout][cin][3][3]` weights, laid out `[36][cout / width][cin][width]`.
+fn wide_weights(w: &[f32], cin: usize, cout: usize, width: usize) -> Vec<f32> {
+    let mut u = vec![0f32; WIDE * cout * cin];
+    for co in 0..cout {
+        let (grp, lane) = (co / width, co % width);
+        for ci in 0..cin {
+            let g = |r: usize, c: usize| f64::from(w[(co * cin + ci) * TAPS + r * 3 + c]);
+            for (i, gi) in G4.iter().enumerate() {
+                // Row i of G g.
+                let row: [f64; 3] = std::array::from_fn(|c| (0..3).map(|r| gi[r] * g(r, c)).sum());
+                for (j, gj) in G4.iter().enumerate() {
+                    let value: f64 = (0..3).map(|c| row[c] * gj[c]).sum();
+                    let pos = i * 6 + j;
+                    u[((pos * (cout / width) + grp) * cin + ci) * width + lane] = value as f32;
+                }
+            }
+        }
+    }
+    u
+}
+
+/// `B^T x` ([`BT4`]) of six vectors, written out.
+///
+/// # Safety
+/// The CPU supports AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn bt4(x: &[std::arch::x86_64::__m512; 6]) -> [std::arch::x86_64::__m512; 6] {
+    use std::arch::x86_64::*;
+    let k = _mm512_set1_ps;
+    let [d0, d1, d2, d3, d4, d5] = *x;
+    let e = _mm512_sub_ps(d1, d3);
+    let f = _mm512_sub_ps(d4, d2);
+    [
+        _mm512_fmadd_ps(
+            k(1.5),
+            e,
+            _mm512_fmadd_ps(k(-2.0), d2, _mm512_add_ps(d0, d4)),
+        ),
+        _mm512_fmadd_ps(
+            k(-2.5),
+            d2,
+            _mm512_fmadd_ps(k(-0.5), d3, _mm512_sub_ps(d4, d1)),
+        ),
+        _mm512_fmadd_ps(
+            k(0.5),
+            d2,
+            _mm512_fmadd_ps(k(-2.5), d3, _mm512_add_ps(d4, d1)),
+        ),
+        _mm512_fmadd_ps(k(-0.5), e, f),
+        _mm512_fmadd_ps(k(2.0), e, f),
+        _mm512_fmadd_ps(
+            k(1.5),
+            _mm512_sub_ps(d2, d4),
+            _mm512_fmadd_ps(k(-2.0), d3, _mm512_add_ps(d1, d5)),
+        ),
+    ]
+}
+
+/// `A^T x` ([`AT4`]) of six vectors, written out.
+///
+/// # Safety
+/// The CPU supports AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn at4(x: &[std::arch::x86_64::__m512; 6]) -> [std::arch::x86_64::__m512; 4] {
+    use std::arch::x86_64::*;
+    let k = _mm512_set1_ps;
+    let [m0, m1, m2, m3, m4, m5] = *x;
+    let (a, b) = (_mm512_add_ps(m1, m2), _mm512_sub_ps(m1, m2));
+    [
+        _mm512_add_ps(_mm512_add_ps(m0, a), _mm512_add_ps(m3, m4)),
+        _mm512_fmadd_ps(k(2.0), m3, _mm512_fmadd_ps(k(-0.5), m4, b)),
+        _mm512_fmadd_ps(k(4.0), m3, _mm512_fmadd_ps(k(0.25), m4, a)),
+        _mm512_fmadd_ps(
+            k(8.0),
+            m3,
+            _mm512_fmadd_ps(k(-0.125), m4, _mm512_add_ps(b, m5)),
+        ),
+    ]
+}
+
+/// F(4x4, 3x3) input transform `V = B^T d B` ([`BT4`]) of one 6x6 tile for
+/// 16 channels, rounded to bfloat16: reads pixel (r, c) at
+/// `src + r * row_stride + c * pixel_stride`, writes position p (32 bytes)
+/// at `dst + p * pos_stride`.
+///
+/// # Safety
+/// The CPU supports AVX-512F and AVX512-BF16; the reads and writes are in
+/// bounds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn wide_input_bf16(
+    src: *const f32,
+    row_stride: usize,
+    pixel_stride: usize,
+    dst: *mut u16,
+    pos_stride: usize,
+) {
+    use std::arch::x86_64::*;
+    // t = B^T d, one column of d at a time (t transposed: tt[c][i]).
+    let tt: [[__m512; 6]; 6] = std::array::from_fn(|c| {
+        // SAFETY: in bounds by the function's contract.
+        let col: [__m512; 6] = std::array::from_fn(|r| unsafe {
+            _mm512_loadu_ps(src.add(r * row_stride + c * pixel_stride))
+        });
+        unsafe { bt4(&col) }
+    });
+    // V = t B: row i of V is B^T applied to row i of t.
+    let t: [[__m512; 6]; 6] = std::array::from_fn(|i| std::array::from_fn(|c| tt[c][i]));
+    for (i, row) in t.iter().enumerate() {
+        for (j, v) in unsafe { bt4(row) }.into_iter().enumerate() {
+            let half: __m256i = unsafe { std::mem::transmute(_mm512_cvtneps_pbh(v)) };
+            unsafe { _mm256_storeu_si256(dst.add((i * 6 + j) * pos_stride).cast(), half) };
+        }
+    }
+}
+
+/// F(4x4, 3x3) output transform `Y = A^T M A` ([`AT4`]) of one tile for 16
+/// channels (position p read at `src + p * pos_stride`), then each 2x2
+/// window's max plus the bias, ReLU'd: pooled pixel q (row-major in the
+/// tile's 2x2) written at `out + q * out_stride`.
+///
+/// # Safety
+/// The CPU supports AVX-512F; the reads and the writes are in bounds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn wide_output(
+    src: *const f32,
+    pos_stride: usize,
+    bias: *const f32,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    use std::arch::x86_64::*;
+    // s = A^T M, one column of M at a time (transposed: st[c][i]).
+    let st: [[__m512; 4]; 6] = std::array::from_fn(|c| {
+        // SAFETY: in bounds by the function's contract.
+        let col: [__m512; 6] =
+            std::array::from_fn(|r| unsafe { _mm512_loadu_ps(src.add((r * 6 + c) * pos_stride)) });
+        unsafe { at4(&col) }
+    });
+    // Y = s A: row i of Y is A^T applied to row i of s.
+    let y: [[__m512; 4]; 4] = std::array::from_fn(|i| {
+        let row: [__m512; 6] = std::array::from_fn(|c| st[c][i]);
+        unsafe { at4(&row) }
+    });
+    let b = unsafe { _mm512_loadu_ps(bias) };
+    for q in 0..4 {
+        let (r, c) = (2 * (q / 2), 2 * (q % 2));
+        let best = _mm512_max_ps(
+            _mm512_max_ps(y[r][c], y[r][c + 1]),
+            _mm512_max_ps(y[r + 1][c], y[r + 1][c + 1]),
+        );
+        let v = _mm512_max_ps(_mm512_add_ps(best, b), _mm512_setzero_ps());
+        unsafe { _mm512_storeu_ps(out.add(q * out_stride), v) };
+    }
+}
+
 /// Input transform `V = B^T d B` of one 4x4 tile for 16 channels: reads
 /// pixel (r, c) at `src + r * row_stride + c * pixel_stride` and returns the
 /// 16 positions.
@@ -1116,4 +1371,53 @@ unsafe fn wino_output(src: *const f32, pos_stride: usize, bias: *const f32, out:
     let b = unsafe { _mm512_loadu_ps(bias) };
     let y = _mm512_max_ps(_mm512_add_ps(best, b), _mm512_setzero_ps());
     unsafe { _mm512_storeu_ps(out, y) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wide_transforms_compute_a_3x3_convolution() {
+        // A^T [(G g) ⊙ (B^T d)] is the 3-tap correlation of d with g, for
+        // every basis filter and input: output i, tap k, input l = i + k.
+        let cases = (0..4).flat_map(|i| (0..3).flat_map(move |k| (0..6).map(move |l| (i, k, l))));
+        for (i, k, l) in cases {
+            let sum: f64 = (0..6)
+                .map(|j| f64::from(AT4[i][j]) * G4[j][k] * f64::from(BT4[j][l]))
+                .sum();
+            let want = if l == i + k { 1.0 } else { 0.0 };
+            assert!((sum - want).abs() < 1e-12, "({i}, {k}, {l}): {sum}");
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn written_out_transforms_are_the_matrices() {
+        use std::arch::x86_64::*;
+        if !available() {
+            eprintln!("this CPU has no AVX-512F: nothing to check");
+            return;
+        }
+        let x = [0.75f32, -1.25, 2.5, 0.125, -3.0, 1.5];
+        // SAFETY: AVX-512F was found above.
+        let (b, a) = unsafe {
+            let v: [__m512; 6] = std::array::from_fn(|j| _mm512_set1_ps(x[j]));
+            (bt4(&v), at4(&v))
+        };
+        let lane = |v: __m512| {
+            let mut out = [0f32; 16];
+            // SAFETY: 16 values.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), v) };
+            out[7]
+        };
+        for (row, v) in BT4.iter().zip(b) {
+            let want: f32 = row.iter().zip(&x).map(|(c, x)| c * x).sum();
+            assert!((lane(v) - want).abs() < 1e-5, "{} against {want}", lane(v));
+        }
+        for (row, v) in AT4.iter().zip(a) {
+            let want: f32 = row.iter().zip(&x).map(|(c, x)| c * x).sum();
+            assert!((lane(v) - want).abs() < 1e-5, "{} against {want}", lane(v));
+        }
+    }
 }

@@ -760,12 +760,23 @@ mod tests {
     #[test]
     fn bf16_kernels_stay_close_to_f32() {
         // The Winograd products in bfloat16: logits within a few hundredths
-        // of candle's, on the shipped geometry with random weights.
-        let meta = ModelMeta {
-            input_size: 32,
-            channels: vec![16, 48, 96],
-            ..tiny_meta()
-        };
+        // of candle's, with random weights, on the shipped channels and on
+        // geometries whose F(4x4, 3x3) tiles take every register tile shape
+        // (4 or 8 tiles by 1, 2 or 3 registers) and a short last chunk.
+        for (input_size, channels) in [
+            (32, vec![16, 48, 96]),
+            (64, vec![16, 16, 32, 16]),
+            (80, vec![16, 32]),
+        ] {
+            bf16_stays_close_to_f32(ModelMeta {
+                input_size,
+                channels,
+                ..tiny_meta()
+            });
+        }
+    }
+
+    fn bf16_stays_close_to_f32(meta: ModelMeta) {
         let cnn = Cnn::new(meta.clone(), &random_tensors(&meta), ConvImpl::Candle).unwrap();
         let x = probe_input(&meta, &Device::Cpu).unwrap();
         let reference = cnn.forward(&x, false, None).unwrap();
