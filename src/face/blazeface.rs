@@ -20,6 +20,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use crate::model::Precision;
+use crate::model::aligned::AlignedBuf;
 
 /// Register width in f32 lanes: channel counts are padded to a multiple.
 const LANES: usize = 16;
@@ -704,10 +705,10 @@ struct Scratch {
     /// Two maps, each large enough for the largest one with its one-pixel
     /// zero border: the stem writes the first, then each block reads one and
     /// writes the other, so a picture's activations stay in cache.
-    maps: [Vec<f32>; 2],
+    maps: [AlignedBuf; 2],
     /// One depthwise row and one max-pooled (skip) row.
-    dw_row: Vec<f32>,
-    pool_row: Vec<f32>,
+    dw_row: AlignedBuf,
+    pool_row: AlignedBuf,
     /// Head outputs.
     head16: Vec<f32>,
     head8: Vec<f32>,
@@ -1003,13 +1004,13 @@ impl BlazeFace {
             widest = widest.max(b.pw.cout_p).max(b.cin_p);
         }
         let widest = widest.max(self.head16.cout_p).max(self.head8.cout_p);
-        let maps = [vec![0f32; largest], vec![0f32; largest]];
+        let maps = [AlignedBuf::zeroed(largest), AlignedBuf::zeroed(largest)];
         Scratch {
             input: vec![0f32; (self.side + 3).pow(2) * 3],
             patch: vec![0f32; stem_side * self.stem.pw.cin_p],
             maps,
-            dw_row: vec![0f32; stem_side * widest],
-            pool_row: vec![0f32; stem_side * widest],
+            dw_row: AlignedBuf::zeroed(stem_side * widest),
+            pool_row: AlignedBuf::zeroed(stem_side * widest),
             head16: vec![0f32; m16 * m16 * self.head16.cout_p],
             head8: vec![0f32; m8 * m8 * self.head8.cout_p],
             staging: Staging::new(stem_side.max(STRIP), widest),

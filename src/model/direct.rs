@@ -27,6 +27,8 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use super::aligned::AlignedBuf;
+
 /// Output channels held by one AVX-512 register.
 const LANES: usize = 16;
 /// Taps of a 3x3 kernel.
@@ -127,22 +129,22 @@ pub struct DirectNet {
 /// One thread's scratch while it runs pictures of one network: one padded
 /// input buffer per block, two conv rows, Winograd buffers.
 struct Scratch {
-    padded: Vec<Vec<f32>>,
+    padded: Vec<AlignedBuf>,
     /// The first block's padded input in bfloat16, when that block runs in
     /// bfloat16, with one spare value at the end (a kernel row's run is
     /// padded to an even count, and the zero weight meets that value).
     input_bf16: Vec<u16>,
-    rows: Vec<f32>,
+    rows: AlignedBuf,
     /// One pooled pixel's channels.
-    pixel: Vec<f32>,
+    pixel: AlignedBuf,
     /// Global average pool of the last block.
     features: Vec<f32>,
     /// Winograd: transformed input `[16][tiles][cin]` and products
     /// `[16][tiles][cout]` of one chunk of tiles; the input in bfloat16
     /// when the block's products are.
-    wino_in: Vec<f32>,
+    wino_in: AlignedBuf,
     wino_in_bf16: Vec<u16>,
-    wino_out: Vec<f32>,
+    wino_out: AlignedBuf,
 }
 
 /// Arithmetic of the Winograd blocks' products (the bulk of the work).
@@ -395,16 +397,16 @@ impl DirectNet {
             padded: self
                 .blocks
                 .iter()
-                .map(|b| vec![0.0; (b.side + 2) * (b.side + 2) * b.cin])
+                .map(|b| AlignedBuf::zeroed((b.side + 2) * (b.side + 2) * b.cin))
                 .collect(),
             input_bf16: match &self.blocks[..] {
                 [b, ..] if b.direct_bf16() => vec![0; (b.side + 2) * (b.side + 2) * b.cin + 2],
                 _ => Vec::new(),
             },
-            rows: vec![0.0; most(|b| 2 * b.side * b.cout)],
-            pixel: vec![0.0; most(|b| b.pooled_per_tile() * b.cout)],
+            rows: AlignedBuf::zeroed(most(|b| 2 * b.side * b.cout)),
+            pixel: AlignedBuf::zeroed(most(|b| b.pooled_per_tile() * b.cout)),
             features: Vec::new(),
-            wino_in: vec![0.0; most(|b| if b.winograd { b.wino_room(b.cin) } else { 0 })],
+            wino_in: AlignedBuf::zeroed(most(|b| if b.winograd { b.wino_room(b.cin) } else { 0 })),
             wino_in_bf16: vec![
                 0;
                 most(|b| if b.weights_bf16.is_empty() || !b.winograd {
@@ -413,7 +415,9 @@ impl DirectNet {
                     b.wino_room(b.cin)
                 })
             ],
-            wino_out: vec![0.0; most(|b| if b.winograd { b.wino_room(b.cout) } else { 0 })],
+            wino_out: AlignedBuf::zeroed(most(
+                |b| if b.winograd { b.wino_room(b.cout) } else { 0 },
+            )),
         }
     }
 

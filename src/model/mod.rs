@@ -12,6 +12,7 @@
 //!
 //! This module knows nothing of files (see [`weights`]), NATS or images.
 
+pub mod aligned;
 pub mod amx;
 pub mod batchnorm;
 pub mod conv;
