@@ -1276,7 +1276,28 @@ unsafe fn depthwise_row_avx512(b: &Block, input: &[f32], y: usize, out: &mut [f3
                 *v = _mm512_loadu_ps(b.dw_w.as_ptr().add(t * cin_p + k));
             }
             let bias = _mm512_loadu_ps(b.dw_b.as_ptr().add(k));
-            for x in 0..n {
+            // Four outputs at a time at stride 1: each loaded input pixel
+            // serves every output whose window holds it (6 loads per kernel
+            // row instead of 12).
+            let whole = if b.stride == 1 { n / 4 * 4 } else { 0 };
+            for x in (0..whole).step_by(4) {
+                let base = ip.add(first + x * cin_p + k);
+                let mut acc = [bias; 4];
+                for ky in 0..3 {
+                    let r = base.add(ky * in_row);
+                    let px: [__m512; 6] =
+                        std::array::from_fn(|j| _mm512_loadu_ps(r.add(j * cin_p)));
+                    for kx in 0..3 {
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            *a = _mm512_fmadd_ps(px[i + kx], w[ky * 3 + kx], *a);
+                        }
+                    }
+                }
+                for (i, a) in acc.into_iter().enumerate() {
+                    _mm512_storeu_ps(op.add((x + i) * cin_p + k), a);
+                }
+            }
+            for x in whole..n {
                 let base = ip.add(first + b.stride * x * cin_p + k);
                 let mut acc = bias;
                 for ky in 0..3 {
