@@ -10,10 +10,11 @@
 //! four pool windows, costs 36 multiplies instead of 144 (2.25 per output
 //! instead of 4), for larger transforms and about four times the rounding
 //! error of F(2x2, 3x3) in bfloat16. Either way a tile's products are one
-//! small matrix product per position, run by a register-tiled kernel. The first block (3 input channels) computes two
-//! output rows at a time with a direct register-tiled kernel (a strip of
-//! pixels times 16 or 32 output channels, accumulated over the nine taps and
-//! every input channel). Either way the block then max-pools, adds the bias,
+//! small matrix product per position, run by a register-tiled kernel. The
+//! first block (3 input channels) computes two output rows at a time with a
+//! direct register-tiled kernel (a strip of pixels times 16 or 32 output
+//! channels, accumulated over the nine taps and every input channel).
+//! Either way the block then max-pools, adds the bias,
 //! applies ReLU and writes straight into the zero-padded input of the next
 //! block; the last block feeds global average pooling and the linear layer.
 //! Scratch buffers are kept by the network and handed to whichever thread
@@ -38,15 +39,24 @@ const TAPS: usize = 9;
 const WINO_CHUNK: usize = 64;
 /// Positions of a Winograd F(2x2, 3x3) tile (4x4).
 const WINO: usize = 16;
+/// F(2x2, 3x3) weight transform `G` (interpolation points 0, 1, -1 and
+/// infinity).
+const G2: [[f64; 3]; 4] = [
+    [1.0, 0.0, 0.0],
+    [0.5, 0.5, 0.5],
+    [0.5, -0.5, 0.5],
+    [0.0, 0.0, 1.0],
+];
 /// Positions of a Winograd F(4x4, 3x3) tile (6x6).
 const WIDE: usize = 36;
 /// F(4x4, 3x3) tiles transformed and multiplied together (each covers four
 /// F(2x2, 3x3) tiles).
 const WIDE_CHUNK: usize = 16;
 /// F(4x4, 3x3) input transform `B^T` for the interpolation points 0, 1, -1,
-/// 2, -1/2 and infinity ([`bt4`] writes it out). These points round to bfloat16 with about two
-/// thirds of the error of the usual 0, ±1, ±2 (rms 1.3% of a 48-channel
-/// layer's outputs against 2.1%; F(2x2, 3x3): 0.3%).
+/// 2, -1/2 and infinity ([`bt4`] writes it out; this table checks it).
+/// These points round to bfloat16 with about two thirds of the error of the
+/// usual 0, ±1, ±2 (rms 1.3% of a 48-channel layer's outputs against 2.1%;
+/// F(2x2, 3x3): 0.3%).
 #[cfg(test)]
 const BT4: [[f32; 6]; 6] = [
     [1.0, 1.5, -2.0, -1.5, 1.0, 0.0],
@@ -66,7 +76,7 @@ const G4: [[f64; 3]; 6] = [
     [0.0, 0.0, 1.0],
 ];
 /// F(4x4, 3x3) output transform `A^T` for the same points ([`at4`] writes
-/// it out).
+/// it out; this table checks it).
 #[cfg(test)]
 const AT4: [[f32; 6]; 4] = [
     [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
@@ -135,13 +145,15 @@ struct Scratch {
     /// padded to an even count, and the zero weight meets that value).
     input_bf16: Vec<u16>,
     rows: AlignedBuf,
-    /// One pooled pixel's channels.
+    /// The channels of a Winograd tile's pooled pixels (one, or four when
+    /// wide), or of one pooled pixel of a direct block.
     pixel: AlignedBuf,
     /// Global average pool of the last block.
     features: Vec<f32>,
-    /// Winograd: transformed input `[16][tiles][cin]` and products
-    /// `[16][tiles][cout]` of one chunk of tiles; the input in bfloat16
-    /// when the block's products are.
+    /// Winograd: transformed input `[positions][tiles][cin]` and products
+    /// `[positions][tiles][cout]` of one chunk of tiles; the input in
+    /// bfloat16 when the block's products are (and `wino_in` empty if no
+    /// block's products are f32).
     wino_in: AlignedBuf,
     wino_in_bf16: Vec<u16>,
     wino_out: AlignedBuf,
@@ -239,10 +251,12 @@ impl DirectNet {
                     } else {
                         4
                     };
-                    (group, strip, wide_weights(w, cin, cout, group * LANES))
+                    let u = winograd_weights(w, (cin, cout, group * LANES), &G4);
+                    (group, strip, u)
                 } else {
                     let strip = if group == 1 { 16 } else { 8 };
-                    (group, strip, winograd_weights(w, cin, cout, group * LANES))
+                    let u = winograd_weights(w, (cin, cout, group * LANES), &G2);
+                    (group, strip, u)
                 }
             } else {
                 let group = if cout.is_multiple_of(2 * LANES) { 2 } else { 1 };
@@ -406,13 +420,20 @@ impl DirectNet {
             rows: AlignedBuf::zeroed(most(|b| 2 * b.side * b.cout)),
             pixel: AlignedBuf::zeroed(most(|b| b.pooled_per_tile() * b.cout)),
             features: Vec::new(),
-            wino_in: AlignedBuf::zeroed(most(|b| if b.winograd { b.wino_room(b.cin) } else { 0 })),
+            // Transformed inputs: f32 where the products are, else bfloat16.
+            wino_in: AlignedBuf::zeroed(most(|b| {
+                if b.winograd && b.weights_bf16.is_empty() {
+                    b.wino_room(b.cin)
+                } else {
+                    0
+                }
+            })),
             wino_in_bf16: vec![
                 0;
-                most(|b| if b.weights_bf16.is_empty() || !b.winograd {
-                    0
-                } else {
+                most(|b| if b.winograd && !b.weights_bf16.is_empty() {
                     b.wino_room(b.cin)
+                } else {
+                    0
                 })
             ],
             wino_out: AlignedBuf::zeroed(most(
@@ -688,11 +709,11 @@ impl Block {
         let (chunk, width, t) = (self.wino_chunk(), self.group * LANES, self.tile_side());
         let (across, total, pooled) = (side / t, self.wino_tiles(), self.pooled_per_tile());
         assert!(input.len() == (side + 2) * (side + 2) * cin);
-        assert!(v.len() >= self.wino_room(cin) && m.len() >= self.wino_room(cout));
+        assert!(m.len() >= self.wino_room(cout));
         assert!(pixel.len() == pooled * cout && self.bias.len() == cout);
         assert!(self.weights.len() == self.positions() * cout * cin);
         let bf16 = !self.weights_bf16.is_empty();
-        assert!(!bf16 || v16.len() >= self.wino_room(cin));
+        assert!(if bf16 { v16.len() } else { v.len() } >= self.wino_room(cin));
         assert!(!bf16 || self.weights_bf16.len() == self.positions() * cout * cin);
         assert!(!self.wide || bf16);
         assert!(total.is_multiple_of(self.strip) && chunk.is_multiple_of(self.strip));
@@ -1068,49 +1089,27 @@ pub(crate) fn pair_bf16(u: &[f32], cin: usize, width: usize) -> Vec<u16> {
     out
 }
 
-/// Winograd F(2x2, 3x3) weights `U = G g G^T` of a block's `[cout][cin][3][3]`
-/// weights, laid out `[16][cout / width][cin][width]` for [`tile`].
-fn winograd_weights(w: &[f32], cin: usize, cout: usize, width: usize) -> Vec<f32> {
-    let mut u = vec![0f32; WINO * cout * cin];
+/// Winograd weights `U = G g G^T` of a block's `[cout][cin][3][3]` weights
+/// for the weight transform `g_t` ([`G2`] for F(2x2, 3x3), [`G4`] for
+/// F(4x4, 3x3)), laid out `[positions][cout / width][cin][width]` for the
+/// product tiles, `positions` being the square of `g_t`'s rows.
+fn winograd_weights(
+    w: &[f32],
+    (cin, cout, width): (usize, usize, usize),
+    g_t: &[[f64; 3]],
+) -> Vec<f32> {
+    let a = g_t.len();
+    let mut u = vec![0f32; a * a * cout * cin];
     for co in 0..cout {
         let (grp, lane) = (co / width, co % width);
         for ci in 0..cin {
             let g = |r: usize, c: usize| f64::from(w[(co * cin + ci) * TAPS + r * 3 + c]);
-            // G g: 4x3.
-            let gg: [[f64; 3]; 4] = std::array::from_fn(|i| {
-                std::array::from_fn(|c| match i {
-                    0 => g(0, c),
-                    1 => (g(0, c) + g(1, c) + g(2, c)) / 2.0,
-                    2 => (g(0, c) - g(1, c) + g(2, c)) / 2.0,
-                    _ => g(2, c),
-                })
-            });
-            for (i, [a, b, c]) in gg.into_iter().enumerate() {
-                let row = [a, (a + b + c) / 2.0, (a - b + c) / 2.0, c];
-                for (j, value) in row.into_iter().enumerate() {
-                    let pos = i * 4 + j;
-                    u[((pos * (cout / width) + grp) * cin + ci) * width + lane] = value as f32;
-                }
-            }
-        }
-    }
-    u
-}
-
-/// Winograd F(4x4, 3x3) weights `U = G g G^T` ([`G4`]) of a block's
-/// `[cout][cin][3][3]` weights, laid out `[36][cout / width][cin][width]`.
-fn wide_weights(w: &[f32], cin: usize, cout: usize, width: usize) -> Vec<f32> {
-    let mut u = vec![0f32; WIDE * cout * cin];
-    for co in 0..cout {
-        let (grp, lane) = (co / width, co % width);
-        for ci in 0..cin {
-            let g = |r: usize, c: usize| f64::from(w[(co * cin + ci) * TAPS + r * 3 + c]);
-            for (i, gi) in G4.iter().enumerate() {
+            for (i, gi) in g_t.iter().enumerate() {
                 // Row i of G g.
                 let row: [f64; 3] = std::array::from_fn(|c| (0..3).map(|r| gi[r] * g(r, c)).sum());
-                for (j, gj) in G4.iter().enumerate() {
+                for (j, gj) in g_t.iter().enumerate() {
                     let value: f64 = (0..3).map(|c| row[c] * gj[c]).sum();
-                    let pos = i * 6 + j;
+                    let pos = i * a + j;
                     u[((pos * (cout / width) + grp) * cin + ci) * width + lane] = value as f32;
                 }
             }
@@ -1119,7 +1118,7 @@ fn wide_weights(w: &[f32], cin: usize, cout: usize, width: usize) -> Vec<f32> {
     u
 }
 
-/// `B^T x` ([`BT4`]) of six vectors, written out.
+/// `B^T x` (the table `BT4`) of six vectors, written out.
 ///
 /// # Safety
 /// The CPU supports AVX-512F.
@@ -1158,7 +1157,7 @@ unsafe fn bt4(x: &[std::arch::x86_64::__m512; 6]) -> [std::arch::x86_64::__m512;
     ]
 }
 
-/// `A^T x` ([`AT4`]) of six vectors, written out.
+/// `A^T x` (the table `AT4`) of six vectors, written out.
 ///
 /// # Safety
 /// The CPU supports AVX-512F.
@@ -1182,7 +1181,7 @@ unsafe fn at4(x: &[std::arch::x86_64::__m512; 6]) -> [std::arch::x86_64::__m512;
     ]
 }
 
-/// F(4x4, 3x3) input transform `V = B^T d B` ([`BT4`]) of one 6x6 tile for
+/// F(4x4, 3x3) input transform `V = B^T d B` ([`bt4`]) of one 6x6 tile for
 /// 16 channels, rounded to bfloat16: reads pixel (r, c) at
 /// `src + r * row_stride + c * pixel_stride`, writes position p (32 bytes)
 /// at `dst + p * pos_stride`.
@@ -1218,7 +1217,7 @@ unsafe fn wide_input_bf16(
     }
 }
 
-/// F(4x4, 3x3) output transform `Y = A^T M A` ([`AT4`]) of one tile for 16
+/// F(4x4, 3x3) output transform `Y = A^T M A` ([`at4`]) of one tile for 16
 /// channels (position p read at `src + p * pos_stride`), then each 2x2
 /// window's max plus the bias, ReLU'd: pooled pixel q (row-major in the
 /// tile's 2x2) written at `out + q * out_stride`.
