@@ -48,8 +48,12 @@ echo "measuring components (cargo bench --bench model) ..." >&2
 # The kernels the worker serves with on this CPU (the default --precision):
 # the classifier's products in bfloat16 where the CPU has AVX512-BF16 (on
 # AMX tiles where it has AMX); the detector's in bfloat16 only where the CPU
-# has AVX512-BF16 and no AMX (Kernels::best says why).
-if grep -qw avx512_bf16 /proc/cpuinfo; then conv=DirectBf16 det=Avx512Bf16; else conv=Direct det=Avx512; fi
+# has AVX512-BF16 and no AMX (Kernels::best says why); f32 on AVX-512F,
+# else on AVX2 with FMA, else the portable loops and the im2col path.
+if grep -qw avx512_bf16 /proc/cpuinfo; then conv=DirectBf16 det=Avx512Bf16
+elif grep -qw avx512f /proc/cpuinfo; then conv=Direct det=Avx512
+elif grep -qw avx2 /proc/cpuinfo && grep -qw fma /proc/cpuinfo; then conv=Direct det=Avx2
+else conv=Fast det=Portable; fi
 if grep -qw amx_bf16 /proc/cpuinfo; then det=Avx512; fi
 export CONV=$conv DET=$det
 cargo bench -q --bench model -- "forward/$conv/32\$|preprocess/|detector(_quick)?/$det/1\$" >"$tmp/criterion.log" 2>&1

@@ -201,9 +201,9 @@ fn detector_kernels() -> Vec<Kernels> {
         .then_some(Kernels::Avx512Bf16);
     for k in bf16
         .into_iter()
-        .chain([Kernels::best_f32(), Kernels::Portable])
+        .chain([Kernels::best_f32(), Kernels::Avx2, Kernels::Portable])
     {
-        if !all.contains(&k) {
+        if k.runs_here() && !all.contains(&k) {
             all.push(k);
         }
     }

@@ -21,6 +21,9 @@ use std::sync::Mutex;
 
 use crate::model::Precision;
 use crate::model::aligned::AlignedBuf;
+use crate::model::simd::Isa;
+#[cfg(target_arch = "x86_64")]
+use crate::model::simd::{Avx2, Avx512, Simd};
 
 /// Register width in f32 lanes: channel counts are padded to a multiple.
 const LANES: usize = 16;
@@ -70,6 +73,8 @@ pub enum Kernels {
     /// [`Kernels::Avx512`] with the pointwise products in bfloat16 (inputs
     /// and weights rounded, sums in f32; AVX512-BF16 `vdpbf16ps`).
     Avx512Bf16,
+    /// AVX2 and FMA register tiles, in f32 (x86-64 CPUs without AVX-512).
+    Avx2,
     /// Plain Rust loops, any CPU.
     Portable,
 }
@@ -82,11 +87,12 @@ impl Kernels {
     /// on such a Xeon), so the f32 kernels serve there.
     pub fn best() -> Self {
         if Precision::Bf16.available() && !crate::model::amx::available() {
-            Kernels::Avx512Bf16
-        } else if Precision::F32.available() {
-            Kernels::Avx512
-        } else {
-            Kernels::Portable
+            return Kernels::Avx512Bf16;
+        }
+        match Isa::detect() {
+            Some(Isa::Avx512) => Kernels::Avx512,
+            Some(Isa::Avx2) => Kernels::Avx2,
+            None => Kernels::Portable,
         }
     }
 
@@ -100,6 +106,16 @@ impl Kernels {
         match (Self::best(), precision) {
             (Kernels::Avx512Bf16, Precision::F32) => Kernels::Avx512,
             (best, _) => best,
+        }
+    }
+
+    /// Whether this CPU runs these kernels.
+    pub fn runs_here(self) -> bool {
+        match self {
+            Kernels::Avx512Bf16 => Precision::Bf16.available(),
+            Kernels::Avx512 => Isa::detect() == Some(Isa::Avx512),
+            Kernels::Avx2 => Isa::detect().is_some(),
+            Kernels::Portable => true,
         }
     }
 }
@@ -330,6 +346,23 @@ impl Pointwise {
                     })
                 };
             }
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx2 => {
+                // SAFETY: the CPU has AVX2 and FMA (`Kernels::best`).
+                unsafe {
+                    let then = (skip, skip_c, relu);
+                    self.each_strip(input, &self.weights, n, then, out, |g| {
+                        match g.width() / Avx2::LANES {
+                            1 => pw_strip_avx2::<1>,
+                            2 => pw_strip_avx2::<2>,
+                            3 => pw_strip_avx2::<3>,
+                            4 => pw_strip_avx2::<4>,
+                            5 => pw_strip_avx2::<5>,
+                            _ => pw_strip_avx2::<6>,
+                        }
+                    })
+                };
+            }
             _ => {
                 for (group, &off) in self.groups.iter().zip(&self.offsets) {
                     let (first, width) = (group.first, group.width());
@@ -485,6 +518,30 @@ struct Store {
     out_stride: usize,
 }
 
+impl Store {
+    /// The same store from pixel `p` and lane `c` of the tile on.
+    ///
+    /// # Safety
+    /// Both stay inside the tile [`Store`] describes.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn at(self, p: usize, c: usize) -> Self {
+        // SAFETY: the caller's contract.
+        unsafe {
+            Self {
+                bias: self.bias.add(c),
+                skip: if self.skip.is_null() {
+                    self.skip
+                } else {
+                    self.skip.add(p * self.skip_c)
+                },
+                first: self.first + c,
+                out: self.out.add(p * self.out_stride + c),
+                ..self
+            }
+        }
+    }
+}
+
 /// One strip of [`STRIP`] pixels times `G` 16-lane registers (and an 8-lane
 /// one when `H`) of a pointwise product, with its epilogue, in registers from
 /// the first multiply to the store.
@@ -505,7 +562,7 @@ unsafe fn pw_strip<const G: usize, const H: bool>(
     use std::arch::x86_64::*;
     let row = (G + usize::from(H)) * LANES;
     let mut acc = [[_mm512_setzero_ps(); G]; STRIP];
-    let mut tail = [_mm256_setzero_ps(); STRIP];
+    let mut tail = [[_mm256_setzero_ps(); 1]; STRIP];
     for ci in 0..cin {
         let wp = unsafe { w.add(ci * row) };
         let mut wv = [_mm512_setzero_ps(); G];
@@ -524,7 +581,7 @@ unsafe fn pw_strip<const G: usize, const H: bool>(
                 *r = _mm512_fmadd_ps(a, *v, *r);
             }
             if H {
-                *t = _mm256_fmadd_ps(_mm256_set1_ps(x), wt, *t);
+                t[0] = _mm256_fmadd_ps(_mm256_set1_ps(x), wt, t[0]);
             }
         }
     }
@@ -550,7 +607,7 @@ unsafe fn pw_strip_bf16<const G: usize, const H: bool>(
     use std::arch::x86_64::*;
     let row = (G + usize::from(H)) * LANES * 2;
     let mut acc = [[_mm512_setzero_ps(); G]; STRIP];
-    let mut tail = [_mm256_setzero_ps(); STRIP];
+    let mut tail = [[_mm256_setzero_ps(); 1]; STRIP];
     for pair in 0..cin.div_ceil(2) {
         let wp = unsafe { w.add(pair * row) };
         let mut wv = [_mm512_setzero_ps(); G];
@@ -578,7 +635,7 @@ unsafe fn pw_strip_bf16<const G: usize, const H: bool>(
             }
             if H {
                 let a: __m256bh = unsafe { std::mem::transmute(_mm256_set1_epi32(both)) };
-                *t = _mm256_dpbf16_ps(*t, a, unsafe {
+                t[0] = _mm256_dpbf16_ps(t[0], a, unsafe {
                     std::mem::transmute::<__m256, __m256bh>(wt)
                 });
             }
@@ -586,6 +643,81 @@ unsafe fn pw_strip_bf16<const G: usize, const H: bool>(
     }
     // SAFETY: the caller's contract.
     unsafe { pw_store::<G, H>(&acc, &tail, to) };
+}
+
+/// [`pw_strip`] on AVX2 with FMA, for a group of `N` 8-lane registers
+/// (`N` from 1 to 6: [`MAX_GROUP`] 16-lane registers, the last possibly
+/// half), as tiles of 4 pixels times 2 registers
+/// ([`crate::model::simd::avx2_tiles`] says why).
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; `input` holds STRIP pixels `in_stride`
+/// apart of at least `cin` values, `w` `cin * 8 N` values; `to` as
+/// [`Store`] says for `8 N` lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pw_strip_avx2<const N: usize>(
+    input: *const f32,
+    cin: usize,
+    in_stride: usize,
+    w: *const f32,
+    to: Store,
+) {
+    let row = N * Avx2::LANES;
+    for (p, pixels) in crate::model::simd::avx2_pixels(STRIP) {
+        for (c, regs) in crate::model::simd::avx2_tiles(N) {
+            // SAFETY: every tile stays inside the strip's pixels and the
+            // group's lanes (the caller's contract).
+            unsafe {
+                let input = input.add(p * in_stride);
+                let w = (w.add(c * Avx2::LANES), row);
+                let to = to.at(p, c * Avx2::LANES);
+                match (pixels, regs) {
+                    (6, 2) => pw_tile::<Avx2, 6, 2>(input, cin, in_stride, w, to),
+                    (6, _) => pw_tile::<Avx2, 6, 1>(input, cin, in_stride, w, to),
+                    (_, 2) => pw_tile::<Avx2, 4, 2>(input, cin, in_stride, w, to),
+                    _ => pw_tile::<Avx2, 4, 1>(input, cin, in_stride, w, to),
+                }
+            }
+        }
+    }
+}
+
+/// A register tile of a pointwise product: `P` pixels times `C` registers
+/// of output channels, weights `w.1` values per input channel from `w.0`,
+/// then bias, skip, ReLU and the store.
+///
+/// # Safety
+/// The CPU supports `S`'s instructions; `input` holds `P` pixels
+/// `in_stride` apart of at least `cin` values, the weights `cin` rows;
+/// `to` as [`Store`] says for `C` registers.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn pw_tile<S: Simd, const P: usize, const C: usize>(
+    input: *const f32,
+    cin: usize,
+    in_stride: usize,
+    (w, w_row): (*const f32, usize),
+    to: Store,
+) {
+    // SAFETY: in bounds by the function's contract.
+    unsafe {
+        let mut acc = [[S::zero(); C]; P];
+        for ci in 0..cin {
+            let wp = w.add(ci * w_row);
+            let mut wv = [S::zero(); C];
+            for (k, v) in wv.iter_mut().enumerate() {
+                *v = S::load(wp.add(k * S::LANES));
+            }
+            for (p, row) in acc.iter_mut().enumerate() {
+                let a = S::splat(*input.add(p * in_stride + ci));
+                for (r, v) in row.iter_mut().zip(&wv) {
+                    *r = S::fmadd(a, *v, *r);
+                }
+            }
+        }
+        store_tile::<S, C>(&acc, to);
+    }
 }
 
 /// The epilogue of a pointwise register tile: bias, skip, ReLU, store.
@@ -597,10 +729,28 @@ unsafe fn pw_strip_bf16<const G: usize, const H: bool>(
 #[inline]
 unsafe fn pw_store<const G: usize, const H: bool>(
     acc: &[[std::arch::x86_64::__m512; G]; STRIP],
-    tail: &[std::arch::x86_64::__m256; STRIP],
+    tail: &[[std::arch::x86_64::__m256; 1]; STRIP],
     to: Store,
 ) {
-    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract; the 8-lane register follows the G
+    // 16-lane ones (its upper 8 lanes are padding, left as they are: zero).
+    unsafe {
+        store_tile::<Avx512, G>(acc, to);
+        if H {
+            store_tile::<Avx2, 1>(tail, to.at(0, G * LANES));
+        }
+    }
+}
+
+/// The epilogue of a register tile of `C` registers per pixel: bias, skip,
+/// ReLU, store.
+///
+/// # Safety
+/// The CPU supports `S`'s instructions; `to` as [`Store`] says for the
+/// tile's pixels and `C` registers.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store_tile<S: Simd, const C: usize>(acc: &[[S::V; C]], to: Store) {
     let Store {
         bias,
         skip,
@@ -610,33 +760,20 @@ unsafe fn pw_store<const G: usize, const H: bool>(
         out,
         out_stride,
     } = to;
-    let zero = _mm512_setzero_ps();
-    for (p, row) in acc.iter().enumerate() {
-        for (k, r) in row.iter().enumerate() {
-            let mut v = _mm512_add_ps(*r, unsafe { _mm512_loadu_ps(bias.add(k * LANES)) });
-            let c = first + k * LANES;
-            if !skip.is_null() && c < skip_c {
-                v = _mm512_add_ps(v, unsafe { _mm512_loadu_ps(skip.add(p * skip_c + c)) });
+    // SAFETY: in bounds by the function's contract.
+    unsafe {
+        for (p, row) in acc.iter().enumerate() {
+            for (k, r) in row.iter().enumerate() {
+                let mut v = S::add(*r, S::load(bias.add(k * S::LANES)));
+                let c = first + k * S::LANES;
+                if !skip.is_null() && c < skip_c {
+                    v = S::add(v, S::load(skip.add(p * skip_c + c)));
+                }
+                if relu {
+                    v = S::max(v, S::zero());
+                }
+                S::store(out.add(p * out_stride + k * S::LANES), v);
             }
-            if relu {
-                v = _mm512_max_ps(v, zero);
-            }
-            unsafe { _mm512_storeu_ps(out.add(p * out_stride + k * LANES), v) };
-        }
-    }
-    if H {
-        let zero = _mm256_setzero_ps();
-        for (p, t) in tail.iter().enumerate() {
-            let mut v = _mm256_add_ps(*t, unsafe { _mm256_loadu_ps(bias.add(G * LANES)) });
-            let c = first + G * LANES;
-            if !skip.is_null() && c < skip_c {
-                v = _mm256_add_ps(v, unsafe { _mm256_loadu_ps(skip.add(p * skip_c + c)) });
-            }
-            if relu {
-                v = _mm256_max_ps(v, zero);
-            }
-            // The upper 8 lanes are padding: left as they are (zero).
-            unsafe { _mm256_storeu_ps(out.add(p * out_stride + G * LANES), v) };
         }
     }
 }
@@ -758,6 +895,9 @@ impl BlazeFace {
 
     /// Builds the network from the bytes of a weights file.
     pub fn from_bytes(bytes: &[u8], kernels: Kernels) -> Result<Self, String> {
+        if !kernels.runs_here() {
+            return Err(format!("this CPU does not run the {kernels:?} kernels"));
+        }
         let st = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| format!("not a safetensors file: {e}"))?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
@@ -1178,6 +1318,9 @@ fn run_block(
             Kernels::Avx512 | Kernels::Avx512Bf16 => unsafe {
                 depthwise_row_avx512(b, input, y, dw_row)
             },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2 and FMA present (`Kernels::best`).
+            Kernels::Avx2 => unsafe { depthwise_row_avx2(b, input, y, dw_row) },
             _ => depthwise_row(b, input, y, dw_row),
         }
         let skip: &[f32] = if b.stride == 1 {
@@ -1248,34 +1391,35 @@ fn depthwise_row(b: &Block, input: &[f32], y: usize, out: &mut [f32]) {
     }
 }
 
-/// [`depthwise_row`] in AVX-512 registers: for each 16 channels, the nine
-/// taps and the bias stay in registers along the row.
+/// [`depthwise_row`] in vector registers: for each register of channels,
+/// the nine taps and the bias stay in registers along the row.
 ///
 /// # Safety
-/// The CPU supports AVX-512F.
+/// The CPU supports `S`'s instructions; `cin_p` is a multiple of its lanes.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn depthwise_row_avx512(b: &Block, input: &[f32], y: usize, out: &mut [f32]) {
-    use std::arch::x86_64::*;
+#[inline(always)]
+unsafe fn depthwise_row_simd<S: Simd>(b: &Block, input: &[f32], y: usize, out: &mut [f32]) {
     let cin_p = b.cin_p;
     let in_row = (b.side + 2) * cin_p;
     let off = if b.stride == 1 { 0 } else { 1 };
     let n = b.out_side();
     let first = (b.stride * y + off) * in_row + off * cin_p;
     let last = first + 2 * in_row + (b.stride * (n - 1) + 2) * cin_p + cin_p;
-    assert!(last <= input.len() && out.len() >= n * cin_p);
+    assert!(last <= input.len() && out.len() >= n * cin_p && cin_p.is_multiple_of(S::LANES));
     let ip = input.as_ptr();
     let op = out.as_mut_ptr();
-    for k in (0..cin_p).step_by(LANES) {
+    for k in (0..cin_p).step_by(S::LANES) {
         // SAFETY: weights and bias hold 9 * cin_p and cin_p values; every
         // input index is below `last` and every output below n * cin_p
         // (asserted above).
         unsafe {
-            let mut w = [_mm512_setzero_ps(); 9];
+            // (No closures here: they would not inherit the caller's target
+            // features.)
+            let mut w = [S::zero(); 9];
             for (t, v) in w.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(b.dw_w.as_ptr().add(t * cin_p + k));
+                *v = S::load(b.dw_w.as_ptr().add(t * cin_p + k));
             }
-            let bias = _mm512_loadu_ps(b.dw_b.as_ptr().add(k));
+            let bias = S::load(b.dw_b.as_ptr().add(k));
             // Four outputs at a time at stride 1: each loaded input pixel
             // serves every output whose window holds it (6 loads per kernel
             // row instead of 12).
@@ -1285,16 +1429,18 @@ unsafe fn depthwise_row_avx512(b: &Block, input: &[f32], y: usize, out: &mut [f3
                 let mut acc = [bias; 4];
                 for ky in 0..3 {
                     let r = base.add(ky * in_row);
-                    let px: [__m512; 6] =
-                        std::array::from_fn(|j| _mm512_loadu_ps(r.add(j * cin_p)));
+                    let mut px = [S::zero(); 6];
+                    for (j, v) in px.iter_mut().enumerate() {
+                        *v = S::load(r.add(j * cin_p));
+                    }
                     for kx in 0..3 {
                         for (i, a) in acc.iter_mut().enumerate() {
-                            *a = _mm512_fmadd_ps(px[i + kx], w[ky * 3 + kx], *a);
+                            *a = S::fmadd(px[i + kx], w[ky * 3 + kx], *a);
                         }
                     }
                 }
                 for (i, a) in acc.into_iter().enumerate() {
-                    _mm512_storeu_ps(op.add((x + i) * cin_p + k), a);
+                    S::store(op.add((x + i) * cin_p + k), a);
                 }
             }
             for x in whole..n {
@@ -1302,14 +1448,36 @@ unsafe fn depthwise_row_avx512(b: &Block, input: &[f32], y: usize, out: &mut [f3
                 let mut acc = bias;
                 for ky in 0..3 {
                     for kx in 0..3 {
-                        let v = _mm512_loadu_ps(base.add(ky * in_row + kx * cin_p));
-                        acc = _mm512_fmadd_ps(v, w[ky * 3 + kx], acc);
+                        let v = S::load(base.add(ky * in_row + kx * cin_p));
+                        acc = S::fmadd(v, w[ky * 3 + kx], acc);
                     }
                 }
-                _mm512_storeu_ps(op.add(x * cin_p + k), acc);
+                S::store(op.add(x * cin_p + k), acc);
             }
         }
     }
+}
+
+/// [`depthwise_row_simd`] on AVX-512F.
+///
+/// # Safety
+/// The CPU supports AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn depthwise_row_avx512(b: &Block, input: &[f32], y: usize, out: &mut [f32]) {
+    // SAFETY: the caller's contract; cin_p is a multiple of 16.
+    unsafe { depthwise_row_simd::<Avx512>(b, input, y, out) }
+}
+
+/// [`depthwise_row_simd`] on AVX2 with FMA.
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn depthwise_row_avx2(b: &Block, input: &[f32], y: usize, out: &mut [f32]) {
+    // SAFETY: the caller's contract; cin_p is a multiple of 16.
+    unsafe { depthwise_row_simd::<Avx2>(b, input, y, out) }
 }
 
 #[cfg(test)]

@@ -29,6 +29,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::aligned::AlignedBuf;
+use super::simd::Isa;
+#[cfg(target_arch = "x86_64")]
+use super::simd::{Avx2, Avx512, Simd};
 
 /// Output channels held by one AVX-512 register.
 const LANES: usize = 16;
@@ -53,7 +56,7 @@ const WIDE: usize = 36;
 /// F(2x2, 3x3) tiles).
 const WIDE_CHUNK: usize = 16;
 /// F(4x4, 3x3) input transform `B^T` for the interpolation points 0, 1, -1,
-/// 2, -1/2 and infinity ([`bt4`] writes it out; this table checks it).
+/// 2, -1/2 and infinity ([`bt4_simd`] writes it out; this table checks it).
 /// These points round to bfloat16 with about two thirds of the error of the
 /// usual 0, ±1, ±2 (rms 1.3% of a 48-channel layer's outputs against 2.1%;
 /// F(2x2, 3x3): 0.3%).
@@ -75,7 +78,7 @@ const G4: [[f64; 3]; 6] = [
     [-16.0 / 15.0, 8.0 / 15.0, -4.0 / 15.0],
     [0.0, 0.0, 1.0],
 ];
-/// F(4x4, 3x3) output transform `A^T` for the same points ([`at4`] writes
+/// F(4x4, 3x3) output transform `A^T` for the same points ([`at4_simd`] writes
 /// it out; this table checks it).
 #[cfg(test)]
 const AT4: [[f32; 6]; 4] = [
@@ -121,6 +124,9 @@ struct Block {
     /// Whether the bfloat16 Winograd products run on AMX tiles
     /// ([`super::amx`]) rather than AVX512-BF16.
     amx: bool,
+    /// The instruction set of the f32 kernels (AVX-512 wherever bfloat16
+    /// products are).
+    isa: Isa,
     bias: Vec<f32>,
 }
 
@@ -192,16 +198,9 @@ fn bf16_available() -> bool {
     }
 }
 
-/// Whether this CPU runs the kernels.
+/// Whether this CPU runs the kernels (in f32 at least).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Isa::detect().is_some()
 }
 
 impl DirectNet {
@@ -217,7 +216,25 @@ impl DirectNet {
         fc_b: Vec<f32>,
         precision: Precision,
     ) -> Option<Self> {
-        if !precision.available() || convs.is_empty() {
+        let input = (input_size, input_channels);
+        Self::on(Isa::detect()?, input, convs, (fc_w, fc_b), precision)
+    }
+
+    /// [`DirectNet::new`] with the f32 kernels on `isa` (AVX2 also runs on
+    /// CPUs with AVX-512); bfloat16 products need AVX-512. `None` where the
+    /// CPU does not run them.
+    fn on(
+        isa: Isa,
+        (input_size, input_channels): (usize, usize),
+        convs: &[(Vec<f32>, Vec<f32>)],
+        (fc_w, fc_b): (Vec<f32>, Vec<f32>),
+        precision: Precision,
+    ) -> Option<Self> {
+        let runs = match isa {
+            Isa::Avx512 => Isa::detect() == Some(Isa::Avx512),
+            Isa::Avx2 => precision == Precision::F32 && Isa::detect().is_some(),
+        };
+        if !runs || !precision.available() || convs.is_empty() {
             return None;
         }
         let mut side = input_size;
@@ -234,7 +251,14 @@ impl DirectNet {
             }
             let winograd = cin.is_multiple_of(LANES);
             let amx = winograd && precision == Precision::Bf16 && super::amx::available();
-            let wide = winograd && precision == Precision::Bf16 && !amx;
+            // F(4x4, 3x3) where the products run on AVX512-BF16 or AVX2:
+            // on AVX2 the f32 products are the whole cost, and the larger
+            // tiles halve them (about 1e-6 of rounding in f32).
+            let wide = winograd
+                && match precision {
+                    Precision::Bf16 => !amx,
+                    Precision::F32 => isa == Isa::Avx2,
+                };
             let (group, strip, weights) = if winograd {
                 let group = if cout.is_multiple_of(3 * LANES) {
                     3
@@ -246,7 +270,11 @@ impl DirectNet {
                 if wide {
                     // (side / 4)^2 tiles, side a multiple of 8: a multiple
                     // of 4, and of 8 unless side / 4 is twice an odd number.
-                    let strip = if (side / 4).pow(2).is_multiple_of(8) {
+                    // AVX2 takes 16 tiles where it can (6 + 6 + 4).
+                    let tiles = (side / 4).pow(2);
+                    let strip = if isa == Isa::Avx2 && tiles.is_multiple_of(16) {
+                        16
+                    } else if tiles.is_multiple_of(8) {
                         8
                     } else {
                         4
@@ -293,6 +321,7 @@ impl DirectNet {
                 wide,
                 weights,
                 amx,
+                isa,
                 weights_bf16,
                 bias: b.clone(),
             });
@@ -647,9 +676,12 @@ impl Block {
                     self.weights.as_ptr().add(w),
                     rows.as_mut_ptr().add(dst),
                 );
-                match (self.strip, self.group) {
-                    (16, 1) => tile::<16, 1, 3>(i, row_stride, cin, wp, o, cout),
-                    (8, 1) => tile::<8, 1, 3>(i, row_stride, cin, wp, o, cout),
+                match (self.isa, self.strip, self.group) {
+                    (Isa::Avx2, strip, group) => {
+                        tile_avx2::<3>((strip, group), i, row_stride, cin, wp, o, cout)
+                    }
+                    (_, 16, 1) => tile::<16, 1, 3>(i, row_stride, cin, wp, o, cout),
+                    (_, 8, 1) => tile::<8, 1, 3>(i, row_stride, cin, wp, o, cout),
                     _ => tile::<8, 2, 3>(i, row_stride, cin, wp, o, cout),
                 }
             }
@@ -715,7 +747,7 @@ impl Block {
         let bf16 = !self.weights_bf16.is_empty();
         assert!(if bf16 { v16.len() } else { v.len() } >= self.wino_room(cin));
         assert!(!bf16 || self.weights_bf16.len() == self.positions() * cout * cin);
-        assert!(!self.wide || bf16);
+        assert!(!self.wide || bf16 || self.isa == Isa::Avx2);
         assert!(total.is_multiple_of(self.strip) && chunk.is_multiple_of(self.strip));
         assert!((total % chunk).is_multiple_of(self.strip) && 16 % self.strip == 0);
         assert!(cin.is_multiple_of(LANES) && cout.is_multiple_of(width));
@@ -744,6 +776,12 @@ impl Block {
                 for k in 0..n {
                     let (y, x) = ((start + k) / across, (start + k) % across);
                     let src = input.as_ptr().add((t * y * (side + 2) + t * x) * cin);
+                    if self.isa == Isa::Avx2 {
+                        // F(4x4, 3x3) in f32, every channel.
+                        let dst = v.as_mut_ptr().add(k * cin);
+                        wide_input_avx2(src, row_stride, cin, dst, vs);
+                        continue;
+                    }
                     for c in (0..cin).step_by(LANES) {
                         if self.wide {
                             let dst = v16.as_mut_ptr().add(k * cin + c);
@@ -779,9 +817,19 @@ impl Block {
                         self.products(v16, &self.weights_bf16, m, pos, (n, vs, ms), tile);
                     } else {
                         // One position: a 1x1 "convolution" of the tiles.
-                        let tile = match self.group {
-                            3 => wino_tile::<8, 3>,
-                            2 => wino_tile::<8, 2>,
+                        // (AVX2 tiles are F(4x4, 3x3): 16, 8 or 4 per strip.)
+                        let tile = match (self.isa, self.strip, self.group) {
+                            (Isa::Avx2, 16, 3) => wino_tile_avx2::<16, 3>,
+                            (Isa::Avx2, 16, 2) => wino_tile_avx2::<16, 2>,
+                            (Isa::Avx2, 16, _) => wino_tile_avx2::<16, 1>,
+                            (Isa::Avx2, 8, 3) => wino_tile_avx2::<8, 3>,
+                            (Isa::Avx2, 8, 2) => wino_tile_avx2::<8, 2>,
+                            (Isa::Avx2, 8, _) => wino_tile_avx2::<8, 1>,
+                            (Isa::Avx2, _, 3) => wino_tile_avx2::<4, 3>,
+                            (Isa::Avx2, _, 2) => wino_tile_avx2::<4, 2>,
+                            (Isa::Avx2, _, _) => wino_tile_avx2::<4, 1>,
+                            (_, _, 3) => wino_tile::<8, 3>,
+                            (_, _, 2) => wino_tile::<8, 2>,
                             _ => wino_tile::<16, 1>,
                         };
                         self.products(v, &self.weights, m, pos, (n, vs, ms), tile);
@@ -789,13 +837,18 @@ impl Block {
                 }
                 for k in 0..n {
                     let (y, x) = ((start + k) / across, (start + k) % across);
-                    for c in (0..cout).step_by(LANES) {
-                        let (from, bias) =
-                            (m.as_ptr().add(k * cout + c), self.bias.as_ptr().add(c));
-                        if self.wide {
-                            wide_output(from, ms, bias, pixel.as_mut_ptr().add(c), cout);
-                        } else {
-                            wino_output(from, ms, bias, pixel.as_mut_ptr().add(c));
+                    if self.isa == Isa::Avx2 {
+                        let (from, bias) = (m.as_ptr().add(k * cout), self.bias.as_ptr());
+                        wide_output_avx2(from, ms, bias, pixel.as_mut_ptr(), cout);
+                    } else {
+                        for c in (0..cout).step_by(LANES) {
+                            let (from, bias) =
+                                (m.as_ptr().add(k * cout + c), self.bias.as_ptr().add(c));
+                            if self.wide {
+                                wide_output(from, ms, bias, pixel.as_mut_ptr().add(c), cout);
+                            } else {
+                                wino_output(from, ms, bias, pixel.as_mut_ptr().add(c));
+                            }
                         }
                     }
                     let per_side = t / 2;
@@ -885,30 +938,91 @@ pub(crate) unsafe fn tile<const P: usize, const G: usize, const K: usize>(
     out: *mut f32,
     out_stride: usize,
 ) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); G]; P];
-    for ky in 0..K {
-        for kx in 0..K {
-            // SAFETY: in bounds by the function's contract.
-            let ip = unsafe { input.add(ky * row_stride + kx * cin) };
-            let wp = unsafe { w.add((ky * K + kx) * cin * G * LANES) };
-            for ci in 0..cin {
-                let mut wv = [_mm512_setzero_ps(); G];
-                for (g, v) in wv.iter_mut().enumerate() {
-                    *v = unsafe { _mm512_loadu_ps(wp.add((ci * G + g) * LANES)) };
-                }
-                for (p, row) in acc.iter_mut().enumerate() {
-                    let a = _mm512_set1_ps(unsafe { *ip.add(p * cin + ci) });
-                    for (r, v) in row.iter_mut().zip(&wv) {
-                        *r = _mm512_fmadd_ps(a, *v, *r);
-                    }
+    // SAFETY: the caller's contract; each input channel's weights are one
+    // row of G registers.
+    unsafe { tile_simd::<Avx512, P, G, K>(input, row_stride, cin, (w, G * LANES), out, out_stride) }
+}
+
+/// [`tile`] on AVX2 with FMA for a register tile of `strip` pixels times
+/// `group` 16-lane registers, as tiles of 6 or 4 pixels times 2 8-lane
+/// registers ([`super::simd::avx2_tiles`] says why).
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; otherwise as [`tile`] with `P = strip`,
+/// `G = group` (strip a multiple of 4).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2<const K: usize>(
+    (strip, group): (usize, usize),
+    input: *const f32,
+    row_stride: usize,
+    cin: usize,
+    w: *const f32,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    let row = group * LANES;
+    for (p, pixels) in super::simd::avx2_pixels(strip) {
+        for (c, regs) in super::simd::avx2_tiles(row / Avx2::LANES) {
+            // SAFETY: every tile stays inside the strip's pixels and the
+            // group's lanes (the caller's contract).
+            unsafe {
+                let i = input.add(p * cin);
+                let w = (w.add(c * Avx2::LANES), row);
+                let o = out.add(p * out_stride + c * Avx2::LANES);
+                match (pixels, regs) {
+                    (6, 2) => tile_simd::<Avx2, 6, 2, K>(i, row_stride, cin, w, o, out_stride),
+                    (6, _) => tile_simd::<Avx2, 6, 1, K>(i, row_stride, cin, w, o, out_stride),
+                    (_, 2) => tile_simd::<Avx2, 4, 2, K>(i, row_stride, cin, w, o, out_stride),
+                    _ => tile_simd::<Avx2, 4, 1, K>(i, row_stride, cin, w, o, out_stride),
                 }
             }
         }
     }
-    for (p, row) in acc.iter().enumerate() {
-        for (g, r) in row.iter().enumerate() {
-            unsafe { _mm512_storeu_ps(out.add(p * out_stride + g * LANES), *r) };
+}
+
+/// [`tile`] for any register width: `P` pixels times `C` registers of
+/// output channels, each input channel's weights one row of `w.1` values
+/// from `w.0` (`[K*K][cin][w.1]`, of which the tile reads its `C`
+/// registers).
+///
+/// # Safety
+/// The CPU supports `S`'s instructions; otherwise as [`tile`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile_simd<S: Simd, const P: usize, const C: usize, const K: usize>(
+    input: *const f32,
+    row_stride: usize,
+    cin: usize,
+    (w, w_row): (*const f32, usize),
+    out: *mut f32,
+    out_stride: usize,
+) {
+    // SAFETY: in bounds by the function's contract.
+    unsafe {
+        let mut acc = [[S::zero(); C]; P];
+        for ky in 0..K {
+            for kx in 0..K {
+                let ip = input.add(ky * row_stride + kx * cin);
+                let wp = w.add((ky * K + kx) * cin * w_row);
+                for ci in 0..cin {
+                    let mut wv = [S::zero(); C];
+                    for (g, v) in wv.iter_mut().enumerate() {
+                        *v = S::load(wp.add(ci * w_row + g * S::LANES));
+                    }
+                    for (p, row) in acc.iter_mut().enumerate() {
+                        let a = S::splat(*ip.add(p * cin + ci));
+                        for (r, v) in row.iter_mut().zip(&wv) {
+                            *r = S::fmadd(a, *v, *r);
+                        }
+                    }
+                }
+            }
+        }
+        for (p, row) in acc.iter().enumerate() {
+            for (g, r) in row.iter().enumerate() {
+                S::store(out.add(p * out_stride + g * S::LANES), *r);
+            }
         }
     }
 }
@@ -934,6 +1048,23 @@ unsafe fn wino_tile<const P: usize, const G: usize>(
 ) {
     // SAFETY: the caller's contract.
     unsafe { tile::<P, G, 1>(input, 0, cin, w, out, out_stride) }
+}
+
+/// [`wino_tile`] on AVX2 with FMA.
+///
+/// # Safety
+/// As [`tile_avx2`] with `K = 1`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn wino_tile_avx2<const P: usize, const G: usize>(
+    input: *const f32,
+    cin: usize,
+    w: *const f32,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { tile_avx2::<1>((P, G), input, 0, cin, w, out, out_stride) }
 }
 
 /// [`tile`] for one Winograd position in bfloat16: `P` tiles times `G`
@@ -1118,73 +1249,135 @@ fn winograd_weights(
     u
 }
 
-/// `B^T x` (the table `BT4`) of six vectors, written out.
+/// `B^T x` (the table `BT4`) of six vectors on AVX-512F, as the kernels
+/// compute it ([`bt4_simd`]).
 ///
 /// # Safety
 /// The CPU supports AVX-512F.
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(test, target_arch = "x86_64"))]
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn bt4(x: &[std::arch::x86_64::__m512; 6]) -> [std::arch::x86_64::__m512; 6] {
-    use std::arch::x86_64::*;
-    let k = _mm512_set1_ps;
-    let [d0, d1, d2, d3, d4, d5] = *x;
-    let e = _mm512_sub_ps(d1, d3);
-    let f = _mm512_sub_ps(d4, d2);
-    [
-        _mm512_fmadd_ps(
-            k(1.5),
-            e,
-            _mm512_fmadd_ps(k(-2.0), d2, _mm512_add_ps(d0, d4)),
-        ),
-        _mm512_fmadd_ps(
-            k(-2.5),
-            d2,
-            _mm512_fmadd_ps(k(-0.5), d3, _mm512_sub_ps(d4, d1)),
-        ),
-        _mm512_fmadd_ps(
-            k(0.5),
-            d2,
-            _mm512_fmadd_ps(k(-2.5), d3, _mm512_add_ps(d4, d1)),
-        ),
-        _mm512_fmadd_ps(k(-0.5), e, f),
-        _mm512_fmadd_ps(k(2.0), e, f),
-        _mm512_fmadd_ps(
-            k(1.5),
-            _mm512_sub_ps(d2, d4),
-            _mm512_fmadd_ps(k(-2.0), d3, _mm512_add_ps(d1, d5)),
-        ),
-    ]
+    // SAFETY: the caller's contract.
+    unsafe { bt4_simd::<Avx512>(x) }
+}
+
+/// `B^T x` (the table `BT4`) of six vectors, written out.
+///
+/// # Safety
+/// The CPU supports `S`'s instructions.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn bt4_simd<S: Simd>(x: &[S::V; 6]) -> [S::V; 6] {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let [d0, d1, d2, d3, d4, d5] = *x;
+        let e = S::sub(d1, d3);
+        let f = S::sub(d4, d2);
+        [
+            S::fmadd(
+                S::splat(1.5),
+                e,
+                S::fmadd(S::splat(-2.0), d2, S::add(d0, d4)),
+            ),
+            S::fmadd(
+                S::splat(-2.5),
+                d2,
+                S::fmadd(S::splat(-0.5), d3, S::sub(d4, d1)),
+            ),
+            S::fmadd(
+                S::splat(0.5),
+                d2,
+                S::fmadd(S::splat(-2.5), d3, S::add(d4, d1)),
+            ),
+            S::fmadd(S::splat(-0.5), e, f),
+            S::fmadd(S::splat(2.0), e, f),
+            S::fmadd(
+                S::splat(1.5),
+                S::sub(d2, d4),
+                S::fmadd(S::splat(-2.0), d3, S::add(d1, d5)),
+            ),
+        ]
+    }
+}
+
+/// `A^T x` (the table `AT4`) of six vectors on AVX-512F, as the kernels
+/// compute it ([`at4_simd`]).
+///
+/// # Safety
+/// The CPU supports AVX-512F.
+#[cfg(all(test, target_arch = "x86_64"))]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn at4(x: &[std::arch::x86_64::__m512; 6]) -> [std::arch::x86_64::__m512; 4] {
+    // SAFETY: the caller's contract.
+    unsafe { at4_simd::<Avx512>(x) }
 }
 
 /// `A^T x` (the table `AT4`) of six vectors, written out.
 ///
 /// # Safety
-/// The CPU supports AVX-512F.
+/// The CPU supports `S`'s instructions.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn at4(x: &[std::arch::x86_64::__m512; 6]) -> [std::arch::x86_64::__m512; 4] {
-    use std::arch::x86_64::*;
-    let k = _mm512_set1_ps;
-    let [m0, m1, m2, m3, m4, m5] = *x;
-    let (a, b) = (_mm512_add_ps(m1, m2), _mm512_sub_ps(m1, m2));
-    [
-        _mm512_add_ps(_mm512_add_ps(m0, a), _mm512_add_ps(m3, m4)),
-        _mm512_fmadd_ps(k(2.0), m3, _mm512_fmadd_ps(k(-0.5), m4, b)),
-        _mm512_fmadd_ps(k(4.0), m3, _mm512_fmadd_ps(k(0.25), m4, a)),
-        _mm512_fmadd_ps(
-            k(8.0),
-            m3,
-            _mm512_fmadd_ps(k(-0.125), m4, _mm512_add_ps(b, m5)),
-        ),
-    ]
+#[inline(always)]
+unsafe fn at4_simd<S: Simd>(x: &[S::V; 6]) -> [S::V; 4] {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let [m0, m1, m2, m3, m4, m5] = *x;
+        let (a, b) = (S::add(m1, m2), S::sub(m1, m2));
+        [
+            S::add(S::add(m0, a), S::add(m3, m4)),
+            S::fmadd(S::splat(2.0), m3, S::fmadd(S::splat(-0.5), m4, b)),
+            S::fmadd(S::splat(4.0), m3, S::fmadd(S::splat(0.25), m4, a)),
+            S::fmadd(
+                S::splat(8.0),
+                m3,
+                S::fmadd(S::splat(-0.125), m4, S::add(b, m5)),
+            ),
+        ]
+    }
 }
 
-/// F(4x4, 3x3) input transform `V = B^T d B` ([`bt4`]) of one 6x6 tile for
-/// 16 channels, rounded to bfloat16: reads pixel (r, c) at
-/// `src + r * row_stride + c * pixel_stride`, writes position p (32 bytes)
-/// at `dst + p * pos_stride`.
+/// F(4x4, 3x3) input transform `V = B^T d B` ([`bt4_simd`]) of one 6x6 tile for
+/// one register of channels: reads pixel (r, c) at
+/// `src + r * row_stride + c * pixel_stride`, returns position `6 i + j` at
+/// `[i][j]`.
+///
+/// # Safety
+/// The CPU supports `S`'s instructions; the reads are in bounds.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn wide_transform_simd<S: Simd>(
+    src: *const f32,
+    row_stride: usize,
+    pixel_stride: usize,
+) -> [[S::V; 6]; 6] {
+    // SAFETY: in bounds by the function's contract. (Loops, not closures:
+    // a closure would not inherit the caller's target features.)
+    unsafe {
+        // t = B^T d, one column of d at a time, stored transposed: t[i][c].
+        let mut t = [[S::zero(); 6]; 6];
+        for c in 0..6 {
+            let mut col = [S::zero(); 6];
+            for (r, v) in col.iter_mut().enumerate() {
+                *v = S::load(src.add(r * row_stride + c * pixel_stride));
+            }
+            for (row, v) in t.iter_mut().zip(bt4_simd::<S>(&col)) {
+                row[c] = v;
+            }
+        }
+        // V = t B: row i of V is B^T applied to row i of t.
+        let mut v = [[S::zero(); 6]; 6];
+        for (row, out) in t.iter().zip(v.iter_mut()) {
+            *out = bt4_simd::<S>(row);
+        }
+        v
+    }
+}
+
+/// F(4x4, 3x3) input transform ([`wide_transform_simd`]) of one 6x6 tile
+/// for 16 channels, rounded to bfloat16: writes position p (32 bytes) at
+/// `dst + p * pos_stride`.
 ///
 /// # Safety
 /// The CPU supports AVX-512F and AVX512-BF16; the reads and writes are in
@@ -1199,25 +1392,45 @@ unsafe fn wide_input_bf16(
     pos_stride: usize,
 ) {
     use std::arch::x86_64::*;
-    // t = B^T d, one column of d at a time (t transposed: tt[c][i]).
-    let tt: [[__m512; 6]; 6] = std::array::from_fn(|c| {
-        // SAFETY: in bounds by the function's contract.
-        let col: [__m512; 6] = std::array::from_fn(|r| unsafe {
-            _mm512_loadu_ps(src.add(r * row_stride + c * pixel_stride))
-        });
-        unsafe { bt4(&col) }
-    });
-    // V = t B: row i of V is B^T applied to row i of t.
-    let t: [[__m512; 6]; 6] = std::array::from_fn(|i| std::array::from_fn(|c| tt[c][i]));
-    for (i, row) in t.iter().enumerate() {
-        for (j, v) in unsafe { bt4(row) }.into_iter().enumerate() {
-            let half: __m256i = unsafe { std::mem::transmute(_mm512_cvtneps_pbh(v)) };
+    // SAFETY: in bounds by the function's contract.
+    let v = unsafe { wide_transform_simd::<Avx512>(src, row_stride, pixel_stride) };
+    for (i, row) in v.iter().enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            let half: __m256i = unsafe { std::mem::transmute(_mm512_cvtneps_pbh(*v)) };
             unsafe { _mm256_storeu_si256(dst.add((i * 6 + j) * pos_stride).cast(), half) };
         }
     }
 }
 
-/// F(4x4, 3x3) output transform `Y = A^T M A` ([`at4`]) of one tile for 16
+/// F(4x4, 3x3) input transform on AVX2 with FMA, in f32, for all `cin`
+/// channels of a tile (a multiple of 8, `cin` apart from pixel to pixel):
+/// position p of channel c at `dst + p * pos_stride + c`.
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; the reads and writes are in bounds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn wide_input_avx2(
+    src: *const f32,
+    row_stride: usize,
+    cin: usize,
+    dst: *mut f32,
+    pos_stride: usize,
+) {
+    for c in (0..cin).step_by(Avx2::LANES) {
+        // SAFETY: in bounds by the function's contract.
+        unsafe {
+            let v = wide_transform_simd::<Avx2>(src.add(c), row_stride, cin);
+            for (i, row) in v.iter().enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    Avx2::store(dst.add((i * 6 + j) * pos_stride + c), *v);
+                }
+            }
+        }
+    }
+}
+
+/// F(4x4, 3x3) output transform `Y = A^T M A` ([`at4_simd`]) of one tile for 16
 /// channels (position p read at `src + p * pos_stride`), then each 2x2
 /// window's max plus the bias, ReLU'd: pooled pixel q (row-major in the
 /// tile's 2x2) written at `out + q * out_stride`.
@@ -1233,28 +1446,71 @@ unsafe fn wide_output(
     out: *mut f32,
     out_stride: usize,
 ) {
-    use std::arch::x86_64::*;
-    // s = A^T M, one column of M at a time (transposed: st[c][i]).
-    let st: [[__m512; 4]; 6] = std::array::from_fn(|c| {
+    // SAFETY: the caller's contract.
+    unsafe { wide_output_simd::<Avx512>(src, pos_stride, bias, out, out_stride) }
+}
+
+/// [`wide_output`] on AVX2 with FMA, for all `cout` channels of a tile (a
+/// multiple of 8; pooled pixels `cout` apart).
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; the reads and the writes are in bounds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn wide_output_avx2(
+    src: *const f32,
+    pos_stride: usize,
+    bias: *const f32,
+    out: *mut f32,
+    cout: usize,
+) {
+    for c in (0..cout).step_by(Avx2::LANES) {
         // SAFETY: in bounds by the function's contract.
-        let col: [__m512; 6] =
-            std::array::from_fn(|r| unsafe { _mm512_loadu_ps(src.add((r * 6 + c) * pos_stride)) });
-        unsafe { at4(&col) }
-    });
-    // Y = s A: row i of Y is A^T applied to row i of s.
-    let y: [[__m512; 4]; 4] = std::array::from_fn(|i| {
-        let row: [__m512; 6] = std::array::from_fn(|c| st[c][i]);
-        unsafe { at4(&row) }
-    });
-    let b = unsafe { _mm512_loadu_ps(bias) };
-    for q in 0..4 {
-        let (r, c) = (2 * (q / 2), 2 * (q % 2));
-        let best = _mm512_max_ps(
-            _mm512_max_ps(y[r][c], y[r][c + 1]),
-            _mm512_max_ps(y[r + 1][c], y[r + 1][c + 1]),
-        );
-        let v = _mm512_max_ps(_mm512_add_ps(best, b), _mm512_setzero_ps());
-        unsafe { _mm512_storeu_ps(out.add(q * out_stride), v) };
+        unsafe { wide_output_simd::<Avx2>(src.add(c), pos_stride, bias.add(c), out.add(c), cout) };
+    }
+}
+
+/// [`wide_output`] for any register width.
+///
+/// # Safety
+/// The CPU supports `S`'s instructions; the reads and the writes are in
+/// bounds.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn wide_output_simd<S: Simd>(
+    src: *const f32,
+    pos_stride: usize,
+    bias: *const f32,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    // SAFETY: in bounds by the function's contract.
+    unsafe {
+        // s = A^T M, one column of M at a time, stored transposed: s[i][c].
+        let mut s = [[S::zero(); 6]; 4];
+        for c in 0..6 {
+            let mut col = [S::zero(); 6];
+            for (r, v) in col.iter_mut().enumerate() {
+                *v = S::load(src.add((r * 6 + c) * pos_stride));
+            }
+            for (row, v) in s.iter_mut().zip(at4_simd::<S>(&col)) {
+                row[c] = v;
+            }
+        }
+        // Y = s A: row i of Y is A^T applied to row i of s.
+        let mut y = [[S::zero(); 4]; 4];
+        for (row, out) in s.iter().zip(y.iter_mut()) {
+            *out = at4_simd::<S>(row);
+        }
+        let b = S::load(bias);
+        for q in 0..4 {
+            let (r, c) = (2 * (q / 2), 2 * (q % 2));
+            let best = S::max(
+                S::max(y[r][c], y[r][c + 1]),
+                S::max(y[r + 1][c], y[r + 1][c + 1]),
+            );
+            S::store(out.add(q * out_stride), S::max(S::add(best, b), S::zero()));
+        }
     }
 }
 
@@ -1272,29 +1528,47 @@ unsafe fn wino_transform(
     row_stride: usize,
     pixel_stride: usize,
 ) -> [std::arch::x86_64::__m512; WINO] {
-    use std::arch::x86_64::*;
-    let d: [[__m512; 4]; 4] = std::array::from_fn(|r| {
-        std::array::from_fn(|c| unsafe {
-            _mm512_loadu_ps(src.add(r * row_stride + c * pixel_stride))
-        })
-    });
-    // t = B^T d (over rows), then V = t B (over columns).
-    let mut t = [[_mm512_setzero_ps(); 4]; 4];
-    for c in 0..4 {
-        t[0][c] = _mm512_sub_ps(d[0][c], d[2][c]);
-        t[1][c] = _mm512_add_ps(d[1][c], d[2][c]);
-        t[2][c] = _mm512_sub_ps(d[2][c], d[1][c]);
-        t[3][c] = _mm512_sub_ps(d[1][c], d[3][c]);
-    }
-    std::array::from_fn(|p| {
-        let r = &t[p / 4];
-        match p % 4 {
-            0 => _mm512_sub_ps(r[0], r[2]),
-            1 => _mm512_add_ps(r[1], r[2]),
-            2 => _mm512_sub_ps(r[2], r[1]),
-            _ => _mm512_sub_ps(r[1], r[3]),
+    // SAFETY: the caller's contract.
+    unsafe { wino_transform_simd::<Avx512>(src, row_stride, pixel_stride) }
+}
+
+/// [`wino_transform`] for any register width.
+///
+/// # Safety
+/// The CPU supports `S`'s instructions; the reads are in bounds.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn wino_transform_simd<S: Simd>(
+    src: *const f32,
+    row_stride: usize,
+    pixel_stride: usize,
+) -> [S::V; WINO] {
+    // SAFETY: in bounds by the function's contract. (No closures here: they
+    // would not inherit the caller's target features.)
+    unsafe {
+        let mut d = [[S::zero(); 4]; 4];
+        for (r, row) in d.iter_mut().enumerate() {
+            for (c, v) in row.iter_mut().enumerate() {
+                *v = S::load(src.add(r * row_stride + c * pixel_stride));
+            }
         }
-    })
+        // t = B^T d (over rows), then V = t B (over columns).
+        let mut t = [[S::zero(); 4]; 4];
+        for c in 0..4 {
+            t[0][c] = S::sub(d[0][c], d[2][c]);
+            t[1][c] = S::add(d[1][c], d[2][c]);
+            t[2][c] = S::sub(d[2][c], d[1][c]);
+            t[3][c] = S::sub(d[1][c], d[3][c]);
+        }
+        let mut v = [S::zero(); WINO];
+        for (r, row) in t.iter().enumerate() {
+            v[4 * r] = S::sub(row[0], row[2]);
+            v[4 * r + 1] = S::add(row[1], row[2]);
+            v[4 * r + 2] = S::sub(row[2], row[1]);
+            v[4 * r + 3] = S::sub(row[1], row[3]);
+        }
+        v
+    }
 }
 
 /// [`wino_transform`] of one tile, position p written at
@@ -1351,34 +1625,152 @@ unsafe fn wino_input_bf16(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn wino_output(src: *const f32, pos_stride: usize, bias: *const f32, out: *mut f32) {
-    use std::arch::x86_64::*;
-    let m: [__m512; 16] =
-        std::array::from_fn(|p| unsafe { _mm512_loadu_ps(src.add(p * pos_stride)) });
-    // s = A^T m (over rows): 2x4.
-    let s: [[__m512; 4]; 2] = std::array::from_fn(|i| {
-        std::array::from_fn(|j| {
+    // SAFETY: the caller's contract.
+    unsafe { wino_output_simd::<Avx512>(src, pos_stride, bias, out) }
+}
+
+/// [`wino_output`] for any register width.
+///
+/// # Safety
+/// The CPU supports `S`'s instructions; the reads and the write are in
+/// bounds.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn wino_output_simd<S: Simd>(
+    src: *const f32,
+    pos_stride: usize,
+    bias: *const f32,
+    out: *mut f32,
+) {
+    // SAFETY: in bounds by the function's contract.
+    unsafe {
+        let mut m = [S::zero(); WINO];
+        for (p, v) in m.iter_mut().enumerate() {
+            *v = S::load(src.add(p * pos_stride));
+        }
+        // s = A^T m (over rows): 2x4.
+        let mut s = [[S::zero(); 4]; 2];
+        for j in 0..4 {
             let (a, b, c, d) = (m[j], m[4 + j], m[8 + j], m[12 + j]);
-            if i == 0 {
-                _mm512_add_ps(_mm512_add_ps(a, b), c)
-            } else {
-                _mm512_sub_ps(_mm512_sub_ps(b, c), d)
-            }
-        })
-    });
-    let mut best = _mm512_set1_ps(f32::NEG_INFINITY);
-    for r in &s {
-        let y0 = _mm512_add_ps(_mm512_add_ps(r[0], r[1]), r[2]);
-        let y1 = _mm512_sub_ps(_mm512_sub_ps(r[1], r[2]), r[3]);
-        best = _mm512_max_ps(best, _mm512_max_ps(y0, y1));
+            s[0][j] = S::add(S::add(a, b), c);
+            s[1][j] = S::sub(S::sub(b, c), d);
+        }
+        let mut best = S::splat(f32::NEG_INFINITY);
+        for r in &s {
+            let y0 = S::add(S::add(r[0], r[1]), r[2]);
+            let y1 = S::sub(S::sub(r[1], r[2]), r[3]);
+            best = S::max(best, S::max(y0, y1));
+        }
+        let y = S::max(S::add(best, S::load(bias)), S::zero());
+        S::store(out, y);
     }
-    let b = unsafe { _mm512_loadu_ps(bias) };
-    let y = _mm512_max_ps(_mm512_add_ps(best, b), _mm512_setzero_ps());
-    unsafe { _mm512_storeu_ps(out, y) };
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Numbers in -1..1 from a fixed seed.
+    fn numbers(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The network in plain loops: 3x3 convolution (zero padding), bias,
+    /// 2x2 max-pool, ReLU per block; global average pool; linear layer.
+    fn plain_logits(
+        side: usize,
+        mut cin: usize,
+        picture: &[f32],
+        convs: &[(Vec<f32>, Vec<f32>)],
+        (fc_w, fc_b): (&[f32], &[f32]),
+    ) -> Vec<f32> {
+        let (mut side, mut map) = (side, picture.to_vec());
+        for (w, b) in convs {
+            let cout = b.len();
+            let half = side / 2;
+            let mut next = vec![f32::NEG_INFINITY; half * half * cout];
+            for y in 0..side {
+                for x in 0..side {
+                    for co in 0..cout {
+                        let mut acc = b[co];
+                        for (ky, kx) in (0..3).flat_map(|ky| (0..3).map(move |kx| (ky, kx))) {
+                            let (iy, ix) = ((y + ky).wrapping_sub(1), (x + kx).wrapping_sub(1));
+                            if iy >= side || ix >= side {
+                                continue;
+                            }
+                            for ci in 0..cin {
+                                acc += map[(iy * side + ix) * cin + ci]
+                                    * w[((co * cin + ci) * 3 + ky) * 3 + kx];
+                            }
+                        }
+                        let at = &mut next[((y / 2) * half + x / 2) * cout + co];
+                        *at = at.max(acc);
+                    }
+                }
+            }
+            next.iter_mut().for_each(|v| *v = v.max(0.0));
+            (side, cin, map) = (half, cout, next);
+        }
+        let pooled: Vec<f32> = (0..cin)
+            .map(|c| map.iter().skip(c).step_by(cin).sum::<f32>() / (side * side) as f32)
+            .collect();
+        fc_b.iter()
+            .enumerate()
+            .map(|(l, b)| {
+                b + (0..cin)
+                    .map(|f| pooled[f] * fc_w[f * fc_b.len() + l])
+                    .sum::<f32>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_instruction_set_computes_the_plain_network() {
+        // Geometries whose blocks take every f32 register tile: direct
+        // first blocks of 1 and 2 registers, Winograd blocks of 1, 2 and 3.
+        for (side, channels) in [(32, vec![16, 48, 32]), (16, vec![32, 16])] {
+            let mut cin = 3;
+            let convs: Vec<(Vec<f32>, Vec<f32>)> = channels
+                .iter()
+                .enumerate()
+                .map(|(i, &cout)| {
+                    let scale = 1.0 / (9.0 * cin as f32).sqrt();
+                    let w = numbers(cout * cin * TAPS, i as u64 + 1);
+                    let w = w.into_iter().map(|v| v * 2.0 * scale).collect();
+                    cin = cout;
+                    (w, numbers(cout, i as u64 + 50))
+                })
+                .collect();
+            let fc = (numbers(cin * 2, 99), numbers(2, 98));
+            let pictures = numbers(2 * side * side * 3, 7);
+            let want: Vec<f32> = pictures
+                .chunks_exact(side * side * 3)
+                .flat_map(|p| plain_logits(side, 3, p, &convs, (&fc.0, &fc.1)))
+                .collect();
+            for isa in [Isa::Avx512, Isa::Avx2] {
+                let Some(net) = DirectNet::on(isa, (side, 3), &convs, fc.clone(), Precision::F32)
+                else {
+                    eprintln!("this CPU does not run {isa:?}");
+                    continue;
+                };
+                let got = net.logits(&pictures, 1);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() < 1e-4,
+                        "{isa:?} {channels:?}: {got:?} vs {want:?}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn wide_transforms_compute_a_3x3_convolution() {
@@ -1398,7 +1790,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     fn written_out_transforms_are_the_matrices() {
         use std::arch::x86_64::*;
-        if !available() {
+        if Isa::detect() != Some(Isa::Avx512) {
             eprintln!("this CPU has no AVX-512F: nothing to check");
             return;
         }

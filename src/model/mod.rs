@@ -17,6 +17,7 @@ pub mod amx;
 pub mod batchnorm;
 pub mod conv;
 pub mod direct;
+pub mod simd;
 pub mod weights;
 
 use std::collections::{BTreeMap, HashMap};
@@ -733,7 +734,9 @@ mod tests {
         let reference = cnn.forward(&x, false, None).unwrap();
         let direct = cnn.classifier(ConvImpl::Direct).unwrap();
         if !direct::available() {
-            eprintln!("this CPU has no AVX-512F: the direct kernels fall back to im2col");
+            eprintln!(
+                "this CPU has neither AVX-512F nor AVX2: the direct kernels fall back to im2col"
+            );
         } else {
             assert_eq!(direct.conv_impl(), ConvImpl::Direct);
         }

@@ -1,0 +1,177 @@
+//! The vector instruction sets the CPU kernels are written for, behind one
+//! small trait, so a kernel is written once and compiled for each.
+//!
+//! [`Simd`]'s operations are `#[inline(always)]` and carry no target
+//! features of their own: a kernel generic over [`Simd`] is instantiated
+//! inside a function compiled with the features (`#[target_feature]`), where
+//! the operations inline to single instructions. Calling them anywhere else
+//! is the caller's promise that the CPU has the features ([`Isa::detect`]).
+//!
+//! This module knows registers only: no layouts, no networks.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// The instruction sets the kernels run on, fastest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512F: 16 f32 lanes per register, 32 registers.
+    Avx512,
+    /// AVX2 with FMA: 8 f32 lanes per register, 16 registers (x86-64 CPUs
+    /// without AVX-512, such as AMD Zen 1 to 3 and Intel before Ice Lake).
+    Avx2,
+}
+
+impl Isa {
+    /// The widest instruction set this CPU runs, if any.
+    pub fn detect() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Some(Self::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Some(Self::Avx2);
+            }
+        }
+        None
+    }
+}
+
+/// One f32 vector register and the operations the kernels use.
+///
+/// # Safety
+/// Every operation needs the CPU features of its implementation; see the
+/// module comment.
+pub(crate) trait Simd {
+    /// The register.
+    type V: Copy;
+    /// f32 lanes per register.
+    const LANES: usize;
+    /// All lanes zero.
+    unsafe fn zero() -> Self::V;
+    /// All lanes `x`.
+    unsafe fn splat(x: f32) -> Self::V;
+    /// `LANES` values from `p` (unaligned).
+    unsafe fn load(p: *const f32) -> Self::V;
+    /// `LANES` values to `p` (unaligned).
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// `a * b + c`, rounded once.
+    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `a + b`.
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    /// `a - b`.
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise maximum.
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+}
+
+/// AVX-512F registers.
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl Simd for Avx512 {
+    type V = __m512;
+    const LANES: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> __m512 {
+        unsafe { _mm512_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> __m512 {
+        unsafe { _mm512_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m512 {
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m512) {
+        unsafe { _mm512_storeu_ps(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+        unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_add_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_sub_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn max(a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_max_ps(a, b) }
+    }
+}
+
+/// AVX2 registers with FMA.
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Simd for Avx2 {
+    type V = __m256;
+    const LANES: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> __m256 {
+        unsafe { _mm256_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> __m256 {
+        unsafe { _mm256_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m256 {
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m256) {
+        unsafe { _mm256_storeu_ps(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+        unsafe { _mm256_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m256, b: __m256) -> __m256 {
+        unsafe { _mm256_add_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+        unsafe { _mm256_sub_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn max(a: __m256, b: __m256) -> __m256 {
+        unsafe { _mm256_max_ps(a, b) }
+    }
+}
+
+/// An AVX2 register tile's split of `regs` 8-lane registers of output
+/// channels into tiles of at most 2, as `(first register, count)`. With the
+/// pixels split as [`avx2_pixels`] says, a tile holds at most 6 x 2 sums,
+/// the 2 weights and the broadcast input in the 16 registers (LLVM spills
+/// one sum of a 4 x 3 tile, which costs half the speed).
+pub(crate) fn avx2_tiles(regs: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..regs).step_by(2).map(move |c| (c, (regs - c).min(2)))
+}
+
+/// An AVX2 register tile's split of `pixels` pixels (a multiple of 4) into
+/// tiles of 6 and 4, as `(first pixel, count)`.
+pub(crate) fn avx2_pixels(pixels: usize) -> impl Iterator<Item = (usize, usize)> {
+    let sixes = if pixels % 6 == 4 || pixels.is_multiple_of(6) {
+        pixels / 6
+    } else {
+        0
+    };
+    let split = sixes * 6;
+    (0..split)
+        .step_by(6)
+        .map(|p| (p, 6))
+        .chain((split..pixels).step_by(4).map(|p| (p, 4)))
+}
