@@ -249,7 +249,8 @@ pub fn align(picture: Rgb<'_>, face: &Face, crop: &FaceCrop, n: usize, out: &mut
 /// The source position is affine in the output pixel: each row starts from
 /// one point and steps by a fixed increment (`x = row + u * step`, the same
 /// arithmetic in the vector path, so both give the same bytes). On CPUs
-/// with AVX-512 (BW, VBMI) sixteen pixels are sampled at a time.
+/// with AVX-512 (BW, VBMI) sixteen pixels are sampled at a time, with AVX2
+/// eight.
 #[allow(clippy::too_many_arguments)]
 fn warp(
     src: Rgb<'_>,
@@ -277,20 +278,18 @@ fn warp(
         (centre[0] + cos * f0 - sin * f0 - origin[0]) * scale[0] - 0.5,
         (centre[1] + sin * f0 + cos * f0 - origin[1]) * scale[1] - 0.5,
     ];
-    let vector = simd::available();
+    let lanes = simd::lanes();
     for (v, row) in out[..n * n * 3].chunks_exact_mut(n * 3).enumerate() {
         let start = [p0[0] + v as f32 * dv[0], p0[1] + v as f32 * dv[1]];
         let mut u = 0;
-        if vector {
-            while u + simd::PIXELS <= n {
-                // SAFETY: AVX-512F/BW/VBMI present (`simd::available`); the
-                // 16 pixels' bytes lie inside `row`.
-                let done = unsafe { simd::sample16(src, start, du, u, row[u * 3..].as_mut_ptr()) };
-                if !done {
-                    break;
-                }
-                u += simd::PIXELS;
+        while lanes > 0 && u + lanes <= n {
+            // SAFETY: the CPU runs the sampler of `lanes` pixels
+            // (`simd::lanes`); their bytes lie inside `row`.
+            let done = unsafe { simd::sample(lanes, src, start, du, u, row[u * 3..].as_mut_ptr()) };
+            if !done {
+                break;
             }
+            u += lanes;
         }
         for (u, o) in (u..n).zip(row[u * 3..].chunks_exact_mut(3)) {
             let x = start[0] + u as f32 * du[0];
@@ -325,9 +324,6 @@ fn bilinear(src: Rgb<'_>, x: f32, y: f32) -> [u8; 3] {
 mod simd {
     use super::Rgb;
 
-    /// Output pixels per call.
-    pub const PIXELS: usize = 16;
-
     /// Three bytes of every four, in order: output byte k is byte
     /// 4 * (k / 3) + k % 3 of sixteen packed `RGBx` lanes.
     #[cfg(target_arch = "x86_64")]
@@ -341,18 +337,158 @@ mod simd {
         order
     };
 
-    /// Whether this CPU runs [`sample16`].
-    pub fn available() -> bool {
+    /// Pixels per call of the widest sampler this CPU runs: 16
+    /// ([`sample16`]), 8 ([`sample8`]) or 0 (none).
+    pub fn lanes() -> usize {
         #[cfg(target_arch = "x86_64")]
         {
-            std::arch::is_x86_feature_detected!("avx512f")
+            if std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512vbmi")
+            {
+                return 16;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return 8;
+            }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
+        0
+    }
+
+    /// [`sample16`] or [`sample8`], as `lanes` says.
+    ///
+    /// # Safety
+    /// `lanes` is what [`lanes`] says (not 0); otherwise as the sampler.
+    pub unsafe fn sample(
+        lanes: usize,
+        src: Rgb<'_>,
+        start: [f32; 2],
+        du: [f32; 2],
+        u: usize,
+        out: *mut u8,
+    ) -> bool {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if lanes == 16 {
+                sample16(src, start, du, u, out)
+            } else {
+                sample8(src, start, du, u, out)
+            }
         }
+    }
+
+    /// [`sample16`] for eight pixels on AVX2 (24 bytes to `out`).
+    ///
+    /// # Safety
+    /// The CPU supports AVX2; `out` has room for 24 bytes; `src` holds
+    /// `w * h * 3` bytes, `w` and `h` at least 1.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn sample8(
+        src: Rgb<'_>,
+        start: [f32; 2],
+        du: [f32; 2],
+        u: usize,
+        out: *mut u8,
+    ) -> bool {
+        use std::arch::x86_64::*;
+        let (w, h) = (src.w as i32, src.h as i32);
+        let stride = w * 3;
+        let iota = _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0);
+        let us = _mm256_add_ps(_mm256_set1_ps(u as f32), iota);
+        // The scalar path's arithmetic: a multiply, then an add (no FMA).
+        let xs = _mm256_add_ps(
+            _mm256_set1_ps(start[0]),
+            _mm256_mul_ps(us, _mm256_set1_ps(du[0])),
+        );
+        let ys = _mm256_add_ps(
+            _mm256_set1_ps(start[1]),
+            _mm256_mul_ps(us, _mm256_set1_ps(du[1])),
+        );
+        let zero = _mm256_setzero_ps();
+        let sx = _mm256_min_ps(_mm256_max_ps(xs, zero), _mm256_set1_ps((w - 1) as f32));
+        let sy = _mm256_min_ps(_mm256_max_ps(ys, zero), _mm256_set1_ps((h - 1) as f32));
+        let (x0, y0) = (_mm256_cvttps_epi32(sx), _mm256_cvttps_epi32(sy));
+        let ax = _mm256_sub_ps(sx, _mm256_cvtepi32_ps(x0));
+        let ay = _mm256_sub_ps(sy, _mm256_cvtepi32_ps(y0));
+        let one = _mm256_set1_epi32(1);
+        let dx = _mm256_and_si256(
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(w), _mm256_add_epi32(x0, one)),
+            _mm256_set1_epi32(3),
+        );
+        let dy = _mm256_and_si256(
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(h), _mm256_add_epi32(y0, one)),
+            _mm256_set1_epi32(stride),
+        );
+        let i00 = _mm256_add_epi32(
+            _mm256_mullo_epi32(y0, _mm256_set1_epi32(stride)),
+            _mm256_mullo_epi32(x0, _mm256_set1_epi32(3)),
+        );
+        let i10 = _mm256_add_epi32(i00, dx);
+        let i01 = _mm256_add_epi32(i00, dy);
+        let i11 = _mm256_add_epi32(i01, dx);
+        // Each gather reads four bytes (RGB and the next pixel's red); the
+        // largest offset is i11's (offsets grow with x0, y0, dx and dy).
+        let mut last = [0i32; 8];
+        // SAFETY: 8 i32 written into `last`.
+        unsafe { _mm256_storeu_si256(last.as_mut_ptr().cast(), i11) };
+        if last.iter().max().map_or(0, |&m| m as usize) + 4 > src.pixels.len() {
+            return false;
+        }
+        let base = src.pixels.as_ptr().cast::<i32>();
+        // SAFETY: every offset is at most `i11`'s largest, checked above.
+        let (g00, g10, g01, g11) = unsafe {
+            (
+                _mm256_i32gather_epi32::<1>(base, i00),
+                _mm256_i32gather_epi32::<1>(base, i10),
+                _mm256_i32gather_epi32::<1>(base, i01),
+                _mm256_i32gather_epi32::<1>(base, i11),
+            )
+        };
+        let byte = _mm256_set1_epi32(0xff);
+        let half = _mm256_set1_ps(0.5);
+        let mut packed = _mm256_setzero_si256();
+        for c in 0..3 {
+            let level = |g: __m256i| -> __m256 {
+                let shifted = match c {
+                    0 => g,
+                    1 => _mm256_srli_epi32::<8>(g),
+                    _ => _mm256_srli_epi32::<16>(g),
+                };
+                _mm256_cvtepi32_ps(_mm256_and_si256(shifted, byte))
+            };
+            let (p00, p10, p01, p11) = (level(g00), level(g10), level(g01), level(g11));
+            let top = _mm256_add_ps(p00, _mm256_mul_ps(_mm256_sub_ps(p10, p00), ax));
+            let bottom = _mm256_add_ps(p01, _mm256_mul_ps(_mm256_sub_ps(p11, p01), ax));
+            let v = _mm256_add_ps(
+                _mm256_add_ps(top, _mm256_mul_ps(_mm256_sub_ps(bottom, top), ay)),
+                half,
+            );
+            let q = _mm256_cvttps_epi32(v);
+            let q = match c {
+                0 => q,
+                1 => _mm256_slli_epi32::<8>(q),
+                _ => _mm256_slli_epi32::<16>(q),
+            };
+            packed = _mm256_or_si256(packed, q);
+        }
+        // Each 128-bit half: four RGBx pixels to 12 bytes of RGB.
+        let order = _mm256_setr_epi8(
+            0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1, 0, 1, 2, 4, 5, 6, 8, 9, 10, 12,
+            13, 14, -1, -1, -1, -1,
+        );
+        let mut bytes = [0u8; 32];
+        // SAFETY: 32 bytes written into `bytes`; 24 copied into `out`, which
+        // has room for them.
+        unsafe {
+            _mm256_storeu_si256(
+                bytes.as_mut_ptr().cast(),
+                _mm256_shuffle_epi8(packed, order),
+            );
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), out, 12);
+            std::ptr::copy_nonoverlapping(bytes.as_ptr().add(16), out.add(12), 12);
+        }
+        true
     }
 
     /// Samples output pixels `u..u + 16` of a row starting at source
@@ -459,9 +595,15 @@ mod simd {
         true
     }
 
-    /// Never called: [`available`] is false off x86-64.
+    /// Never called: [`lanes`] is 0 off x86-64.
     #[cfg(not(target_arch = "x86_64"))]
     pub unsafe fn sample16(_: Rgb<'_>, _: [f32; 2], _: [f32; 2], _: usize, _: *mut u8) -> bool {
+        false
+    }
+
+    /// Never called: [`lanes`] is 0 off x86-64.
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn sample8(_: Rgb<'_>, _: [f32; 2], _: [f32; 2], _: usize, _: *mut u8) -> bool {
         false
     }
 }
@@ -469,6 +611,51 @@ mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn eight_pixel_sampling_matches_the_scalar_one() {
+        // The AVX2 sampler, also where `warp` takes the AVX-512 one: every
+        // row start and step of a turned crop, each byte as `bilinear` says,
+        // and no write where a read would pass the end of a tiny source.
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("this CPU has no AVX2: nothing to compare");
+            return;
+        }
+        let (w, h) = (29u32, 17u32);
+        let pixels: Vec<u8> = (0..w * h * 3).map(|i| (i * 89 % 253) as u8).collect();
+        let src = Rgb {
+            pixels: &pixels,
+            w,
+            h,
+        };
+        let (sin, cos) = 0.35f32.sin_cos();
+        for v in 0..24 {
+            let start = [-3.0 + 0.9 * v as f32, 2.0 - 0.4 * v as f32];
+            let du = [cos * 1.3, sin * 1.3];
+            for u in [0usize, 5, 8, 16] {
+                let mut out = [0u8; 24];
+                // SAFETY: AVX2 checked above; 24 bytes of room.
+                if unsafe { simd::sample8(src, start, du, u, out.as_mut_ptr()) } {
+                    for (i, px) in out.chunks_exact(3).enumerate() {
+                        let x = start[0] + (u + i) as f32 * du[0];
+                        let y = start[1] + (u + i) as f32 * du[1];
+                        assert_eq!(px, bilinear(src, x, y), "row {v}, pixel {}", u + i);
+                    }
+                }
+            }
+        }
+        let tiny = [7u8, 200, 31];
+        let one = Rgb {
+            pixels: &tiny,
+            w: 1,
+            h: 1,
+        };
+        let mut out = [0u8; 24];
+        // SAFETY: as above; the 4-byte read of the only pixel passes the end.
+        let done = unsafe { simd::sample8(one, [0.0, 0.0], [0.5, 0.0], 0, out.as_mut_ptr()) };
+        assert!(!done && out == [0u8; 24]);
+    }
 
     #[test]
     fn vector_sampling_matches_the_scalar_one() {
