@@ -905,14 +905,71 @@ impl Block {
     fn pool_rows(&self, rows: &[f32], pixel: &mut [f32], mut emit: impl FnMut(usize, &[f32])) {
         let (side, c) = (self.side, self.cout);
         let (top, bottom) = rows.split_at(side * c);
+        assert!(pixel.len() == c && self.bias.len() == c && c.is_multiple_of(LANES));
         for x in 0..side / 2 {
             let a = &top[2 * x * c..][..2 * c];
             let b = &bottom[2 * x * c..][..2 * c];
-            for (ch, out) in pixel.iter_mut().enumerate() {
-                let m = a[ch].max(a[c + ch]).max(b[ch].max(b[c + ch]));
-                *out = (m + self.bias[ch]).max(0.0);
+            // SAFETY: the CPU runs `self.isa` (checked when the network was
+            // built); `a` and `b` hold two pixels of `c` values, `bias` and
+            // `pixel` `c` values (asserted above), `c` a multiple of 16.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                let at = (a.as_ptr(), b.as_ptr(), self.bias.as_ptr());
+                match self.isa {
+                    Isa::Avx512 => pool_avx512(at, pixel.as_mut_ptr(), c),
+                    Isa::Avx2 => pool_avx2(at, pixel.as_mut_ptr(), c),
+                }
             }
             emit(x, pixel);
+        }
+    }
+}
+
+/// One pooled pixel of [`Block::pool_rows`] on AVX-512F.
+///
+/// # Safety
+/// As [`pool_simd`], on a CPU with AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pool_avx512(at: (*const f32, *const f32, *const f32), out: *mut f32, c: usize) {
+    // SAFETY: the caller's contract.
+    unsafe { pool_simd::<Avx512>(at, out, c) }
+}
+
+/// One pooled pixel of [`Block::pool_rows`] on AVX2.
+///
+/// # Safety
+/// As [`pool_simd`], on a CPU with AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pool_avx2(at: (*const f32, *const f32, *const f32), out: *mut f32, c: usize) {
+    // SAFETY: the caller's contract.
+    unsafe { pool_simd::<Avx2>(at, out, c) }
+}
+
+/// The 2x2 max of two adjacent pixels in each of two conv rows (`at.0`
+/// and `at.1`, `2 c` values each), plus the bias (`at.2`), ReLU'd, into
+/// `out` (`c` values).
+///
+/// # Safety
+/// The CPU supports `S`'s instructions; the reads and writes are in bounds
+/// and `c` is a multiple of `S::LANES`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn pool_simd<S: Simd>(
+    (a, b, bias): (*const f32, *const f32, *const f32),
+    out: *mut f32,
+    c: usize,
+) {
+    // SAFETY: in bounds by the function's contract.
+    unsafe {
+        for ch in (0..c).step_by(S::LANES) {
+            let top = S::max(S::load(a.add(ch)), S::load(a.add(c + ch)));
+            let m = S::max(top, S::max(S::load(b.add(ch)), S::load(b.add(c + ch))));
+            S::store(
+                out.add(ch),
+                S::max(S::add(m, S::load(bias.add(ch))), S::zero()),
+            );
         }
     }
 }
@@ -1002,19 +1059,20 @@ unsafe fn tile_simd<S: Simd, const P: usize, const C: usize, const K: usize>(
     unsafe {
         let mut acc = [[S::zero(); C]; P];
         for ky in 0..K {
-            for kx in 0..K {
-                let ip = input.add(ky * row_stride + kx * cin);
-                let wp = w.add((ky * K + kx) * cin * w_row);
-                for ci in 0..cin {
-                    let mut wv = [S::zero(); C];
-                    for (g, v) in wv.iter_mut().enumerate() {
-                        *v = S::load(wp.add(ci * w_row + g * S::LANES));
-                    }
-                    for (p, row) in acc.iter_mut().enumerate() {
-                        let a = S::splat(*ip.add(p * cin + ci));
-                        for (r, v) in row.iter_mut().zip(&wv) {
-                            *r = S::fmadd(a, *v, *r);
-                        }
+            // A kernel row's K taps and their channels are one run of
+            // K * cin values, in the input (from each pixel on) and in the
+            // weights alike: one loop instead of K short ones.
+            let ip = input.add(ky * row_stride);
+            let wp = w.add(ky * K * cin * w_row);
+            for j in 0..K * cin {
+                let mut wv = [S::zero(); C];
+                for (g, v) in wv.iter_mut().enumerate() {
+                    *v = S::load(wp.add(j * w_row + g * S::LANES));
+                }
+                for (p, row) in acc.iter_mut().enumerate() {
+                    let a = S::splat(*ip.add(p * cin + j));
+                    for (r, v) in row.iter_mut().zip(&wv) {
+                        *r = S::fmadd(a, *v, *r);
                     }
                 }
             }
