@@ -4,8 +4,8 @@
 //! [`super::decode`] turns into faces.
 //!
 //! Each BlazeBlock runs fused, one output row at a time: the depthwise row
-//! goes into a small buffer, the pointwise product of that row (AVX-512
-//! register tiles shared with the classifier's kernels, or a portable loop)
+//! goes into a small buffer, the pointwise product of that row (AVX-512 or
+//! AVX2 register tiles, or a portable loop)
 //! gets the bias, the skip (max-pooled for stride 2) and ReLU, and is written
 //! straight into the zero-bordered input of the next block. Channels are
 //! padded to multiples of 16 with zero weights, so every row is whole

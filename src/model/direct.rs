@@ -1,4 +1,5 @@
-//! The inference network as direct AVX-512 convolutions: no im2col copy, no
+//! The inference network as direct convolutions on AVX-512F or AVX2 (the
+//! kernels are written once over [`super::simd::Simd`]): no im2col copy, no
 //! intermediate tensors, batch norm already folded into the weights.
 //!
 //! Each picture runs through every block while its activations stay in cache.
@@ -6,7 +7,8 @@
 //! first) is a Winograd convolution. In f32 and on AMX tiles it is F(2x2,
 //! 3x3): each 2x2 output tile, which is exactly one max-pool window, costs
 //! 16 multiplies per input/output channel pair instead of 36, with transforms
-//! of adds only. With AVX512-BF16 products it is F(4x4, 3x3): each 4x4 tile,
+//! of adds only. With AVX512-BF16 products, and in f32 on AVX2 (whose
+//! products are the whole cost), it is F(4x4, 3x3): each 4x4 tile,
 //! four pool windows, costs 36 multiplies instead of 144 (2.25 per output
 //! instead of 4), for larger transforms and about four times the rounding
 //! error of F(2x2, 3x3) in bfloat16. Either way a tile's products are one
@@ -20,7 +22,8 @@
 //! Scratch buffers are kept by the network and handed to whichever thread
 //! runs, so the hot path does not allocate.
 //!
-//! Only for x86-64 CPUs with AVX-512F and for shapes the tiles fit (output
+//! Only for x86-64 CPUs with AVX-512F or AVX2 and FMA, and for shapes the
+//! tiles fit (output
 //! channels a multiple of 16, every block's input side a multiple of 8):
 //! [`DirectNet::new`] says `None` otherwise and the caller keeps the im2col
 //! path. This module knows nothing of candle tensors, files or training.
