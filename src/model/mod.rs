@@ -47,8 +47,9 @@ pub enum ConvImpl {
     /// candle's `conv2d` and max reductions in NCHW: the reference, and the path
     /// used on CUDA.
     Candle,
-    /// Inference through the AVX-512 kernels of [`direct`] where the CPU and
-    /// the shapes allow, else as `Fast`; training always runs as `Fast`.
+    /// Inference through the AVX-512 or AVX2 kernels of [`direct`] where the
+    /// CPU and the shapes allow, else as `Fast`; training always runs as
+    /// `Fast`.
     Direct,
     /// `Direct` with the Winograd products in bfloat16 where the CPU has
     /// AVX512-BF16, else as `Direct`.
