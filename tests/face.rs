@@ -139,35 +139,49 @@ fn the_reference_face_is_found_where_the_reference_says() {
 
 #[test]
 fn the_quick_look_runs_alike_on_every_kernel() {
-    // The reference picture shrunk to 64x64 (2x2 means): its 4x4 map is
-    // narrower than a register strip, so this covers the padded last strip.
+    // The reference picture shrunk to 64x64 and 32x32 (2x2 means): the 4x4
+    // map of the first is narrower than a register strip (a half strip),
+    // the 2x2 map of the second narrower than a half strip (a zero-padded
+    // one).
     let (input, _, _) = reference();
-    let mut small = vec![0f32; 64 * 64 * 3];
-    for y in 0..64 {
-        for x in 0..64 {
-            for c in 0..3 {
-                let at = |dy: usize, dx: usize| input[((2 * y + dy) * 128 + 2 * x + dx) * 3 + c];
-                small[(y * 64 + x) * 3 + c] = (at(0, 0) + at(0, 1) + at(1, 0) + at(1, 1)) / 4.0;
+    let shrink = |input: &[f32], side: usize| {
+        let mut small = vec![0f32; side * side * 3];
+        for y in 0..side {
+            for x in 0..side {
+                for c in 0..3 {
+                    let at = |dy: usize, dx: usize| {
+                        input[((2 * y + dy) * 2 * side + 2 * x + dx) * 3 + c]
+                    };
+                    small[(y * side + x) * 3 + c] =
+                        (at(0, 0) + at(0, 1) + at(1, 0) + at(1, 1)) / 4.0;
+                }
             }
         }
-    }
-    let quick = |kernels| shipped(kernels).at_side(64).expect("side 64");
-    let net = quick(Kernels::Portable);
-    assert_eq!(net.anchors().len(), 8 * 8 * 2 + 4 * 4 * 6);
-    assert_eq!(net.flops() * 4, shipped(Kernels::Portable).flops());
-    let (want_b, want_s) = net.raw(&small);
-    for kernels in [Kernels::best_f32(), Kernels::Avx2] {
-        if kernels.runs_here() {
-            let (b, s) = quick(kernels).raw(&small);
-            assert_close(&format!("{kernels:?} quick look boxes"), &b, &want_b);
-            assert_close(&format!("{kernels:?} quick look scores"), &s, &want_s);
+        small
+    };
+    let small = shrink(&input, 64);
+    let smaller = shrink(&small, 32);
+    for (side, picture) in [(64, &small), (32, &smaller)] {
+        let look = |kernels| shipped(kernels).at_side(side).expect("side");
+        let net = look(Kernels::Portable);
+        let cells = (side / 8).pow(2) * 2 + (side / 16).pow(2) * 6;
+        assert_eq!(net.anchors().len(), cells);
+        let (want_b, want_s) = net.raw(picture);
+        for kernels in [Kernels::best_f32(), Kernels::Avx2] {
+            if kernels.runs_here() {
+                let (b, s) = look(kernels).raw(picture);
+                assert_close(&format!("{kernels:?} {side} boxes"), &b, &want_b);
+                assert_close(&format!("{kernels:?} {side} scores"), &s, &want_s);
+            }
+        }
+        if Precision::Bf16.available() {
+            let (b, s) = look(Kernels::Avx512Bf16).raw(picture);
+            assert_within(&format!("bf16 {side} boxes"), &b, &want_b, 5e-1);
+            assert_within(&format!("bf16 {side} scores"), &s, &want_s, 5e-1);
         }
     }
-    if Precision::Bf16.available() {
-        let (b, s) = quick(Kernels::Avx512Bf16).raw(&small);
-        assert_within("quick look bf16 boxes", &b, &want_b, 5e-1);
-        assert_within("quick look bf16 scores", &s, &want_s, 5e-1);
-    }
+    let quick = shipped(Kernels::Portable).at_side(64).expect("side 64");
+    assert_eq!(quick.flops() * 4, shipped(Kernels::Portable).flops());
     assert!(shipped(Kernels::Portable).at_side(40).is_err());
 }
 

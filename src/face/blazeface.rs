@@ -29,6 +29,10 @@ use crate::model::simd::{Avx2, Avx512, Simd};
 const LANES: usize = 16;
 /// Pixels per register tile of the pointwise products.
 const STRIP: usize = 8;
+/// Pixels per register tile where a map row holds fewer than [`STRIP`]
+/// (the 4x4 maps of the quick look): a half strip, rather than a strip
+/// half of zero padding.
+const NARROW: usize = 4;
 /// Output-channel registers per register tile, at most.
 const MAX_GROUP: usize = 3;
 /// Anchors of the front model at its own 128x128 input: 16x16 cells x 2
@@ -226,32 +230,33 @@ impl Pointwise {
         }
     }
 
-    /// `out[p][..cout_p] = epilogue(bias + in[p][..cin_p] x W)` for `n`
-    /// pixels, `cin_p` values each, back to back. The pixels past the last
-    /// whole [`STRIP`] (maps narrower than a strip, when the network runs on
-    /// a smaller input) go through a zero-padded strip in `staging`.
+    /// `out[p][..cout_p] = epilogue(bias + in[p] x W)` for `n` pixels of
+    /// `input`. The pixels past the last whole [`NARROW`] strip (maps
+    /// narrower than that, when the network runs on a small input) go
+    /// through a zero-padded strip in `staging`.
     fn run(
         &self,
         kernels: Kernels,
-        input: &[f32],
+        input: Input<'_>,
         n: usize,
         then: Epilogue<'_>,
         out: &mut [f32],
         staging: &mut Staging,
     ) {
-        let whole = n / STRIP * STRIP;
+        let whole = n / NARROW * NARROW;
         self.run_strips(kernels, input, whole, then, out, &mut staging.bf16);
         if whole < n {
             self.run_rest(kernels, input, whole, n, then, out, staging);
         }
     }
 
-    /// The last `n - whole` (fewer than [`STRIP`]) pixels of [`Pointwise::run`].
+    /// The last `n - whole` (fewer than [`NARROW`]) pixels of
+    /// [`Pointwise::run`], for an input of `cin_p` values per pixel.
     #[allow(clippy::too_many_arguments)]
     fn run_rest(
         &self,
         kernels: Kernels,
-        input: &[f32],
+        input: Input<'_>,
         whole: usize,
         n: usize,
         then: Epilogue<'_>,
@@ -266,36 +271,52 @@ impl Pointwise {
             skip: skipp,
         } = staging;
         let (cin_p, cout_p) = (self.cin_p, self.cout_p);
-        let inp = &mut inp[..STRIP * cin_p];
-        inp[..rest * cin_p].copy_from_slice(&input[whole * cin_p..][..rest * cin_p]);
+        let Input {
+            values: Values::F32(values),
+            stride,
+            ..
+        } = input
+        else {
+            unreachable!("only the stem reads bfloat16 pixels, and its rows are whole strips")
+        };
+        assert_eq!(stride, cin_p, "a map row's pixels are back to back");
+        let inp = &mut inp[..NARROW * cin_p];
+        inp[..rest * cin_p].copy_from_slice(&values[whole * cin_p..][..rest * cin_p]);
         inp[rest * cin_p..].fill(0.0);
         let then = match then {
             Epilogue::BiasSkipRelu(skip, c) => {
-                let skipp = &mut skipp[..STRIP * c];
+                let skipp = &mut skipp[..NARROW * c];
                 skipp[..rest * c].copy_from_slice(&skip[whole * c..][..rest * c]);
                 skipp[rest * c..].fill(0.0);
                 Epilogue::BiasSkipRelu(skipp, c)
             }
             other => other,
         };
-        let outp = &mut outp[..STRIP * cout_p];
-        self.run_strips(kernels, inp, STRIP, then, outp, bf16);
+        let outp = &mut outp[..NARROW * cout_p];
+        let staged = Input {
+            values: Values::F32(inp),
+            ..input
+        };
+        self.run_strips(kernels, staged, NARROW, then, outp, bf16);
         out[whole * cout_p..][..rest * cout_p].copy_from_slice(&outp[..rest * cout_p]);
     }
 
-    /// [`Pointwise::run`] for `n` a multiple of [`STRIP`]; `bf16` holds the
-    /// input rounded to bfloat16 for [`Kernels::Avx512Bf16`].
+    /// [`Pointwise::run`] for `n` a multiple of [`NARROW`]; `bf16` holds an
+    /// f32 input rounded to bfloat16 for [`Kernels::Avx512Bf16`].
     fn run_strips(
         &self,
         kernels: Kernels,
-        input: &[f32],
+        input: Input<'_>,
         n: usize,
         then: Epilogue<'_>,
         out: &mut [f32],
         bf16: &mut [u16],
     ) {
-        assert!(n.is_multiple_of(STRIP));
-        assert!(input.len() >= n * self.cin_p && out.len() >= n * self.cout_p);
+        assert!(n.is_multiple_of(NARROW) && out.len() >= n * self.cout_p);
+        let taps = input.taps;
+        assert!(
+            taps.runs * taps.len <= self.cin_p && (taps.runs == 1 || taps.len.is_multiple_of(2))
+        );
         let (skip, skip_c, relu) = match then {
             Epilogue::Bias => (None, 0, false),
             Epilogue::BiasRelu => (None, 0, true),
@@ -304,76 +325,80 @@ impl Pointwise {
                 (Some(skip), c, true)
             }
         };
-        match kernels {
+        let then = (skip, skip_c, relu);
+        let stride = input.stride;
+        match (kernels, input.values) {
             #[cfg(target_arch = "x86_64")]
-            Kernels::Avx512Bf16 => {
-                // The input rounded to bfloat16 once for every group.
-                let len = n * self.cin_p;
-                let input16 = &mut bf16[..len];
-                // SAFETY: AVX512-BF16 present (`Kernels::best`); both slices
-                // hold `len` values, a multiple of 16. The strips: as for
-                // `Kernels::Avx512`, with the bf16 weights laid out at the
-                // same offsets.
+            (Kernels::Avx512Bf16, values) => {
+                let values: &[u16] = match values {
+                    Values::Bf16(v) => v,
+                    Values::F32(v) => {
+                        // Rounded to bfloat16 once for every group.
+                        assert!(taps.runs == 1 && stride.is_multiple_of(LANES));
+                        let len = n * stride;
+                        // SAFETY: AVX512-BF16 present (`Kernels::best`);
+                        // both slices hold `len` values, a multiple of 16.
+                        unsafe { crate::model::direct::round_bf16(&v[..len], &mut bf16[..len]) };
+                        &bf16[..len]
+                    }
+                };
+                // SAFETY: AVX512-BF16 present (`Kernels::best`); the strips
+                // as for `Kernels::Avx512`, with the bf16 weights laid out at
+                // the same offsets.
                 unsafe {
-                    crate::model::direct::round_bf16(&input[..len], input16);
-                    let then = (skip, skip_c, relu);
-                    self.each_strip(input16, &self.weights_bf16, n, then, out, |g| {
-                        match (g.full, g.half) {
-                            (0, _) => pw_strip_bf16::<0, true>,
-                            (1, false) => pw_strip_bf16::<1, false>,
-                            (1, true) => pw_strip_bf16::<1, true>,
-                            (2, false) => pw_strip_bf16::<2, false>,
-                            (2, true) => pw_strip_bf16::<2, true>,
-                            _ => pw_strip_bf16::<3, false>,
+                    let input = (values, stride, taps);
+                    self.each_strip(input, &self.weights_bf16, n, then, out, |g, p| {
+                        if p == STRIP {
+                            strip_bf16::<STRIP>(g)
+                        } else {
+                            strip_bf16::<NARROW>(g)
                         }
                     })
                 };
             }
             #[cfg(target_arch = "x86_64")]
-            Kernels::Avx512 => {
+            (Kernels::Avx512, Values::F32(values)) => {
                 // SAFETY: the CPU has AVX-512F (`Kernels::best`).
                 unsafe {
-                    let then = (skip, skip_c, relu);
-                    self.each_strip(input, &self.weights, n, then, out, |g| {
-                        match (g.full, g.half) {
-                            (0, _) => pw_strip::<0, true>,
-                            (1, false) => pw_strip::<1, false>,
-                            (1, true) => pw_strip::<1, true>,
-                            (2, false) => pw_strip::<2, false>,
-                            (2, true) => pw_strip::<2, true>,
-                            _ => pw_strip::<3, false>,
+                    let input = (values, stride, taps);
+                    self.each_strip(input, &self.weights, n, then, out, |g, p| {
+                        if p == STRIP {
+                            strip_f32::<STRIP>(g)
+                        } else {
+                            strip_f32::<NARROW>(g)
                         }
                     })
                 };
             }
             #[cfg(target_arch = "x86_64")]
-            Kernels::Avx2 => {
+            (Kernels::Avx2, Values::F32(values)) => {
                 // SAFETY: the CPU has AVX2 and FMA (`Kernels::best`).
                 unsafe {
-                    let then = (skip, skip_c, relu);
-                    self.each_strip(input, &self.weights, n, then, out, |g| {
-                        match g.width() / Avx2::LANES {
-                            1 => pw_strip_avx2::<1>,
-                            2 => pw_strip_avx2::<2>,
-                            3 => pw_strip_avx2::<3>,
-                            4 => pw_strip_avx2::<4>,
-                            5 => pw_strip_avx2::<5>,
-                            _ => pw_strip_avx2::<6>,
+                    let input = (values, stride, taps);
+                    self.each_strip(input, &self.weights, n, then, out, |g, p| {
+                        if p == STRIP {
+                            strip_avx2::<STRIP>(g)
+                        } else {
+                            strip_avx2::<NARROW>(g)
                         }
                     })
                 };
             }
-            _ => {
+            (_, Values::F32(values)) => {
+                assert!(n == 0 || values.len() >= (n - 1) * stride + taps.span());
                 for (group, &off) in self.groups.iter().zip(&self.offsets) {
                     let (first, width) = (group.first, group.width());
                     let w = &self.weights[off..off + self.cin_p * width];
                     for p in 0..n {
                         let o = &mut out[p * self.cout_p + first..][..width];
                         o.copy_from_slice(&self.bias[first..first + width]);
-                        let px = &input[p * self.cin_p..][..self.cin];
-                        for (a, row) in px.iter().zip(w.chunks_exact(width)) {
-                            for (o, w) in o.iter_mut().zip(row) {
-                                *o += a * w;
+                        for r in 0..taps.runs {
+                            let px = &values[p * stride + r * taps.pitch..][..taps.len];
+                            let rows = w[r * taps.len * width..].chunks_exact(width);
+                            for (a, row) in px.iter().zip(rows) {
+                                for (o, w) in o.iter_mut().zip(row) {
+                                    *o += a * w;
+                                }
                             }
                         }
                     }
@@ -392,34 +417,46 @@ impl Pointwise {
                     }
                 }
             }
+            (kernels, Values::Bf16(_)) => {
+                unreachable!("bfloat16 pixels are made for Avx512Bf16 only, not {kernels:?}")
+            }
         }
     }
 
     /// Every group's register tiles over `n` pixels (a multiple of
-    /// [`STRIP`]) of `input` (`cin_p` values each, f32 or bf16 as `weights`),
-    /// each tile run by the function `kernel` picks for its group, then the
-    /// epilogue `then` (skip, its channels, ReLU).
+    /// [`NARROW`]) of `input` (values, pixel stride, taps; f32 or bf16 as
+    /// `weights`): strips of [`STRIP`] pixels, then one of [`NARROW`] where
+    /// `n` leaves one, each run by the function `kernel` picks for its group
+    /// and strip width, then the epilogue `then` (skip, its channels, ReLU).
     ///
     /// # Safety
-    /// The CPU runs the picked kernels; `input` holds `n * cin_p` values,
-    /// `weights` this layer's groups at `offsets` in the kernels' layout,
-    /// `out` `n * cout_p` values, the skip `n` pixels of its channels.
+    /// The CPU runs the picked kernels; `weights` holds this layer's groups
+    /// at `offsets` in the kernels' layout, `out` `n * cout_p` values, the
+    /// skip `n` pixels of its channels.
     #[cfg(target_arch = "x86_64")]
     unsafe fn each_strip<T>(
         &self,
-        input: &[T],
+        (input, stride, taps): (&[T], usize, Taps),
         weights: &[T],
         n: usize,
         (skip, skip_c, relu): (Option<&[f32]>, usize, bool),
         out: &mut [f32],
-        kernel: impl Fn(&Group) -> StripKernel<T>,
+        kernel: impl Fn(&Group, usize) -> StripKernel<T>,
     ) {
+        if n == 0 {
+            return;
+        }
+        // The bf16 kernels read whole pairs: an odd run reads one value past.
+        assert!(input.len() >= (n - 1) * stride + taps.span().next_multiple_of(2));
+        let strips = (0..n / STRIP).map(|s| (s * STRIP, STRIP));
+        let narrow = (!n.is_multiple_of(STRIP)).then_some((n / STRIP * STRIP, NARROW));
         for (group, &off) in self.groups.iter().zip(&self.offsets) {
             let first = group.first;
             let w = weights[off..].as_ptr();
             let bias = self.bias[first..].as_ptr();
-            let run = kernel(group);
-            for p in (0..n).step_by(STRIP) {
+            let (wide, half) = (kernel(group, STRIP), kernel(group, NARROW));
+            for (p, pixels) in strips.clone().chain(narrow) {
+                let run = if pixels == STRIP { wide } else { half };
                 let store = Store {
                     bias,
                     skip: skip.map_or(std::ptr::null(), |s| s[p * skip_c..].as_ptr()),
@@ -429,31 +466,12 @@ impl Pointwise {
                     out: out[p * self.cout_p + first..].as_mut_ptr(),
                     out_stride: self.cout_p,
                 };
-                // SAFETY: the input holds STRIP pixels of cin_p values from
-                // p, the group's weights cin_p * 16g values, bias and out 16g
-                // values from `first` per pixel, skip STRIP pixels of skip_c
-                // values (the caller's contract and `run_strips`' asserts).
-                unsafe {
-                    run(
-                        input[p * self.cin_p..].as_ptr(),
-                        self.cin,
-                        self.cin_p,
-                        w,
-                        store,
-                    )
-                };
-            }
-        }
-        self.zero_half_padding(n, out);
-    }
-
-    /// An 8-lane last register leaves the last 8 padded lanes unwritten; they
-    /// must read as zero (the next block adds them as its skip, and the
-    /// maps' buffers are reused).
-    fn zero_half_padding(&self, n: usize, out: &mut [f32]) {
-        if self.groups.last().is_some_and(|g| g.half) {
-            for px in out[..n * self.cout_p].chunks_exact_mut(self.cout_p) {
-                px[self.cout_p - LANES / 2..].fill(0.0);
+                // SAFETY: the input holds `pixels` pixels `stride` apart of
+                // the taps' values from p (asserted above), the group's
+                // weights cin_p * 16g values, bias and out 16g values from
+                // `first` per pixel, skip `pixels` pixels of skip_c values
+                // (the caller's contract and `run_strips`' asserts).
+                unsafe { run(input[p * stride..].as_ptr(), taps, stride, w, store) };
             }
         }
     }
@@ -466,7 +484,7 @@ impl Pointwise {
 
 /// Buffers a pointwise product stages its input in, kept with a thread's
 /// scratch: the input rounded to bfloat16 (one row of a map), and the
-/// zero-padded last strip of a map narrower than a strip.
+/// zero-padded last [`NARROW`] strip of a map narrower than one.
 struct Staging {
     bf16: Vec<u16>,
     input: Vec<f32>,
@@ -479,9 +497,9 @@ impl Staging {
     fn new(pixels: usize, channels: usize) -> Self {
         Self {
             bf16: vec![0; pixels * channels],
-            input: vec![0.0; STRIP * channels],
-            output: vec![0.0; STRIP * channels],
-            skip: vec![0.0; STRIP * channels],
+            input: vec![0.0; NARROW * channels],
+            output: vec![0.0; NARROW * channels],
+            skip: vec![0.0; NARROW * channels],
         }
     }
 }
@@ -498,15 +516,78 @@ enum Epilogue<'a> {
     BiasSkipRelu(&'a [f32], usize),
 }
 
-/// A pointwise register tile: input, real input channels, input stride,
-/// weights, where to store.
+/// A pointwise product's input: pixels `stride` values apart, each read as
+/// `taps` says.
+#[derive(Clone, Copy)]
+struct Input<'a> {
+    values: Values<'a>,
+    stride: usize,
+    taps: Taps,
+}
+
+impl<'a> Input<'a> {
+    /// The first `cin` channels of each pixel of a map row, `stride` values
+    /// per pixel.
+    fn row(values: &'a [f32], stride: usize, cin: usize) -> Self {
+        Self {
+            values: Values::F32(values),
+            stride,
+            taps: Taps {
+                runs: 1,
+                len: cin,
+                pitch: 0,
+            },
+        }
+    }
+}
+
+/// The values a pointwise product reads: f32, or already rounded to
+/// bfloat16 (for [`Kernels::Avx512Bf16`] only).
+#[derive(Clone, Copy)]
+enum Values<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl<'a> Values<'a> {
+    /// The values from the `at`-th on.
+    fn from(self, at: usize) -> Self {
+        match self {
+            Values::F32(v) => Values::F32(&v[at..]),
+            Values::Bf16(v) => Values::Bf16(&v[at..]),
+        }
+    }
+}
+
+/// Where a pixel's input values lie, from its first: `runs` runs of `len`
+/// values, `pitch` apart, meeting the weights' rows in that order. A 1x1
+/// convolution reads one run, its input channels; the stem reads its 5x5
+/// window straight from the picture, as five rows of 16 values (5 pixels of
+/// 3 channels, and one more value that meets a zero weight).
+#[derive(Clone, Copy, Debug)]
+struct Taps {
+    runs: usize,
+    len: usize,
+    pitch: usize,
+}
+
+impl Taps {
+    /// Values a pixel's taps span from its first.
+    fn span(&self) -> usize {
+        (self.runs - 1) * self.pitch + self.len
+    }
+}
+
+/// A pointwise register tile: input, its taps, pixel stride, weights,
+/// where to store.
 #[cfg(target_arch = "x86_64")]
-type StripKernel<T> = unsafe fn(*const T, usize, usize, *const T, Store);
+type StripKernel<T> = unsafe fn(*const T, Taps, usize, *const T, Store);
 
 /// Where and how a register tile of a pointwise product is stored: `bias`
-/// (16 R values for `R = G + H` registers), `skip` (null, or STRIP pixels of
-/// `skip_c` values indexed by absolute channel, `first + ..`), ReLU or not,
-/// and `out` (STRIP pixels `out_stride` apart of 16 R values).
+/// (16 R values for `R = G + H` registers), `skip` (null, or the tile's
+/// pixels of `skip_c` values indexed by absolute channel, `first + ..`),
+/// ReLU or not, and `out` (the tile's pixels `out_stride` apart of 16 R
+/// values).
 #[derive(Clone, Copy)]
 struct Store {
     bias: *const f32,
@@ -542,46 +623,51 @@ impl Store {
     }
 }
 
-/// One strip of [`STRIP`] pixels times `G` 16-lane registers (and an 8-lane
-/// one when `H`) of a pointwise product, with its epilogue, in registers from
+/// One strip of `P` pixels times `G` 16-lane registers (and an 8-lane one
+/// when `H`) of a pointwise product, with its epilogue, in registers from
 /// the first multiply to the store.
 ///
 /// # Safety
-/// The CPU supports AVX-512F; with `R = G + H` registers, `input` holds STRIP
-/// pixels `in_stride` apart of at least `cin` values, `w` `cin * 16 R`
-/// values; `to` as [`Store`] says.
+/// The CPU supports AVX-512F; with `R = G + H` registers, `input` holds `P`
+/// pixels `in_stride` apart of the values `taps` reads, `w` one row of
+/// `16 R` values for each tap; `to` as [`Store`] says.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn pw_strip<const G: usize, const H: bool>(
+unsafe fn pw_strip<const P: usize, const G: usize, const H: bool>(
     input: *const f32,
-    cin: usize,
+    taps: Taps,
     in_stride: usize,
     w: *const f32,
     to: Store,
 ) {
     use std::arch::x86_64::*;
     let row = (G + usize::from(H)) * LANES;
-    let mut acc = [[_mm512_setzero_ps(); G]; STRIP];
-    let mut tail = [[_mm256_setzero_ps(); 1]; STRIP];
-    for ci in 0..cin {
-        let wp = unsafe { w.add(ci * row) };
-        let mut wv = [_mm512_setzero_ps(); G];
-        for (k, v) in wv.iter_mut().enumerate() {
-            *v = unsafe { _mm512_loadu_ps(wp.add(k * LANES)) };
-        }
-        let wt = if H {
-            unsafe { _mm256_loadu_ps(wp.add(G * LANES)) }
-        } else {
-            _mm256_setzero_ps()
-        };
-        for (p, (row, t)) in acc.iter_mut().zip(tail.iter_mut()).enumerate() {
-            let x = unsafe { *input.add(p * in_stride + ci) };
-            let a = _mm512_set1_ps(x);
-            for (r, v) in row.iter_mut().zip(&wv) {
-                *r = _mm512_fmadd_ps(a, *v, *r);
+    let mut acc = [[_mm512_setzero_ps(); G]; P];
+    let mut tail = [[_mm256_setzero_ps(); 1]; P];
+    for run in 0..taps.runs {
+        // SAFETY: the caller's contract (the taps stay inside the input and
+        // the weights' rows).
+        let (input, w) = unsafe { (input.add(run * taps.pitch), w.add(run * taps.len * row)) };
+        for ci in 0..taps.len {
+            let wp = unsafe { w.add(ci * row) };
+            let mut wv = [_mm512_setzero_ps(); G];
+            for (k, v) in wv.iter_mut().enumerate() {
+                *v = unsafe { _mm512_loadu_ps(wp.add(k * LANES)) };
             }
-            if H {
-                t[0] = _mm256_fmadd_ps(_mm256_set1_ps(x), wt, t[0]);
+            let wt = if H {
+                unsafe { _mm256_loadu_ps(wp.add(G * LANES)) }
+            } else {
+                _mm256_setzero_ps()
+            };
+            for (p, (row, t)) in acc.iter_mut().zip(tail.iter_mut()).enumerate() {
+                let x = unsafe { *input.add(p * in_stride + ci) };
+                let a = _mm512_set1_ps(x);
+                for (r, v) in row.iter_mut().zip(&wv) {
+                    *r = _mm512_fmadd_ps(a, *v, *r);
+                }
+                if H {
+                    t[0] = _mm256_fmadd_ps(_mm256_set1_ps(x), wt, t[0]);
+                }
             }
         }
     }
@@ -590,54 +676,59 @@ unsafe fn pw_strip<const G: usize, const H: bool>(
 }
 
 /// [`pw_strip`] in bfloat16: `input` holds bf16 values (the padding past
-/// `cin` zero, so an odd `cin` reads one zero), `w` `[cin_p / 2][16 R][2]`
-/// bf16 values; input channels are taken two at a time.
+/// an odd run zero: it reads one more), `w` `[taps / 2][16 R][2]` bf16
+/// values; the taps are taken two at a time.
 ///
 /// # Safety
 /// As [`pw_strip`], and the CPU supports AVX512-BF16 (with AVX512-VL).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
-unsafe fn pw_strip_bf16<const G: usize, const H: bool>(
+unsafe fn pw_strip_bf16<const P: usize, const G: usize, const H: bool>(
     input: *const u16,
-    cin: usize,
+    taps: Taps,
     in_stride: usize,
     w: *const u16,
     to: Store,
 ) {
     use std::arch::x86_64::*;
     let row = (G + usize::from(H)) * LANES * 2;
-    let mut acc = [[_mm512_setzero_ps(); G]; STRIP];
-    let mut tail = [[_mm256_setzero_ps(); 1]; STRIP];
-    for pair in 0..cin.div_ceil(2) {
-        let wp = unsafe { w.add(pair * row) };
-        let mut wv = [_mm512_setzero_ps(); G];
-        for (k, v) in wv.iter_mut().enumerate() {
-            *v = unsafe { _mm512_loadu_ps(wp.add(k * 2 * LANES).cast()) };
-        }
-        let wt = if H {
-            unsafe { _mm256_loadu_ps(wp.add(G * 2 * LANES).cast()) }
-        } else {
-            _mm256_setzero_ps()
-        };
-        for (p, (row, t)) in acc.iter_mut().zip(tail.iter_mut()).enumerate() {
-            // Two adjacent bf16 values read as one i32.
-            let both = unsafe {
-                input
-                    .add(p * in_stride + 2 * pair)
-                    .cast::<i32>()
-                    .read_unaligned()
-            };
-            let a: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(both)) };
-            for (r, v) in row.iter_mut().zip(&wv) {
-                *r = _mm512_dpbf16_ps(*r, a, unsafe {
-                    std::mem::transmute::<__m512, __m512bh>(*v)
-                });
+    let mut acc = [[_mm512_setzero_ps(); G]; P];
+    let mut tail = [[_mm256_setzero_ps(); 1]; P];
+    for run in 0..taps.runs {
+        // SAFETY: the caller's contract (the taps stay inside the input and
+        // the weights' rows; a run of several is of an even length).
+        let (input, w) = unsafe { (input.add(run * taps.pitch), w.add(run * taps.len / 2 * row)) };
+        for pair in 0..taps.len.div_ceil(2) {
+            let wp = unsafe { w.add(pair * row) };
+            let mut wv = [_mm512_setzero_ps(); G];
+            for (k, v) in wv.iter_mut().enumerate() {
+                *v = unsafe { _mm512_loadu_ps(wp.add(k * 2 * LANES).cast()) };
             }
-            if H {
-                let a: __m256bh = unsafe { std::mem::transmute(_mm256_set1_epi32(both)) };
-                t[0] = _mm256_dpbf16_ps(t[0], a, unsafe {
-                    std::mem::transmute::<__m256, __m256bh>(wt)
-                });
+            let wt = if H {
+                unsafe { _mm256_loadu_ps(wp.add(G * 2 * LANES).cast()) }
+            } else {
+                _mm256_setzero_ps()
+            };
+            for (p, (row, t)) in acc.iter_mut().zip(tail.iter_mut()).enumerate() {
+                // Two adjacent bf16 values read as one i32.
+                let both = unsafe {
+                    input
+                        .add(p * in_stride + 2 * pair)
+                        .cast::<i32>()
+                        .read_unaligned()
+                };
+                let a: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(both)) };
+                for (r, v) in row.iter_mut().zip(&wv) {
+                    *r = _mm512_dpbf16_ps(*r, a, unsafe {
+                        std::mem::transmute::<__m512, __m512bh>(*v)
+                    });
+                }
+                if H {
+                    let a: __m256bh = unsafe { std::mem::transmute(_mm256_set1_epi32(both)) };
+                    t[0] = _mm256_dpbf16_ps(t[0], a, unsafe {
+                        std::mem::transmute::<__m256, __m256bh>(wt)
+                    });
+                }
             }
         }
     }
@@ -647,24 +738,24 @@ unsafe fn pw_strip_bf16<const G: usize, const H: bool>(
 
 /// [`pw_strip`] on AVX2 with FMA, for a group of `N` 8-lane registers
 /// (`N` from 1 to 6: [`MAX_GROUP`] 16-lane registers, the last possibly
-/// half), as tiles of 4 pixels times 2 registers
+/// half), as tiles of 6 or 4 pixels times 2 registers
 /// ([`crate::model::simd::avx2_tiles`] says why).
 ///
 /// # Safety
-/// The CPU supports AVX2 and FMA; `input` holds STRIP pixels `in_stride`
-/// apart of at least `cin` values, `w` `cin * 8 N` values; `to` as
-/// [`Store`] says for `8 N` lanes.
+/// The CPU supports AVX2 and FMA; `input` holds `P` pixels `in_stride`
+/// apart of the values `taps` reads, `w` a row of `8 N` values per tap;
+/// `to` as [`Store`] says for `8 N` lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn pw_strip_avx2<const N: usize>(
+unsafe fn pw_strip_avx2<const P: usize, const N: usize>(
     input: *const f32,
-    cin: usize,
+    taps: Taps,
     in_stride: usize,
     w: *const f32,
     to: Store,
 ) {
     let row = N * Avx2::LANES;
-    for (p, pixels) in crate::model::simd::avx2_pixels(STRIP) {
+    for (p, pixels) in crate::model::simd::avx2_pixels(P) {
         for (c, regs) in crate::model::simd::avx2_tiles(N) {
             // SAFETY: every tile stays inside the strip's pixels and the
             // group's lanes (the caller's contract).
@@ -673,10 +764,10 @@ unsafe fn pw_strip_avx2<const N: usize>(
                 let w = (w.add(c * Avx2::LANES), row);
                 let to = to.at(p, c * Avx2::LANES);
                 match (pixels, regs) {
-                    (6, 2) => pw_tile::<Avx2, 6, 2>(input, cin, in_stride, w, to),
-                    (6, _) => pw_tile::<Avx2, 6, 1>(input, cin, in_stride, w, to),
-                    (_, 2) => pw_tile::<Avx2, 4, 2>(input, cin, in_stride, w, to),
-                    _ => pw_tile::<Avx2, 4, 1>(input, cin, in_stride, w, to),
+                    (6, 2) => pw_tile::<Avx2, 6, 2>(input, taps, in_stride, w, to),
+                    (6, _) => pw_tile::<Avx2, 6, 1>(input, taps, in_stride, w, to),
+                    (_, 2) => pw_tile::<Avx2, 4, 2>(input, taps, in_stride, w, to),
+                    _ => pw_tile::<Avx2, 4, 1>(input, taps, in_stride, w, to),
                 }
             }
         }
@@ -684,18 +775,18 @@ unsafe fn pw_strip_avx2<const N: usize>(
 }
 
 /// A register tile of a pointwise product: `P` pixels times `C` registers
-/// of output channels, weights `w.1` values per input channel from `w.0`,
-/// then bias, skip, ReLU and the store.
+/// of output channels, weights `w.1` values per tap from `w.0`, then bias,
+/// skip, ReLU and the store.
 ///
 /// # Safety
 /// The CPU supports `S`'s instructions; `input` holds `P` pixels
-/// `in_stride` apart of at least `cin` values, the weights `cin` rows;
+/// `in_stride` apart of the values `taps` reads, the weights a row per tap;
 /// `to` as [`Store`] says for `C` registers.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn pw_tile<S: Simd, const P: usize, const C: usize>(
     input: *const f32,
-    cin: usize,
+    taps: Taps,
     in_stride: usize,
     (w, w_row): (*const f32, usize),
     to: Store,
@@ -703,16 +794,20 @@ unsafe fn pw_tile<S: Simd, const P: usize, const C: usize>(
     // SAFETY: in bounds by the function's contract.
     unsafe {
         let mut acc = [[S::zero(); C]; P];
-        for ci in 0..cin {
-            let wp = w.add(ci * w_row);
-            let mut wv = [S::zero(); C];
-            for (k, v) in wv.iter_mut().enumerate() {
-                *v = S::load(wp.add(k * S::LANES));
-            }
-            for (p, row) in acc.iter_mut().enumerate() {
-                let a = S::splat(*input.add(p * in_stride + ci));
-                for (r, v) in row.iter_mut().zip(&wv) {
-                    *r = S::fmadd(a, *v, *r);
+        for run in 0..taps.runs {
+            let input = input.add(run * taps.pitch);
+            let w = w.add(run * taps.len * w_row);
+            for ci in 0..taps.len {
+                let wp = w.add(ci * w_row);
+                let mut wv = [S::zero(); C];
+                for (k, v) in wv.iter_mut().enumerate() {
+                    *v = S::load(wp.add(k * S::LANES));
+                }
+                for (p, row) in acc.iter_mut().enumerate() {
+                    let a = S::splat(*input.add(p * in_stride + ci));
+                    for (r, v) in row.iter_mut().zip(&wv) {
+                        *r = S::fmadd(a, *v, *r);
+                    }
                 }
             }
         }
@@ -728,17 +823,61 @@ unsafe fn pw_tile<S: Simd, const P: usize, const C: usize>(
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn pw_store<const G: usize, const H: bool>(
-    acc: &[[std::arch::x86_64::__m512; G]; STRIP],
-    tail: &[[std::arch::x86_64::__m256; 1]; STRIP],
+    acc: &[[std::arch::x86_64::__m512; G]],
+    tail: &[[std::arch::x86_64::__m256; 1]],
     to: Store,
 ) {
     // SAFETY: the caller's contract; the 8-lane register follows the G
-    // 16-lane ones (its upper 8 lanes are padding, left as they are: zero).
+    // 16-lane ones, and the 8 padded lanes after it are written as zero (the
+    // next block adds them as its skip, and the maps' buffers are reused).
     unsafe {
         store_tile::<Avx512, G>(acc, to);
         if H {
-            store_tile::<Avx2, 1>(tail, to.at(0, G * LANES));
+            let to = to.at(0, G * LANES);
+            store_tile::<Avx2, 1>(tail, to);
+            for p in 0..tail.len() {
+                Avx2::store(to.out.add(p * to.out_stride + LANES / 2), Avx2::zero());
+            }
         }
+    }
+}
+
+/// The bfloat16 strip kernel of `P` pixels for a group's registers.
+#[cfg(target_arch = "x86_64")]
+fn strip_bf16<const P: usize>(g: &Group) -> StripKernel<u16> {
+    match (g.full, g.half) {
+        (0, _) => pw_strip_bf16::<P, 0, true>,
+        (1, false) => pw_strip_bf16::<P, 1, false>,
+        (1, true) => pw_strip_bf16::<P, 1, true>,
+        (2, false) => pw_strip_bf16::<P, 2, false>,
+        (2, true) => pw_strip_bf16::<P, 2, true>,
+        _ => pw_strip_bf16::<P, 3, false>,
+    }
+}
+
+/// The AVX-512F strip kernel of `P` pixels for a group's registers.
+#[cfg(target_arch = "x86_64")]
+fn strip_f32<const P: usize>(g: &Group) -> StripKernel<f32> {
+    match (g.full, g.half) {
+        (0, _) => pw_strip::<P, 0, true>,
+        (1, false) => pw_strip::<P, 1, false>,
+        (1, true) => pw_strip::<P, 1, true>,
+        (2, false) => pw_strip::<P, 2, false>,
+        (2, true) => pw_strip::<P, 2, true>,
+        _ => pw_strip::<P, 3, false>,
+    }
+}
+
+/// The AVX2 strip kernel of `P` pixels for a group's registers.
+#[cfg(target_arch = "x86_64")]
+fn strip_avx2<const P: usize>(g: &Group) -> StripKernel<f32> {
+    match g.width() / Avx2::LANES {
+        1 => pw_strip_avx2::<P, 1>,
+        2 => pw_strip_avx2::<P, 2>,
+        3 => pw_strip_avx2::<P, 3>,
+        4 => pw_strip_avx2::<P, 4>,
+        5 => pw_strip_avx2::<P, 5>,
+        _ => pw_strip_avx2::<P, 6>,
     }
 }
 
@@ -803,14 +942,17 @@ impl Block {
     }
 }
 
-/// The 5x5 stride-2 stem: 3 -> 24 channels, as an im2col row times `[75][32]`.
+/// The 5x5 stride-2 stem: 3 -> 24 channels, a pointwise product whose
+/// taps read each pixel's window straight from the picture (see [`Taps`]),
+/// with weights `[5][16][32]` (the 16th tap of each window row zero).
 #[derive(Clone)]
 struct Stem {
     pw: Pointwise,
 }
 
-/// Taps of the stem: 5x5 window over 3 channels.
-const STEM_K: usize = 75;
+/// Taps per window row of the stem: 5 pixels of 3 channels, and one of
+/// zero weight, so the rows pair up for the bfloat16 kernels.
+const STEM_ROW: usize = 16;
 /// Stem output channels (before padding).
 const STEM_OUT: usize = 24;
 
@@ -835,10 +977,12 @@ pub struct BlazeFace {
 
 /// One thread's buffers for one picture.
 struct Scratch {
-    /// Normalised input with its zero border (1 top/left, 2 bottom/right).
+    /// Normalised input with its zero border (1 top/left, 2 bottom/right),
+    /// and a few values past it that the stem's last taps read (they meet
+    /// zero weights).
     input: Vec<f32>,
-    /// One im2col row of the stem.
-    patch: Vec<f32>,
+    /// The same rounded to bfloat16, for [`Kernels::Avx512Bf16`].
+    input16: Vec<u16>,
     /// Two maps, each large enough for the largest one with its one-pixel
     /// zero border: the stem writes the first, then each block reads one and
     /// writes the other, so a picture's activations stay in cache.
@@ -945,20 +1089,21 @@ impl BlazeFace {
 
         let stem_w = get("backbone1.0.weight", &[STEM_OUT, 3, 5, 5])?;
         let stem_b = get("backbone1.0.bias", &[STEM_OUT])?;
-        // PyTorch [co][c][i][j] -> im2col rows ordered (i, j, c).
-        let mut rows = vec![0f32; STEM_OUT * STEM_K];
+        // PyTorch [co][c][i][j] -> taps ordered (i, j, c), STEM_ROW per row.
+        let taps = 5 * STEM_ROW;
+        let mut rows = vec![0f32; STEM_OUT * taps];
         for co in 0..STEM_OUT {
             for c in 0..3 {
                 for i in 0..5 {
                     for j in 0..5 {
-                        rows[co * STEM_K + (i * 5 + j) * 3 + c] =
+                        rows[co * taps + i * STEM_ROW + j * 3 + c] =
                             stem_w[((co * 3 + c) * 5 + i) * 5 + j];
                     }
                 }
             }
         }
         let stem = Stem {
-            pw: Pointwise::new(&rows, &stem_b, STEM_K, STEM_OUT),
+            pw: Pointwise::new(&rows, &stem_b, taps, STEM_OUT),
         };
 
         let input_side = side;
@@ -1138,16 +1283,17 @@ impl BlazeFace {
         let (m16, m8) = self.head_sides();
         let stem_side = self.side / 2;
         let mut largest = (stem_side + 2).pow(2) * self.stem.pw.cout_p;
-        let mut widest = pad16(STEM_K);
+        let mut widest = 0;
         for b in &self.blocks {
             largest = largest.max((b.out_side() + 2).pow(2) * b.pw.cout_p);
             widest = widest.max(b.pw.cout_p).max(b.cin_p);
         }
         let widest = widest.max(self.head16.cout_p).max(self.head8.cout_p);
         let maps = [AlignedBuf::zeroed(largest), AlignedBuf::zeroed(largest)];
+        let input = ((self.side + 3).pow(2) * 3 + 1).next_multiple_of(LANES);
         Scratch {
-            input: vec![0f32; (self.side + 3).pow(2) * 3],
-            patch: vec![0f32; stem_side * self.stem.pw.cin_p],
+            input: vec![0f32; input],
+            input16: vec![0u16; input],
             maps,
             dw_row: AlignedBuf::zeroed(stem_side * widest),
             pool_row: AlignedBuf::zeroed(stem_side * widest),
@@ -1226,24 +1372,35 @@ impl BlazeFace {
     /// 5x5 stride-2 convolution with ReLU into the first map.
     fn stem(&self, s: &mut Scratch) {
         let out_side = self.side / 2;
-        let in_stride = (self.side + 3) * 3;
-        let (cin_p, cout_p) = (self.stem.pw.cin_p, self.stem.pw.cout_p);
+        let in_row = (self.side + 3) * 3;
+        let cout_p = self.stem.pw.cout_p;
         let map_stride = (out_side + 2) * cout_p;
         clear_border(&mut s.maps[0], out_side, cout_p);
-        for y in 0..out_side {
-            for x in 0..out_side {
-                // Taps in (row, column, channel) order; the padding past
-                // STEM_K stays zero.
-                let patch = &mut s.patch[x * cin_p..][..STEM_K];
-                for i in 0..5 {
-                    let src = &s.input[(2 * y + i) * in_stride + 2 * x * 3..][..15];
-                    patch[i * 15..][..15].copy_from_slice(src);
-                }
+        let values = match self.kernels {
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx512Bf16 => {
+                // SAFETY: AVX512-BF16 present (`Kernels::best`); both buffers
+                // hold the same number of values, a multiple of 16.
+                unsafe { crate::model::direct::round_bf16(&s.input, &mut s.input16) };
+                Values::Bf16(&s.input16)
             }
+            _ => Values::F32(&s.input),
+        };
+        for y in 0..out_side {
+            // Output pixel x's window starts at input row 2y, column 2x.
+            let input = Input {
+                values: values.from(2 * y * in_row),
+                stride: 2 * 3,
+                taps: Taps {
+                    runs: 5,
+                    len: STEM_ROW,
+                    pitch: in_row,
+                },
+            };
             let dst = &mut s.maps[0][(y + 1) * map_stride + cout_p..][..out_side * cout_p];
             self.stem.pw.run(
                 self.kernels,
-                &s.patch,
+                input,
                 out_side,
                 Epilogue::BiasRelu,
                 dst,
@@ -1267,7 +1424,7 @@ fn head(
         let input = &map[(y + 1) * row + pw.cin_p..][..side * pw.cin_p];
         pw.run(
             kernels,
-            input,
+            Input::row(input, pw.cin_p, pw.cin),
             side,
             Epilogue::Bias,
             &mut out[y * side * pw.cout_p..],
@@ -1316,33 +1473,22 @@ fn run_block(
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AVX-512F present (`Kernels::best`).
             Kernels::Avx512 | Kernels::Avx512Bf16 => unsafe {
-                depthwise_row_avx512(b, input, y, dw_row)
+                depthwise_row_avx512(b, input, y, dw_row, pool_row)
             },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AVX2 and FMA present (`Kernels::best`).
-            Kernels::Avx2 => unsafe { depthwise_row_avx2(b, input, y, dw_row) },
-            _ => depthwise_row(b, input, y, dw_row),
+            Kernels::Avx2 => unsafe { depthwise_row_avx2(b, input, y, dw_row, pool_row) },
+            _ => depthwise_row(b, input, y, dw_row, pool_row),
         }
         let skip: &[f32] = if b.stride == 1 {
             &input[(y + 1) * in_row + cin_p..][..out_side * cin_p]
         } else {
-            // 2x2 max-pool of the input rows 2y, 2y+1.
-            for x in 0..out_side {
-                let at = |dy: usize, dx: usize| {
-                    &input[(2 * y + dy + 1) * in_row + (2 * x + dx + 1) * cin_p..][..cin_p]
-                };
-                let (a, bb, c, d) = (at(0, 0), at(0, 1), at(1, 0), at(1, 1));
-                let o = &mut pool_row[x * cin_p..][..cin_p];
-                for i in 0..cin_p {
-                    o[i] = a[i].max(bb[i]).max(c[i]).max(d[i]);
-                }
-            }
             &pool_row[..out_side * cin_p]
         };
         let dst = &mut output[(y + 1) * out_row + cout_p..][..out_side * cout_p];
         b.pw.run(
             kernels,
-            dw_row,
+            Input::row(dw_row, cin_p, b.cin),
             out_side,
             Epilogue::BiasSkipRelu(skip, cin_p),
             dst,
@@ -1365,13 +1511,15 @@ fn clear_border(map: &mut [f32], side: usize, channels: usize) {
     }
 }
 
-/// Depthwise 3x3 of output row `y` into `out` (`out_side x cin_p`).
+/// Depthwise 3x3 of output row `y` into `out` (`out_side x cin_p`), and at
+/// stride 2 the block's skip, the 2x2 max-pool of the same input rows, into
+/// `pool` (`out_side x cin_p`; untouched at stride 1).
 ///
 /// Stride 1 reads bordered rows `y..y+3` (a one-pixel zero border is the
 /// padding); stride 2 reads input rows `2y..2y+3`, i.e. bordered rows
 /// `2y+1..2y+4`, which reaches the bottom/right border only (PyTorch pads
 /// those sides by 2 and the last row/column past the picture is never read).
-fn depthwise_row(b: &Block, input: &[f32], y: usize, out: &mut [f32]) {
+fn depthwise_row(b: &Block, input: &[f32], y: usize, out: &mut [f32], pool: &mut [f32]) {
     let cin_p = b.cin_p;
     let in_row = (b.side + 2) * cin_p;
     let off = if b.stride == 1 { 0 } else { 1 };
@@ -1388,6 +1536,16 @@ fn depthwise_row(b: &Block, input: &[f32], y: usize, out: &mut [f32]) {
                 }
             }
         }
+        if b.stride == 2 {
+            let at = |dy: usize, dx: usize| {
+                &input[(2 * y + dy + 1) * in_row + (2 * x + dx + 1) * cin_p..][..cin_p]
+            };
+            let (p, q, r, t) = (at(0, 0), at(0, 1), at(1, 0), at(1, 1));
+            let o = &mut pool[x * cin_p..][..cin_p];
+            for i in 0..cin_p {
+                o[i] = p[i].max(q[i]).max(r[i]).max(t[i]);
+            }
+        }
     }
 }
 
@@ -1398,7 +1556,13 @@ fn depthwise_row(b: &Block, input: &[f32], y: usize, out: &mut [f32]) {
 /// The CPU supports `S`'s instructions; `cin_p` is a multiple of its lanes.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn depthwise_row_simd<S: Simd>(b: &Block, input: &[f32], y: usize, out: &mut [f32]) {
+unsafe fn depthwise_row_simd<S: Simd>(
+    b: &Block,
+    input: &[f32],
+    y: usize,
+    out: &mut [f32],
+    pool: &mut [f32],
+) {
     let cin_p = b.cin_p;
     let in_row = (b.side + 2) * cin_p;
     let off = if b.stride == 1 { 0 } else { 1 };
@@ -1406,12 +1570,14 @@ unsafe fn depthwise_row_simd<S: Simd>(b: &Block, input: &[f32], y: usize, out: &
     let first = (b.stride * y + off) * in_row + off * cin_p;
     let last = first + 2 * in_row + (b.stride * (n - 1) + 2) * cin_p + cin_p;
     assert!(last <= input.len() && out.len() >= n * cin_p && cin_p.is_multiple_of(S::LANES));
+    assert!(b.stride == 1 || pool.len() >= n * cin_p);
     let ip = input.as_ptr();
     let op = out.as_mut_ptr();
+    let pp = pool.as_mut_ptr();
     for k in (0..cin_p).step_by(S::LANES) {
         // SAFETY: weights and bias hold 9 * cin_p and cin_p values; every
-        // input index is below `last` and every output below n * cin_p
-        // (asserted above).
+        // input index is below `last` and every output (and pooled value at
+        // stride 2) below n * cin_p (asserted above).
         unsafe {
             // (No closures here: they would not inherit the caller's target
             // features.)
@@ -1453,6 +1619,11 @@ unsafe fn depthwise_row_simd<S: Simd>(b: &Block, input: &[f32], y: usize, out: &
                     }
                 }
                 S::store(op.add(x * cin_p + k), acc);
+                if b.stride == 2 {
+                    // The window's top-left 2x2 pixels are the pool's.
+                    let m = crate::model::simd::max2x2::<S>(base, base.add(in_row), cin_p, 0);
+                    S::store(pp.add(x * cin_p + k), m);
+                }
             }
         }
     }
@@ -1464,9 +1635,15 @@ unsafe fn depthwise_row_simd<S: Simd>(b: &Block, input: &[f32], y: usize, out: &
 /// The CPU supports AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn depthwise_row_avx512(b: &Block, input: &[f32], y: usize, out: &mut [f32]) {
+unsafe fn depthwise_row_avx512(
+    b: &Block,
+    input: &[f32],
+    y: usize,
+    out: &mut [f32],
+    pool: &mut [f32],
+) {
     // SAFETY: the caller's contract; cin_p is a multiple of 16.
-    unsafe { depthwise_row_simd::<Avx512>(b, input, y, out) }
+    unsafe { depthwise_row_simd::<Avx512>(b, input, y, out, pool) }
 }
 
 /// [`depthwise_row_simd`] on AVX2 with FMA.
@@ -1475,9 +1652,15 @@ unsafe fn depthwise_row_avx512(b: &Block, input: &[f32], y: usize, out: &mut [f3
 /// The CPU supports AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn depthwise_row_avx2(b: &Block, input: &[f32], y: usize, out: &mut [f32]) {
+unsafe fn depthwise_row_avx2(
+    b: &Block,
+    input: &[f32],
+    y: usize,
+    out: &mut [f32],
+    pool: &mut [f32],
+) {
     // SAFETY: the caller's contract; cin_p is a multiple of 16.
-    unsafe { depthwise_row_simd::<Avx2>(b, input, y, out) }
+    unsafe { depthwise_row_simd::<Avx2>(b, input, y, out, pool) }
 }
 
 #[cfg(test)]

@@ -967,8 +967,7 @@ unsafe fn pool_simd<S: Simd>(
     // SAFETY: in bounds by the function's contract.
     unsafe {
         for ch in (0..c).step_by(S::LANES) {
-            let top = S::max(S::load(a.add(ch)), S::load(a.add(c + ch)));
-            let m = S::max(top, S::max(S::load(b.add(ch)), S::load(b.add(c + ch))));
+            let m = crate::model::simd::max2x2::<S>(a, b, c, ch);
             S::store(
                 out.add(ch),
                 S::max(S::add(m, S::load(bias.add(ch))), S::zero()),

@@ -152,6 +152,21 @@ impl Simd for Avx2 {
     }
 }
 
+/// The 2x2 maximum of one register of channels (from `ch`): two adjacent
+/// pixels of `c` values each at `a` (one row) and at `b` (the next).
+///
+/// # Safety
+/// The CPU supports `S`'s instructions; `a` and `b` hold `c + ch +
+/// S::LANES` values.
+#[inline(always)]
+pub(crate) unsafe fn max2x2<S: Simd>(a: *const f32, b: *const f32, c: usize, ch: usize) -> S::V {
+    // SAFETY: in bounds by the function's contract.
+    unsafe {
+        let top = S::max(S::load(a.add(ch)), S::load(a.add(c + ch)));
+        S::max(top, S::max(S::load(b.add(ch)), S::load(b.add(c + ch))))
+    }
+}
+
 /// An AVX2 register tile's split of `regs` 8-lane registers of output
 /// channels into tiles of at most 2, as `(first register, count)`. With the
 /// pixels split as [`avx2_pixels`] says, a tile holds at most 6 x 2 sums,
