@@ -267,22 +267,19 @@ impl Pointwise {
         let Staging {
             bf16,
             input: inp,
+            input16: inp16,
             output: outp,
             skip: skipp,
         } = staging;
         let (cin_p, cout_p) = (self.cin_p, self.cout_p);
-        let Input {
-            values: Values::F32(values),
-            stride,
-            ..
-        } = input
-        else {
-            unreachable!("only the stem reads bfloat16 pixels, and its rows are whole strips")
+        assert!(
+            input.stride == cin_p && input.taps.runs == 1,
+            "a map row's pixels"
+        );
+        let values = match input.values {
+            Values::F32(values) => Values::F32(stage(inp, values, whole, rest, cin_p)),
+            Values::Bf16(values) => Values::Bf16(stage(inp16, values, whole, rest, cin_p)),
         };
-        assert_eq!(stride, cin_p, "a map row's pixels are back to back");
-        let inp = &mut inp[..NARROW * cin_p];
-        inp[..rest * cin_p].copy_from_slice(&values[whole * cin_p..][..rest * cin_p]);
-        inp[rest * cin_p..].fill(0.0);
         let then = match then {
             Epilogue::BiasSkipRelu(skip, c) => {
                 let skipp = &mut skipp[..NARROW * c];
@@ -293,10 +290,7 @@ impl Pointwise {
             other => other,
         };
         let outp = &mut outp[..NARROW * cout_p];
-        let staged = Input {
-            values: Values::F32(inp),
-            ..input
-        };
+        let staged = Input { values, ..input };
         self.run_strips(kernels, staged, NARROW, then, outp, bf16);
         out[whole * cout_p..][..rest * cout_p].copy_from_slice(&outp[..rest * cout_p]);
     }
@@ -488,6 +482,7 @@ impl Pointwise {
 struct Staging {
     bf16: Vec<u16>,
     input: Vec<f32>,
+    input16: Vec<u16>,
     output: Vec<f32>,
     skip: Vec<f32>,
 }
@@ -498,10 +493,26 @@ impl Staging {
         Self {
             bf16: vec![0; pixels * channels],
             input: vec![0.0; NARROW * channels],
+            input16: vec![0; NARROW * channels],
             output: vec![0.0; NARROW * channels],
             skip: vec![0.0; NARROW * channels],
         }
     }
+}
+
+/// The `rest` pixels from `whole` on of `values` (`channels` values each)
+/// into a zero-padded [`NARROW`] strip in `staging`.
+fn stage<'a, T: Copy + Default>(
+    staging: &'a mut [T],
+    values: &[T],
+    whole: usize,
+    rest: usize,
+    channels: usize,
+) -> &'a [T] {
+    let strip = &mut staging[..NARROW * channels];
+    strip[..rest * channels].copy_from_slice(&values[whole * channels..][..rest * channels]);
+    strip[rest * channels..].fill(T::default());
+    strip
 }
 
 /// What a pointwise product gets before it is stored.
@@ -528,9 +539,9 @@ struct Input<'a> {
 impl<'a> Input<'a> {
     /// The first `cin` channels of each pixel of a map row, `stride` values
     /// per pixel.
-    fn row(values: &'a [f32], stride: usize, cin: usize) -> Self {
+    fn row(values: Values<'a>, stride: usize, cin: usize) -> Self {
         Self {
-            values: Values::F32(values),
+            values,
             stride,
             taps: Taps {
                 runs: 1,
@@ -816,12 +827,13 @@ unsafe fn pw_tile<S: Simd, const P: usize, const C: usize>(
 }
 
 /// The epilogue of a pointwise register tile: bias, skip, ReLU, store.
+/// Inlined into the strip, so the sums go from registers to the map (a
+/// call would spill every one of them first).
 ///
 /// # Safety
 /// The CPU supports AVX-512F; `to` as [`Store`] says.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
+#[inline(always)]
 unsafe fn pw_store<const G: usize, const H: bool>(
     acc: &[[std::arch::x86_64::__m512; G]],
     tail: &[[std::arch::x86_64::__m256; 1]],
@@ -987,8 +999,10 @@ struct Scratch {
     /// zero border: the stem writes the first, then each block reads one and
     /// writes the other, so a picture's activations stay in cache.
     maps: [AlignedBuf; 2],
-    /// One depthwise row and one max-pooled (skip) row.
+    /// One depthwise row (f32, or bfloat16 for [`Kernels::Avx512Bf16`])
+    /// and one max-pooled (skip) row.
     dw_row: AlignedBuf,
+    dw_row16: Vec<u16>,
     pool_row: AlignedBuf,
     /// Head outputs.
     head16: Vec<f32>,
@@ -1296,6 +1310,7 @@ impl BlazeFace {
             input16: vec![0u16; input],
             maps,
             dw_row: AlignedBuf::zeroed(stem_side * widest),
+            dw_row16: vec![0; stem_side * widest],
             pool_row: AlignedBuf::zeroed(stem_side * widest),
             head16: vec![0f32; m16 * m16 * self.head16.cout_p],
             head8: vec![0f32; m8 * m8 * self.head8.cout_p],
@@ -1335,7 +1350,7 @@ impl BlazeFace {
                 self.kernels,
                 input,
                 output,
-                (&mut s.dw_row, &mut s.pool_row),
+                (&mut s.dw_row, &mut s.dw_row16, &mut s.pool_row),
                 &mut s.staging,
             );
             // Heads: 16x16 map after backbone1, 8x8 map after backbone2.
@@ -1424,7 +1439,7 @@ fn head(
         let input = &map[(y + 1) * row + pw.cin_p..][..side * pw.cin_p];
         pw.run(
             kernels,
-            Input::row(input, pw.cin_p, pw.cin),
+            Input::row(Values::F32(input), pw.cin_p, pw.cin),
             side,
             Epilogue::Bias,
             &mut out[y * side * pw.cout_p..],
@@ -1460,7 +1475,7 @@ fn run_block(
     kernels: Kernels,
     input: &[f32],
     output: &mut [f32],
-    (dw_row, pool_row): (&mut [f32], &mut [f32]),
+    (dw_row, dw_row16, pool_row): (&mut [f32], &mut [u16], &mut [f32]),
     staging: &mut Staging,
 ) {
     let (cin_p, cout_p) = (b.cin_p, b.pw.cout_p);
@@ -1469,17 +1484,30 @@ fn run_block(
     let out_row = (out_side + 2) * cout_p;
     clear_border(output, out_side, cout_p);
     for y in 0..out_side {
-        match kernels {
+        let values = match kernels {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX512-BF16 present (`Kernels::best`).
+            Kernels::Avx512Bf16 => unsafe {
+                depthwise_row_bf16(b, input, y, dw_row16, pool_row);
+                Values::Bf16(dw_row16)
+            },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AVX-512F present (`Kernels::best`).
-            Kernels::Avx512 | Kernels::Avx512Bf16 => unsafe {
-                depthwise_row_avx512(b, input, y, dw_row, pool_row)
+            Kernels::Avx512 => unsafe {
+                depthwise_row_avx512(b, input, y, dw_row, pool_row);
+                Values::F32(dw_row)
             },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AVX2 and FMA present (`Kernels::best`).
-            Kernels::Avx2 => unsafe { depthwise_row_avx2(b, input, y, dw_row, pool_row) },
-            _ => depthwise_row(b, input, y, dw_row, pool_row),
-        }
+            Kernels::Avx2 => unsafe {
+                depthwise_row_avx2(b, input, y, dw_row, pool_row);
+                Values::F32(dw_row)
+            },
+            _ => {
+                depthwise_row(b, input, y, dw_row, pool_row);
+                Values::F32(dw_row)
+            }
+        };
         let skip: &[f32] = if b.stride == 1 {
             &input[(y + 1) * in_row + cin_p..][..out_side * cin_p]
         } else {
@@ -1488,7 +1516,7 @@ fn run_block(
         let dst = &mut output[(y + 1) * out_row + cout_p..][..out_side * cout_p];
         b.pw.run(
             kernels,
-            Input::row(dw_row, cin_p, b.cin),
+            Input::row(values, cin_p, b.cin),
             out_side,
             Epilogue::BiasSkipRelu(skip, cin_p),
             dst,
@@ -1549,87 +1577,209 @@ fn depthwise_row(b: &Block, input: &[f32], y: usize, out: &mut [f32], pool: &mut
     }
 }
 
-/// [`depthwise_row`] in vector registers: for each register of channels,
-/// the nine taps and the bias stay in registers along the row.
+/// How a depthwise row's registers are stored: [`Keep`] (f32) or [`Round`]
+/// (bfloat16, the input of the bf16 pointwise products, which then need no
+/// rounding pass of their own).
+#[cfg(target_arch = "x86_64")]
+trait Put<S: Simd, T> {
+    /// `v`'s lanes at `p`.
+    ///
+    /// # Safety
+    /// As `S`'s operations, and `p` holds `S::LANES` values.
+    unsafe fn put(p: *mut T, v: S::V);
+}
+
+/// Depthwise outputs stored as f32.
+#[cfg(target_arch = "x86_64")]
+struct Keep;
+
+/// Depthwise outputs rounded to bfloat16 (AVX512-BF16 with AVX512-VL).
+#[cfg(target_arch = "x86_64")]
+struct Round;
+
+#[cfg(target_arch = "x86_64")]
+impl<S: Simd> Put<S, f32> for Keep {
+    #[inline(always)]
+    unsafe fn put(p: *mut f32, v: S::V) {
+        // SAFETY: the caller's contract.
+        unsafe { S::store(p, v) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Put<Avx512, u16> for Round {
+    #[inline(always)]
+    unsafe fn put(p: *mut u16, v: std::arch::x86_64::__m512) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (and the CPU's AVX512-BF16).
+        unsafe {
+            let half: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+            _mm256_storeu_si256(p.cast(), half);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Put<Avx2, u16> for Round {
+    #[inline(always)]
+    unsafe fn put(p: *mut u16, v: std::arch::x86_64::__m256) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (and the CPU's AVX512-BF16 and
+        // AVX512-VL).
+        unsafe {
+            let half: __m128i = std::mem::transmute(_mm256_cvtneps_pbh(v));
+            _mm_storeu_si128(p.cast(), half);
+        }
+    }
+}
+
+/// One depthwise row's pointers, checked against its buffers: the input's
+/// first tap, the output and the pool (skip) row.
+#[cfg(target_arch = "x86_64")]
+struct DwRow<T> {
+    input: *const f32,
+    out: *mut T,
+    pool: *mut f32,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<T> Clone for DwRow<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<T> Copy for DwRow<T> {}
+
+#[cfg(target_arch = "x86_64")]
+impl<T> DwRow<T> {
+    /// Output row `y` of block `b`, from `input` (the bordered map) into
+    /// `out` and (at stride 2) `pool`, each `out_side x cin_p`.
+    fn new(b: &Block, input: &[f32], y: usize, out: &mut [T], pool: &mut [f32]) -> Self {
+        let (cin_p, n) = (b.cin_p, b.out_side());
+        let in_row = (b.side + 2) * cin_p;
+        let off = if b.stride == 1 { 0 } else { 1 };
+        let first = (b.stride * y + off) * in_row + off * cin_p;
+        let last = first + 2 * in_row + (b.stride * (n - 1) + 2) * cin_p + cin_p;
+        assert!(last <= input.len() && out.len() >= n * cin_p && cin_p.is_multiple_of(LANES));
+        assert!(b.stride == 1 || pool.len() >= n * cin_p);
+        Self {
+            input: input[first..].as_ptr(),
+            out: out.as_mut_ptr(),
+            pool: pool.as_mut_ptr(),
+        }
+    }
+}
+
+/// [`depthwise_row`] for the channels `k..k + S::LANES`, in vector
+/// registers: the nine taps and the bias stay in registers along the row.
 ///
 /// # Safety
-/// The CPU supports `S`'s instructions; `cin_p` is a multiple of its lanes.
+/// The CPU supports `S`'s instructions (and `O`'s); `row` was made for `b`
+/// and the row's buffers; `k + S::LANES <= b.cin_p`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn depthwise_row_simd<S: Simd>(
+unsafe fn depthwise_cols<S: Simd, T, O: Put<S, T>>(b: &Block, row: DwRow<T>, k: usize) {
+    let cin_p = b.cin_p;
+    let in_row = (b.side + 2) * cin_p;
+    let n = b.out_side();
+    let (ip, op, pp) = (row.input, row.out, row.pool);
+    // SAFETY: weights and bias hold 9 * cin_p and cin_p values; every input
+    // index is inside the rows `DwRow::new` checked, every output (and
+    // pooled value at stride 2) below n * cin_p.
+    unsafe {
+        // (No closures here: they would not inherit the caller's target
+        // features.)
+        let mut w = [S::zero(); 9];
+        for (t, v) in w.iter_mut().enumerate() {
+            *v = S::load(b.dw_w.as_ptr().add(t * cin_p + k));
+        }
+        let bias = S::load(b.dw_b.as_ptr().add(k));
+        // Four outputs at a time at stride 1: each loaded input pixel serves
+        // every output whose window holds it (6 loads per kernel row instead
+        // of 12).
+        let whole = if b.stride == 1 { n / 4 * 4 } else { 0 };
+        for x in (0..whole).step_by(4) {
+            let base = ip.add(x * cin_p + k);
+            let mut acc = [bias; 4];
+            for ky in 0..3 {
+                let r = base.add(ky * in_row);
+                let mut px = [S::zero(); 6];
+                for (j, v) in px.iter_mut().enumerate() {
+                    *v = S::load(r.add(j * cin_p));
+                }
+                for kx in 0..3 {
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        *a = S::fmadd(px[i + kx], w[ky * 3 + kx], *a);
+                    }
+                }
+            }
+            for (i, a) in acc.into_iter().enumerate() {
+                O::put(op.add((x + i) * cin_p + k), a);
+            }
+        }
+        for x in whole..n {
+            let base = ip.add(b.stride * x * cin_p + k);
+            let mut acc = bias;
+            for ky in 0..3 {
+                for kx in 0..3 {
+                    let v = S::load(base.add(ky * in_row + kx * cin_p));
+                    acc = S::fmadd(v, w[ky * 3 + kx], acc);
+                }
+            }
+            O::put(op.add(x * cin_p + k), acc);
+            if b.stride == 2 {
+                // The window's top-left 2x2 pixels are the pool's.
+                let m = crate::model::simd::max2x2::<S>(base, base.add(in_row), cin_p, 0);
+                S::store(pp.add(x * cin_p + k), m);
+            }
+        }
+    }
+}
+
+/// [`depthwise_row`] on AVX-512F, 16 channels a register; a last 8 or fewer
+/// channels take an 8-lane register (half the work on CPUs that split
+/// 512-bit operations in two), and the padded 8 lanes after them are
+/// written as zero.
+///
+/// # Safety
+/// The CPU supports AVX-512F (and `O`'s instructions).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn depthwise_row_wide<T, O: Put<Avx512, T> + Put<Avx2, T>>(
     b: &Block,
     input: &[f32],
     y: usize,
-    out: &mut [f32],
+    out: &mut [T],
     pool: &mut [f32],
 ) {
-    let cin_p = b.cin_p;
-    let in_row = (b.side + 2) * cin_p;
-    let off = if b.stride == 1 { 0 } else { 1 };
-    let n = b.out_side();
-    let first = (b.stride * y + off) * in_row + off * cin_p;
-    let last = first + 2 * in_row + (b.stride * (n - 1) + 2) * cin_p + cin_p;
-    assert!(last <= input.len() && out.len() >= n * cin_p && cin_p.is_multiple_of(S::LANES));
-    assert!(b.stride == 1 || pool.len() >= n * cin_p);
-    let ip = input.as_ptr();
-    let op = out.as_mut_ptr();
-    let pp = pool.as_mut_ptr();
-    for k in (0..cin_p).step_by(S::LANES) {
-        // SAFETY: weights and bias hold 9 * cin_p and cin_p values; every
-        // input index is below `last` and every output (and pooled value at
-        // stride 2) below n * cin_p (asserted above).
-        unsafe {
-            // (No closures here: they would not inherit the caller's target
-            // features.)
-            let mut w = [S::zero(); 9];
-            for (t, v) in w.iter_mut().enumerate() {
-                *v = S::load(b.dw_w.as_ptr().add(t * cin_p + k));
-            }
-            let bias = S::load(b.dw_b.as_ptr().add(k));
-            // Four outputs at a time at stride 1: each loaded input pixel
-            // serves every output whose window holds it (6 loads per kernel
-            // row instead of 12).
-            let whole = if b.stride == 1 { n / 4 * 4 } else { 0 };
-            for x in (0..whole).step_by(4) {
-                let base = ip.add(first + x * cin_p + k);
-                let mut acc = [bias; 4];
-                for ky in 0..3 {
-                    let r = base.add(ky * in_row);
-                    let mut px = [S::zero(); 6];
-                    for (j, v) in px.iter_mut().enumerate() {
-                        *v = S::load(r.add(j * cin_p));
+    let row = DwRow::new(b, input, y, out, pool);
+    let full = b.cin / LANES * LANES;
+    // SAFETY: the columns stay below cin_p (a multiple of 16 at or above
+    // cin); `row` was checked for this block.
+    unsafe {
+        for k in (0..full).step_by(LANES) {
+            depthwise_cols::<Avx512, T, O>(b, row, k);
+        }
+        match b.cin - full {
+            0 => {}
+            rest if rest > LANES / 2 => depthwise_cols::<Avx512, T, O>(b, row, full),
+            _ => {
+                depthwise_cols::<Avx2, T, O>(b, row, full);
+                let k = full + LANES / 2;
+                for x in 0..b.out_side() {
+                    <O as Put<Avx2, T>>::put(row.out.add(x * b.cin_p + k), Avx2::zero());
+                    if b.stride == 2 {
+                        Avx2::store(row.pool.add(x * b.cin_p + k), Avx2::zero());
                     }
-                    for kx in 0..3 {
-                        for (i, a) in acc.iter_mut().enumerate() {
-                            *a = S::fmadd(px[i + kx], w[ky * 3 + kx], *a);
-                        }
-                    }
-                }
-                for (i, a) in acc.into_iter().enumerate() {
-                    S::store(op.add((x + i) * cin_p + k), a);
-                }
-            }
-            for x in whole..n {
-                let base = ip.add(first + b.stride * x * cin_p + k);
-                let mut acc = bias;
-                for ky in 0..3 {
-                    for kx in 0..3 {
-                        let v = S::load(base.add(ky * in_row + kx * cin_p));
-                        acc = S::fmadd(v, w[ky * 3 + kx], acc);
-                    }
-                }
-                S::store(op.add(x * cin_p + k), acc);
-                if b.stride == 2 {
-                    // The window's top-left 2x2 pixels are the pool's.
-                    let m = crate::model::simd::max2x2::<S>(base, base.add(in_row), cin_p, 0);
-                    S::store(pp.add(x * cin_p + k), m);
                 }
             }
         }
     }
 }
 
-/// [`depthwise_row_simd`] on AVX-512F.
+/// [`depthwise_row`] on AVX-512F.
 ///
 /// # Safety
 /// The CPU supports AVX-512F.
@@ -1642,11 +1792,28 @@ unsafe fn depthwise_row_avx512(
     out: &mut [f32],
     pool: &mut [f32],
 ) {
-    // SAFETY: the caller's contract; cin_p is a multiple of 16.
-    unsafe { depthwise_row_simd::<Avx512>(b, input, y, out, pool) }
+    // SAFETY: the caller's contract.
+    unsafe { depthwise_row_wide::<f32, Keep>(b, input, y, out, pool) }
 }
 
-/// [`depthwise_row_simd`] on AVX2 with FMA.
+/// [`depthwise_row`] on AVX-512F with its outputs rounded to bfloat16.
+///
+/// # Safety
+/// The CPU supports AVX-512F, AVX512-BF16 and AVX512-VL.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+unsafe fn depthwise_row_bf16(
+    b: &Block,
+    input: &[f32],
+    y: usize,
+    out: &mut [u16],
+    pool: &mut [f32],
+) {
+    // SAFETY: the caller's contract.
+    unsafe { depthwise_row_wide::<u16, Round>(b, input, y, out, pool) }
+}
+
+/// [`depthwise_row`] on AVX2 with FMA.
 ///
 /// # Safety
 /// The CPU supports AVX2 and FMA.
@@ -1659,8 +1826,13 @@ unsafe fn depthwise_row_avx2(
     out: &mut [f32],
     pool: &mut [f32],
 ) {
-    // SAFETY: the caller's contract; cin_p is a multiple of 16.
-    unsafe { depthwise_row_simd::<Avx2>(b, input, y, out, pool) }
+    let row = DwRow::new(b, input, y, out, pool);
+    // SAFETY: cin_p is a multiple of 8; `row` was checked for this block.
+    unsafe {
+        for k in (0..b.cin_p).step_by(Avx2::LANES) {
+            depthwise_cols::<Avx2, f32, Keep>(b, row, k);
+        }
+    }
 }
 
 #[cfg(test)]
