@@ -1680,8 +1680,13 @@ impl<T> DwRow<T> {
 /// and the row's buffers; `k + S::LANES <= b.cin_p`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn depthwise_cols<S: Simd, T, O: Put<S, T>>(b: &Block, row: DwRow<T>, k: usize) {
-    let cin_p = b.cin_p;
+unsafe fn depthwise_cols<S: Simd, T, O: Put<S, T>>(
+    b: &Block,
+    row: DwRow<T>,
+    k: usize,
+    cin_p: usize,
+) {
+    debug_assert_eq!(cin_p, b.cin_p);
     let in_row = (b.side + 2) * cin_p;
     let n = b.out_side();
     let (ip, op, pp) = (row.input, row.out, row.pool);
@@ -1755,23 +1760,49 @@ unsafe fn depthwise_row_wide<T, O: Put<Avx512, T> + Put<Avx2, T>>(
     pool: &mut [f32],
 ) {
     let row = DwRow::new(b, input, y, out, pool);
+    // SAFETY: `row` was checked for this block. The channel counts as
+    // constants: every offset in the kernels is a multiple of one, and
+    // becomes an immediate (a live register or a spilled one otherwise).
+    unsafe {
+        match b.cin_p {
+            32 => depthwise_wide_cols::<T, O>(b, row, 32),
+            48 => depthwise_wide_cols::<T, O>(b, row, 48),
+            64 => depthwise_wide_cols::<T, O>(b, row, 64),
+            80 => depthwise_wide_cols::<T, O>(b, row, 80),
+            96 => depthwise_wide_cols::<T, O>(b, row, 96),
+            other => depthwise_wide_cols::<T, O>(b, row, other),
+        }
+    }
+}
+
+/// The columns of [`depthwise_row_wide`] for `cin_p` channels a pixel.
+///
+/// # Safety
+/// As [`depthwise_cols`], with `cin_p == b.cin_p`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn depthwise_wide_cols<T, O: Put<Avx512, T> + Put<Avx2, T>>(
+    b: &Block,
+    row: DwRow<T>,
+    cin_p: usize,
+) {
     let full = b.cin / LANES * LANES;
     // SAFETY: the columns stay below cin_p (a multiple of 16 at or above
     // cin); `row` was checked for this block.
     unsafe {
         for k in (0..full).step_by(LANES) {
-            depthwise_cols::<Avx512, T, O>(b, row, k);
+            depthwise_cols::<Avx512, T, O>(b, row, k, cin_p);
         }
         match b.cin - full {
             0 => {}
-            rest if rest > LANES / 2 => depthwise_cols::<Avx512, T, O>(b, row, full),
+            rest if rest > LANES / 2 => depthwise_cols::<Avx512, T, O>(b, row, full, cin_p),
             _ => {
-                depthwise_cols::<Avx2, T, O>(b, row, full);
+                depthwise_cols::<Avx2, T, O>(b, row, full, cin_p);
                 let k = full + LANES / 2;
                 for x in 0..b.out_side() {
-                    <O as Put<Avx2, T>>::put(row.out.add(x * b.cin_p + k), Avx2::zero());
+                    <O as Put<Avx2, T>>::put(row.out.add(x * cin_p + k), Avx2::zero());
                     if b.stride == 2 {
-                        Avx2::store(row.pool.add(x * b.cin_p + k), Avx2::zero());
+                        Avx2::store(row.pool.add(x * cin_p + k), Avx2::zero());
                     }
                 }
             }
@@ -1830,7 +1861,7 @@ unsafe fn depthwise_row_avx2(
     // SAFETY: cin_p is a multiple of 8; `row` was checked for this block.
     unsafe {
         for k in (0..b.cin_p).step_by(Avx2::LANES) {
-            depthwise_cols::<Avx2, f32, Keep>(b, row, k);
+            depthwise_cols::<Avx2, f32, Keep>(b, row, k, b.cin_p);
         }
     }
 }
