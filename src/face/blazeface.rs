@@ -799,29 +799,13 @@ unsafe fn pw_tile<S: Simd, const P: usize, const C: usize>(
     input: *const f32,
     taps: Taps,
     in_stride: usize,
-    (w, w_row): (*const f32, usize),
+    w: (*const f32, usize),
     to: Store,
 ) {
     // SAFETY: in bounds by the function's contract.
     unsafe {
-        let mut acc = [[S::zero(); C]; P];
-        for run in 0..taps.runs {
-            let input = input.add(run * taps.pitch);
-            let w = w.add(run * taps.len * w_row);
-            for ci in 0..taps.len {
-                let wp = w.add(ci * w_row);
-                let mut wv = [S::zero(); C];
-                for (k, v) in wv.iter_mut().enumerate() {
-                    *v = S::load(wp.add(k * S::LANES));
-                }
-                for (p, row) in acc.iter_mut().enumerate() {
-                    let a = S::splat(*input.add(p * in_stride + ci));
-                    for (r, v) in row.iter_mut().zip(&wv) {
-                        *r = S::fmadd(a, *v, *r);
-                    }
-                }
-            }
-        }
+        let runs = (taps.runs, taps.len, taps.pitch);
+        let acc = crate::model::simd::tile_sums::<S, P, C>(input, in_stride, runs, w);
         store_tile::<S, C>(&acc, to);
     }
 }

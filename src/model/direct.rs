@@ -540,20 +540,22 @@ impl DirectNet {
                     block.conv_rows(input, y, rows);
                 }
                 let rows = &rows[..2 * block.side * block.cout];
-                let pixel = &mut pixel[..block.cout];
+                let c = block.cout;
                 if i == last {
-                    block.pool_rows(rows, pixel, |_, v| {
-                        for (p, v) in pooled.iter_mut().zip(v) {
+                    let pixel = &mut pixel[..c];
+                    for x in 0..half {
+                        block.pool_rows(rows, x, pixel);
+                        for (p, v) in pooled.iter_mut().zip(pixel.iter()) {
                             *p += v;
                         }
-                    });
+                    }
                 } else {
+                    // The pooled row straight into the next block's map,
+                    // inside its border.
                     let next = &mut rest[0];
-                    let stride = (half + 2) * block.cout;
+                    let stride = (half + 2) * c;
                     let row = &mut next[(y / 2 + 1) * stride..][..stride];
-                    block.pool_rows(rows, pixel, |x, v| {
-                        row[(x + 1) * block.cout..][..block.cout].copy_from_slice(v);
-                    });
+                    block.pool_rows(rows, 0, &mut row[c..][..half * c]);
                 }
             }
         }
@@ -903,51 +905,75 @@ impl Block {
         }
     }
 
-    /// 2x2 max-pool of two conv rows, plus bias, then ReLU; hands each pooled
-    /// pixel's channels to `emit(x, values)`.
-    fn pool_rows(&self, rows: &[f32], pixel: &mut [f32], mut emit: impl FnMut(usize, &[f32])) {
+    /// 2x2 max-pool of two conv rows, plus bias, then ReLU: the pooled
+    /// pixels from `from` on, as many as `out` holds (`cout` values each),
+    /// in one call into the vector code.
+    fn pool_rows(&self, rows: &[f32], from: usize, out: &mut [f32]) {
         let (side, c) = (self.side, self.cout);
         let (top, bottom) = rows.split_at(side * c);
-        assert!(pixel.len() == c && self.bias.len() == c && c.is_multiple_of(LANES));
-        for x in 0..side / 2 {
-            let a = &top[2 * x * c..][..2 * c];
-            let b = &bottom[2 * x * c..][..2 * c];
-            // SAFETY: the CPU runs `self.isa` (checked when the network was
-            // built); `a` and `b` hold two pixels of `c` values, `bias` and
-            // `pixel` `c` values (asserted above), `c` a multiple of 16.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                let at = (a.as_ptr(), b.as_ptr(), self.bias.as_ptr());
-                match self.isa {
-                    Isa::Avx512 => pool_avx512(at, pixel.as_mut_ptr(), c),
-                    Isa::Avx2 => pool_avx2(at, pixel.as_mut_ptr(), c),
-                }
+        let n = out.len() / c;
+        assert!(out.len() == n * c && from + n <= side / 2);
+        assert!(self.bias.len() == c && c.is_multiple_of(LANES));
+        let (a, b) = (&top[2 * from * c..], &bottom[2 * from * c..]);
+        // SAFETY: the CPU runs `self.isa` (checked when the network was
+        // built); `a` and `b` hold 2n pixels of `c` values, `bias` `c`
+        // values and `out` n pixels (asserted above), `c` a multiple of 16.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            let at = (a.as_ptr(), b.as_ptr(), self.bias.as_ptr());
+            match self.isa {
+                Isa::Avx512 => pool_avx512(at, out.as_mut_ptr(), c, n),
+                Isa::Avx2 => pool_avx2(at, out.as_mut_ptr(), c, n),
             }
-            emit(x, pixel);
         }
     }
 }
 
-/// One pooled pixel of [`Block::pool_rows`] on AVX-512F.
+/// `n` pooled pixels of [`Block::pool_rows`] on AVX-512F.
 ///
 /// # Safety
-/// As [`pool_simd`], on a CPU with AVX-512F.
+/// As [`pool_simd`] for each of `n` pixels, on a CPU with AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn pool_avx512(at: (*const f32, *const f32, *const f32), out: *mut f32, c: usize) {
+unsafe fn pool_avx512(at: (*const f32, *const f32, *const f32), out: *mut f32, c: usize, n: usize) {
     // SAFETY: the caller's contract.
-    unsafe { pool_simd::<Avx512>(at, out, c) }
+    unsafe { pool_pixels::<Avx512>(at, out, c, n) }
 }
 
-/// One pooled pixel of [`Block::pool_rows`] on AVX2.
+/// `n` pooled pixels of [`Block::pool_rows`] on AVX2.
 ///
 /// # Safety
-/// As [`pool_simd`], on a CPU with AVX2.
+/// As [`pool_simd`] for each of `n` pixels, on a CPU with AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn pool_avx2(at: (*const f32, *const f32, *const f32), out: *mut f32, c: usize) {
+unsafe fn pool_avx2(at: (*const f32, *const f32, *const f32), out: *mut f32, c: usize, n: usize) {
     // SAFETY: the caller's contract.
-    unsafe { pool_simd::<Avx2>(at, out, c) }
+    unsafe { pool_pixels::<Avx2>(at, out, c, n) }
+}
+
+/// [`pool_simd`] for `n` pixels side by side.
+///
+/// # Safety
+/// As [`pool_simd`] for each pixel: `at.0` and `at.1` hold `2 n c` values,
+/// `out` `n c`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn pool_pixels<S: Simd>(
+    (a, b, bias): (*const f32, *const f32, *const f32),
+    out: *mut f32,
+    c: usize,
+    n: usize,
+) {
+    for x in 0..n {
+        // SAFETY: the function's contract.
+        unsafe {
+            pool_simd::<S>(
+                (a.add(2 * x * c), b.add(2 * x * c), bias),
+                out.add(x * c),
+                c,
+            )
+        }
+    }
 }
 
 /// The 2x2 max of two adjacent pixels in each of two conv rows (`at.0`
@@ -1057,28 +1083,13 @@ unsafe fn tile_simd<S: Simd, const P: usize, const C: usize, const K: usize>(
     out: *mut f32,
     out_stride: usize,
 ) {
-    // SAFETY: in bounds by the function's contract.
+    // SAFETY: in bounds by the function's contract. A kernel row's K taps
+    // and their channels are one run of K * cin values, in the input (from
+    // each pixel on) and in the weights alike: one loop instead of K short
+    // ones.
     unsafe {
-        let mut acc = [[S::zero(); C]; P];
-        for ky in 0..K {
-            // A kernel row's K taps and their channels are one run of
-            // K * cin values, in the input (from each pixel on) and in the
-            // weights alike: one loop instead of K short ones.
-            let ip = input.add(ky * row_stride);
-            let wp = w.add(ky * K * cin * w_row);
-            for j in 0..K * cin {
-                let mut wv = [S::zero(); C];
-                for (g, v) in wv.iter_mut().enumerate() {
-                    *v = S::load(wp.add(j * w_row + g * S::LANES));
-                }
-                for (p, row) in acc.iter_mut().enumerate() {
-                    let a = S::splat(*ip.add(p * cin + j));
-                    for (r, v) in row.iter_mut().zip(&wv) {
-                        *r = S::fmadd(a, *v, *r);
-                    }
-                }
-            }
-        }
+        let runs = (K, K * cin, row_stride);
+        let acc = crate::model::simd::tile_sums::<S, P, C>(input, cin, runs, (w, w_row));
         for (p, row) in acc.iter().enumerate() {
             for (g, r) in row.iter().enumerate() {
                 S::store(out.add(p * out_stride + g * S::LANES), *r);
@@ -1795,8 +1806,10 @@ mod tests {
     #[test]
     fn every_instruction_set_computes_the_plain_network() {
         // Geometries whose blocks take every f32 register tile: direct
-        // first blocks of 1 and 2 registers, Winograd blocks of 1, 2 and 3.
-        for (side, channels) in [(32, vec![16, 48, 32]), (16, vec![32, 16])] {
+        // first blocks of 1 and 2 registers, Winograd blocks of 1, 2 and 3;
+        // and a network of one (direct) block, pooled straight into the
+        // global average.
+        for (side, channels) in [(32, vec![16, 48, 32]), (16, vec![32, 16]), (8, vec![16])] {
             let mut cin = 3;
             let convs: Vec<(Vec<f32>, Vec<f32>)> = channels
                 .iter()

@@ -152,6 +152,47 @@ impl Simd for Avx2 {
     }
 }
 
+/// The sums of a register tile: `P` pixels times `C` registers of output
+/// channels, over `runs` runs of `len` input values. Pixel `p`'s run `r`
+/// starts at `input + p * stride + r * pitch`; the weights hold one row of
+/// `w.1` values per input value, run after run, from `w.0` (the tile reads
+/// its `C` registers of each row). A 1x1 convolution is one run of its
+/// input channels; a KxK one K runs (one per kernel row) of K pixels'
+/// channels.
+///
+/// # Safety
+/// The CPU supports `S`'s instructions; every read is in bounds.
+#[inline(always)]
+pub(crate) unsafe fn tile_sums<S: Simd, const P: usize, const C: usize>(
+    input: *const f32,
+    stride: usize,
+    (runs, len, pitch): (usize, usize, usize),
+    (w, w_row): (*const f32, usize),
+) -> [[S::V; C]; P] {
+    // SAFETY: in bounds by the function's contract. (No closures here: they
+    // would not inherit the caller's target features.)
+    unsafe {
+        let mut acc = [[S::zero(); C]; P];
+        for run in 0..runs {
+            let ip = input.add(run * pitch);
+            let wp = w.add(run * len * w_row);
+            for j in 0..len {
+                let mut wv = [S::zero(); C];
+                for (g, v) in wv.iter_mut().enumerate() {
+                    *v = S::load(wp.add(j * w_row + g * S::LANES));
+                }
+                for (p, row) in acc.iter_mut().enumerate() {
+                    let a = S::splat(*ip.add(p * stride + j));
+                    for (r, v) in row.iter_mut().zip(&wv) {
+                        *r = S::fmadd(a, *v, *r);
+                    }
+                }
+            }
+        }
+        acc
+    }
+}
+
 /// The 2x2 maximum of one register of channels (from `ch`): two adjacent
 /// pixels of `c` values each at `a` (one row) and at `b` (the next).
 ///
