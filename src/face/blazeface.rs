@@ -33,6 +33,13 @@ const STRIP: usize = 8;
 /// (the 4x4 maps of the quick look): a half strip, rather than a strip
 /// half of zero padding.
 const NARROW: usize = 4;
+/// Pixels per strip of the AVX2 kernels where a row has room: two register
+/// tiles of 6 pixels (12 sums, where 4-pixel tiles have only the 8 that
+/// two FMA pipes of 4 cycles' latency need in flight).
+const WIDE_AVX2: usize = 12;
+/// Strip widths the kernels take, widest first: a row is cut greedily.
+const WIDTHS: [usize; 2] = [STRIP, NARROW];
+const WIDTHS_AVX2: [usize; 3] = [WIDE_AVX2, STRIP, NARROW];
 /// Output-channel registers per register tile, at most.
 const MAX_GROUP: usize = 3;
 /// Anchors of the front model at its own 128x128 input: 16x16 cells x 2
@@ -341,6 +348,7 @@ impl Pointwise {
                 // the same offsets.
                 unsafe {
                     let input = (values, stride, taps);
+                    let input = (input, &WIDTHS[..]);
                     self.each_strip(input, &self.weights_bf16, n, then, out, |g, p| {
                         if p == STRIP {
                             strip_bf16::<STRIP>(g)
@@ -355,6 +363,7 @@ impl Pointwise {
                 // SAFETY: the CPU has AVX-512F (`Kernels::best`).
                 unsafe {
                     let input = (values, stride, taps);
+                    let input = (input, &WIDTHS[..]);
                     self.each_strip(input, &self.weights, n, then, out, |g, p| {
                         if p == STRIP {
                             strip_f32::<STRIP>(g)
@@ -369,12 +378,11 @@ impl Pointwise {
                 // SAFETY: the CPU has AVX2 and FMA (`Kernels::best`).
                 unsafe {
                     let input = (values, stride, taps);
-                    self.each_strip(input, &self.weights, n, then, out, |g, p| {
-                        if p == STRIP {
-                            strip_avx2::<STRIP>(g)
-                        } else {
-                            strip_avx2::<NARROW>(g)
-                        }
+                    let input = (input, &WIDTHS_AVX2[..]);
+                    self.each_strip(input, &self.weights, n, then, out, |g, p| match p {
+                        WIDE_AVX2 => strip_avx2::<WIDE_AVX2>(g),
+                        STRIP => strip_avx2::<STRIP>(g),
+                        _ => strip_avx2::<NARROW>(g),
                     })
                 };
             }
@@ -418,10 +426,10 @@ impl Pointwise {
     }
 
     /// Every group's register tiles over `n` pixels (a multiple of
-    /// [`NARROW`]) of `input` (values, pixel stride, taps; f32 or bf16 as
-    /// `weights`): strips of [`STRIP`] pixels, then one of [`NARROW`] where
-    /// `n` leaves one, each run by the function `kernel` picks for its group
-    /// and strip width, then the epilogue `then` (skip, its channels, ReLU).
+    /// [`NARROW`]) of `input` (values, pixel stride, taps, and the strip
+    /// widths the kernels take; f32 or bf16 as `weights`): strips as wide as
+    /// fit, each run by the function `kernel` picks for its group and strip
+    /// width, then the epilogue `then` (skip, its channels, ReLU).
     ///
     /// # Safety
     /// The CPU runs the picked kernels; `weights` holds this layer's groups
@@ -430,7 +438,7 @@ impl Pointwise {
     #[cfg(target_arch = "x86_64")]
     unsafe fn each_strip<T>(
         &self,
-        (input, stride, taps): (&[T], usize, Taps),
+        ((input, stride, taps), widths): ((&[T], usize, Taps), &[usize]),
         weights: &[T],
         n: usize,
         (skip, skip_c, relu): (Option<&[f32]>, usize, bool),
@@ -442,15 +450,12 @@ impl Pointwise {
         }
         // The bf16 kernels read whole pairs: an odd run reads one value past.
         assert!(input.len() >= (n - 1) * stride + taps.span().next_multiple_of(2));
-        let strips = (0..n / STRIP).map(|s| (s * STRIP, STRIP));
-        let narrow = (!n.is_multiple_of(STRIP)).then_some((n / STRIP * STRIP, NARROW));
         for (group, &off) in self.groups.iter().zip(&self.offsets) {
             let first = group.first;
             let w = weights[off..].as_ptr();
             let bias = self.bias[first..].as_ptr();
-            let (wide, half) = (kernel(group, STRIP), kernel(group, NARROW));
-            for (p, pixels) in strips.clone().chain(narrow) {
-                let run = if pixels == STRIP { wide } else { half };
+            for (p, pixels) in strips(n, widths) {
+                let run = kernel(group, pixels);
                 let store = Store {
                     bias,
                     skip: skip.map_or(std::ptr::null(), |s| s[p * skip_c..].as_ptr()),
@@ -498,6 +503,17 @@ impl Staging {
             skip: vec![0.0; NARROW * channels],
         }
     }
+}
+
+/// `(first pixel, width)` of the strips that cover `n` pixels, each the
+/// widest of `widths` (widest first, `n` a multiple of the last) that fits.
+fn strips(n: usize, widths: &[usize]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let width = *widths.iter().find(|&&w| at + w <= n)?;
+        at += width;
+        Some((at - width, width))
+    })
 }
 
 /// The `rest` pixels from `whole` on of `values` (`channels` values each)
@@ -1853,6 +1869,28 @@ unsafe fn depthwise_row_avx2(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strips_cover_a_row_widest_first() {
+        let cut = |n, widths| strips(n, widths).collect::<Vec<_>>();
+        assert_eq!(cut(32, &WIDTHS_AVX2[..]), [(0, 12), (12, 12), (24, 8)]);
+        assert_eq!(cut(16, &WIDTHS_AVX2[..]), [(0, 12), (12, 4)]);
+        assert_eq!(cut(8, &WIDTHS_AVX2[..]), [(0, 8)]);
+        assert_eq!(cut(4, &WIDTHS_AVX2[..]), [(0, 4)]);
+        assert_eq!(cut(32, &WIDTHS[..]), [(0, 8), (8, 8), (16, 8), (24, 8)]);
+        assert_eq!(cut(12, &WIDTHS[..]), [(0, 8), (8, 4)]);
+        assert!(cut(0, &WIDTHS[..]).is_empty());
+        for n in (4..=128).step_by(4) {
+            for widths in [&WIDTHS[..], &WIDTHS_AVX2[..]] {
+                let mut at = 0;
+                for (p, w) in strips(n, widths) {
+                    assert_eq!(p, at);
+                    at += w;
+                }
+                assert_eq!(at, n, "{n} pixels in strips of {widths:?}");
+            }
+        }
+    }
 
     #[test]
     fn pointwise_groups_cover_every_channel() {
