@@ -289,10 +289,7 @@ impl Pointwise {
         };
         let then = match then {
             Epilogue::BiasSkipRelu(skip, c) => {
-                let skipp = &mut skipp[..NARROW * c];
-                skipp[..rest * c].copy_from_slice(&skip[whole * c..][..rest * c]);
-                skipp[rest * c..].fill(0.0);
-                Epilogue::BiasSkipRelu(skipp, c)
+                Epilogue::BiasSkipRelu(stage(skipp, skip, whole, rest, c), c)
             }
             other => other,
         };
@@ -347,8 +344,7 @@ impl Pointwise {
                 // as for `Kernels::Avx512`, with the bf16 weights laid out at
                 // the same offsets.
                 unsafe {
-                    let input = (values, stride, taps);
-                    let input = (input, &WIDTHS[..]);
+                    let input = ((values, stride, taps), &WIDTHS[..]);
                     self.each_strip(input, &self.weights_bf16, n, then, out, |g, p| {
                         if p == STRIP {
                             strip_bf16::<STRIP>(g)
@@ -362,8 +358,7 @@ impl Pointwise {
             (Kernels::Avx512, Values::F32(values)) => {
                 // SAFETY: the CPU has AVX-512F (`Kernels::best`).
                 unsafe {
-                    let input = (values, stride, taps);
-                    let input = (input, &WIDTHS[..]);
+                    let input = ((values, stride, taps), &WIDTHS[..]);
                     self.each_strip(input, &self.weights, n, then, out, |g, p| {
                         if p == STRIP {
                             strip_f32::<STRIP>(g)
@@ -377,8 +372,7 @@ impl Pointwise {
             (Kernels::Avx2, Values::F32(values)) => {
                 // SAFETY: the CPU has AVX2 and FMA (`Kernels::best`).
                 unsafe {
-                    let input = (values, stride, taps);
-                    let input = (input, &WIDTHS_AVX2[..]);
+                    let input = ((values, stride, taps), &WIDTHS_AVX2[..]);
                     self.each_strip(input, &self.weights, n, then, out, |g, p| match p {
                         WIDE_AVX2 => strip_avx2::<WIDE_AVX2>(g),
                         STRIP => strip_avx2::<STRIP>(g),
@@ -1610,12 +1604,8 @@ impl<S: Simd> Put<S, f32> for Keep {
 impl Put<Avx512, u16> for Round {
     #[inline(always)]
     unsafe fn put(p: *mut u16, v: std::arch::x86_64::__m512) {
-        use std::arch::x86_64::*;
         // SAFETY: the caller's contract (and the CPU's AVX512-BF16).
-        unsafe {
-            let half: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
-            _mm256_storeu_si256(p.cast(), half);
-        }
+        unsafe { crate::model::simd::store_bf16(p, v) }
     }
 }
 

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::aligned::AlignedBuf;
 use super::simd::Isa;
 #[cfg(target_arch = "x86_64")]
-use super::simd::{Avx2, Avx512, Simd};
+use super::simd::{Avx2, Avx512, Simd, store_bf16};
 
 /// Output channels held by one AVX-512 register.
 const LANES: usize = 16;
@@ -1264,11 +1264,7 @@ pub(crate) unsafe fn round_bf16(src: &[f32], dst: &mut [u16]) {
     assert!(src.len() == dst.len() && src.len().is_multiple_of(LANES));
     for (s, d) in src.chunks_exact(LANES).zip(dst.chunks_exact_mut(LANES)) {
         // SAFETY: 16 values each side.
-        unsafe {
-            let half: __m256i =
-                std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(s.as_ptr())));
-            _mm256_storeu_si256(d.as_mut_ptr().cast(), half);
-        }
+        unsafe { store_bf16(d.as_mut_ptr(), _mm512_loadu_ps(s.as_ptr())) };
     }
 }
 
@@ -1462,13 +1458,11 @@ unsafe fn wide_input_bf16(
     dst: *mut u16,
     pos_stride: usize,
 ) {
-    use std::arch::x86_64::*;
     // SAFETY: in bounds by the function's contract.
     let v = unsafe { wide_transform_simd::<Avx512>(src, row_stride, pixel_stride) };
     for (i, row) in v.iter().enumerate() {
         for (j, v) in row.iter().enumerate() {
-            let half: __m256i = unsafe { std::mem::transmute(_mm512_cvtneps_pbh(*v)) };
-            unsafe { _mm256_storeu_si256(dst.add((i * 6 + j) * pos_stride).cast(), half) };
+            unsafe { store_bf16(dst.add((i * 6 + j) * pos_stride), *v) };
         }
     }
 }
@@ -1678,12 +1672,10 @@ unsafe fn wino_input_bf16(
     dst: *mut u16,
     pos_stride: usize,
 ) {
-    use std::arch::x86_64::*;
     // SAFETY: in bounds by the function's contract.
     let v = unsafe { wino_transform(src, row_stride, pixel_stride) };
     for (p, v) in v.into_iter().enumerate() {
-        let half: __m256i = unsafe { std::mem::transmute(_mm512_cvtneps_pbh(v)) };
-        unsafe { _mm256_storeu_si256(dst.add(p * pos_stride).cast(), half) };
+        unsafe { store_bf16(dst.add(p * pos_stride), v) };
     }
 }
 

@@ -193,6 +193,23 @@ pub(crate) unsafe fn tile_sums<S: Simd, const P: usize, const C: usize>(
     }
 }
 
+/// The 16 lanes of `v` rounded to bfloat16 (round to nearest even), stored
+/// at `p`.
+///
+/// # Safety
+/// Called only where the CPU supports AVX-512F and AVX512-BF16 (from a
+/// function compiled with them, where this inlines to two instructions);
+/// `p` holds 16 values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn store_bf16(p: *mut u16, v: __m512) {
+    // SAFETY: the function's contract.
+    unsafe {
+        let half: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+        _mm256_storeu_si256(p.cast(), half);
+    }
+}
+
 /// The 2x2 maximum of one register of channels (from `ch`): two adjacent
 /// pixels of `c` values each at `a` (one row) and at `b` (the next).
 ///
