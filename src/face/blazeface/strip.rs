@@ -6,6 +6,8 @@
 //! Only the tiles: which strips and groups a row is cut into is
 //! [`super::pointwise`]'s business.
 
+use std::arch::x86_64::*;
+
 use crate::model::simd::{Avx2, Avx512, Simd};
 
 use super::LANES;
@@ -54,49 +56,138 @@ impl Store {
     }
 }
 
+/// How a strip's products take their taps: one f32 tap per step with FMA
+/// ([`Single`]), or two bfloat16 taps per step with `vdpbf16ps`
+/// ([`Pairs`]). Weights are laid out `[taps / STEP][16 R][STEP]`.
+trait Step {
+    /// The values of the input and the weights.
+    type T;
+    /// Taps per step.
+    const STEP: usize;
+    /// One pixel's taps of a step, as the broadcast takes them.
+    type Taken: Copy;
+    /// Reads one pixel's taps of a step.
+    ///
+    /// # Safety
+    /// `p` holds `STEP` values.
+    unsafe fn take(p: *const Self::T) -> Self::Taken;
+    /// `acc + x * w` over the step's taps, 16 lanes (`w` 16 `STEP` values).
+    ///
+    /// # Safety
+    /// The CPU supports the step's instructions; `w` holds `16 STEP` values.
+    unsafe fn madd(acc: __m512, x: Self::Taken, w: *const Self::T) -> __m512;
+    /// [`Step::madd`] on 8 lanes.
+    ///
+    /// # Safety
+    /// As [`Step::madd`], `w` holding `8 STEP` values.
+    unsafe fn madd8(acc: __m256, x: Self::Taken, w: *const Self::T) -> __m256;
+}
+
+/// One f32 tap per step (AVX-512F FMA).
+struct Single;
+
+/// Two bfloat16 taps per step (AVX512-BF16 `vdpbf16ps`, with AVX512-VL).
+struct Pairs;
+
+impl Step for Single {
+    type T = f32;
+    const STEP: usize = 1;
+    type Taken = f32;
+
+    #[inline(always)]
+    unsafe fn take(p: *const f32) -> f32 {
+        // SAFETY: the caller's contract.
+        unsafe { *p }
+    }
+
+    #[inline(always)]
+    unsafe fn madd(acc: __m512, x: f32, w: *const f32) -> __m512 {
+        // SAFETY: the caller's contract.
+        unsafe { _mm512_fmadd_ps(_mm512_set1_ps(x), _mm512_loadu_ps(w), acc) }
+    }
+
+    #[inline(always)]
+    unsafe fn madd8(acc: __m256, x: f32, w: *const f32) -> __m256 {
+        // SAFETY: the caller's contract.
+        unsafe { _mm256_fmadd_ps(_mm256_set1_ps(x), _mm256_loadu_ps(w), acc) }
+    }
+}
+
+impl Step for Pairs {
+    type T = u16;
+    const STEP: usize = 2;
+    /// Two adjacent bf16 values read as one i32.
+    type Taken = i32;
+
+    #[inline(always)]
+    unsafe fn take(p: *const u16) -> i32 {
+        // SAFETY: the caller's contract.
+        unsafe { p.cast::<i32>().read_unaligned() }
+    }
+
+    #[inline(always)]
+    unsafe fn madd(acc: __m512, x: i32, w: *const u16) -> __m512 {
+        // SAFETY: the caller's contract; the transmutes reinterpret bits.
+        unsafe {
+            let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(x));
+            let w: __m512bh = std::mem::transmute(_mm512_loadu_ps(w.cast()));
+            _mm512_dpbf16_ps(acc, x, w)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn madd8(acc: __m256, x: i32, w: *const u16) -> __m256 {
+        // SAFETY: the caller's contract; the transmutes reinterpret bits.
+        unsafe {
+            let x: __m256bh = std::mem::transmute(_mm256_set1_epi32(x));
+            let w: __m256bh = std::mem::transmute(_mm256_loadu_ps(w.cast()));
+            _mm256_dpbf16_ps(acc, x, w)
+        }
+    }
+}
+
 /// One strip of `P` pixels times `G` 16-lane registers (and an 8-lane one
 /// when `H`) of a pointwise product, with its epilogue, in registers from
-/// the first multiply to the store.
+/// the first multiply to the store; the taps taken as `K` says.
 ///
 /// # Safety
-/// The CPU supports AVX-512F; with `R = G + H` registers, `input` holds `P`
-/// pixels `in_stride` apart of the values `taps` reads, `w` one row of
-/// `16 R` values for each tap; `to` as [`Store`] says.
-#[target_feature(enable = "avx512f")]
-unsafe fn pw_strip<const P: usize, const G: usize, const H: bool>(
-    input: *const f32,
+/// The CPU supports AVX-512F and `K`'s instructions; with `R = G + H`
+/// registers, `input` holds `P` pixels `in_stride` apart of the values
+/// `taps` reads (a run of several of an even length for [`Pairs`], the
+/// value past an odd run readable), `w` one row of `16 R K::STEP` values
+/// per step; `to` as [`Store`] says.
+#[inline(always)]
+unsafe fn strip<K: Step, const P: usize, const G: usize, const H: bool>(
+    input: *const K::T,
     taps: Taps,
     in_stride: usize,
-    w: *const f32,
+    w: *const K::T,
     to: Store,
 ) {
-    use std::arch::x86_64::*;
-    let row = (G + usize::from(H)) * LANES;
-    let mut acc = [[_mm512_setzero_ps(); G]; P];
-    let mut tail = [[_mm256_setzero_ps(); 1]; P];
+    let row = (G + usize::from(H)) * LANES * K::STEP;
+    // SAFETY: the caller's contract (the CPU's AVX-512F).
+    let (mut acc, mut tail) = unsafe { ([[Avx512::zero(); G]; P], [[Avx2::zero(); 1]; P]) };
     for run in 0..taps.runs {
         // SAFETY: the caller's contract (the taps stay inside the input and
         // the weights' rows).
-        let (input, w) = unsafe { (input.add(run * taps.pitch), w.add(run * taps.len * row)) };
-        for ci in 0..taps.len {
-            let wp = unsafe { w.add(ci * row) };
-            let mut wv = [_mm512_setzero_ps(); G];
-            for (k, v) in wv.iter_mut().enumerate() {
-                *v = unsafe { _mm512_loadu_ps(wp.add(k * LANES)) };
-            }
-            let wt = if H {
-                unsafe { _mm256_loadu_ps(wp.add(G * LANES)) }
-            } else {
-                _mm256_setzero_ps()
-            };
-            for (p, (row, t)) in acc.iter_mut().zip(tail.iter_mut()).enumerate() {
-                let x = unsafe { *input.add(p * in_stride + ci) };
-                let a = _mm512_set1_ps(x);
-                for (r, v) in row.iter_mut().zip(&wv) {
-                    *r = _mm512_fmadd_ps(a, *v, *r);
-                }
-                if H {
-                    t[0] = _mm256_fmadd_ps(_mm256_set1_ps(x), wt, t[0]);
+        let (input, w) = unsafe {
+            (
+                input.add(run * taps.pitch),
+                w.add(run * taps.len / K::STEP * row),
+            )
+        };
+        for step in 0..taps.len.div_ceil(K::STEP) {
+            // SAFETY: as above, for every pixel, register and step.
+            unsafe {
+                let wp = w.add(step * row);
+                for (p, (regs, t)) in acc.iter_mut().zip(tail.iter_mut()).enumerate() {
+                    let x = K::take(input.add(p * in_stride + K::STEP * step));
+                    for (k, r) in regs.iter_mut().enumerate() {
+                        *r = K::madd(*r, x, wp.add(k * LANES * K::STEP));
+                    }
+                    if H {
+                        t[0] = K::madd8(t[0], x, wp.add(G * LANES * K::STEP));
+                    }
                 }
             }
         }
@@ -105,12 +196,26 @@ unsafe fn pw_strip<const P: usize, const G: usize, const H: bool>(
     unsafe { pw_store::<G, H>(&acc, &tail, to) };
 }
 
-/// [`pw_strip`] in bfloat16: `input` holds bf16 values (the padding past
-/// an odd run zero: it reads one more), `w` `[taps / 2][16 R][2]` bf16
-/// values; the taps are taken two at a time.
+/// [`strip`] in f32.
 ///
 /// # Safety
-/// As [`pw_strip`], and the CPU supports AVX512-BF16 (with AVX512-VL).
+/// As [`strip`]; the CPU supports AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn pw_strip<const P: usize, const G: usize, const H: bool>(
+    input: *const f32,
+    taps: Taps,
+    in_stride: usize,
+    w: *const f32,
+    to: Store,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { strip::<Single, P, G, H>(input, taps, in_stride, w, to) }
+}
+
+/// [`strip`] in bfloat16, two taps a step.
+///
+/// # Safety
+/// As [`strip`]; the CPU supports AVX-512F, AVX512-BF16 and AVX512-VL.
 #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
 unsafe fn pw_strip_bf16<const P: usize, const G: usize, const H: bool>(
     input: *const u16,
@@ -119,50 +224,8 @@ unsafe fn pw_strip_bf16<const P: usize, const G: usize, const H: bool>(
     w: *const u16,
     to: Store,
 ) {
-    use std::arch::x86_64::*;
-    let row = (G + usize::from(H)) * LANES * 2;
-    let mut acc = [[_mm512_setzero_ps(); G]; P];
-    let mut tail = [[_mm256_setzero_ps(); 1]; P];
-    for run in 0..taps.runs {
-        // SAFETY: the caller's contract (the taps stay inside the input and
-        // the weights' rows; a run of several is of an even length).
-        let (input, w) = unsafe { (input.add(run * taps.pitch), w.add(run * taps.len / 2 * row)) };
-        for pair in 0..taps.len.div_ceil(2) {
-            let wp = unsafe { w.add(pair * row) };
-            let mut wv = [_mm512_setzero_ps(); G];
-            for (k, v) in wv.iter_mut().enumerate() {
-                *v = unsafe { _mm512_loadu_ps(wp.add(k * 2 * LANES).cast()) };
-            }
-            let wt = if H {
-                unsafe { _mm256_loadu_ps(wp.add(G * 2 * LANES).cast()) }
-            } else {
-                _mm256_setzero_ps()
-            };
-            for (p, (row, t)) in acc.iter_mut().zip(tail.iter_mut()).enumerate() {
-                // Two adjacent bf16 values read as one i32.
-                let both = unsafe {
-                    input
-                        .add(p * in_stride + 2 * pair)
-                        .cast::<i32>()
-                        .read_unaligned()
-                };
-                let a: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(both)) };
-                for (r, v) in row.iter_mut().zip(&wv) {
-                    *r = _mm512_dpbf16_ps(*r, a, unsafe {
-                        std::mem::transmute::<__m512, __m512bh>(*v)
-                    });
-                }
-                if H {
-                    let a: __m256bh = unsafe { std::mem::transmute(_mm256_set1_epi32(both)) };
-                    t[0] = _mm256_dpbf16_ps(t[0], a, unsafe {
-                        std::mem::transmute::<__m256, __m256bh>(wt)
-                    });
-                }
-            }
-        }
-    }
     // SAFETY: the caller's contract.
-    unsafe { pw_store::<G, H>(&acc, &tail, to) };
+    unsafe { strip::<Pairs, P, G, H>(input, taps, in_stride, w, to) }
 }
 
 /// [`pw_strip`] on AVX2 with FMA, for a group of `N` 8-lane registers
