@@ -1,5 +1,5 @@
-//! Settings shared by the binaries: device selection, the face detection
-//! flags and the kernels' precision.
+//! Settings shared by the binaries: the protocol's subjects, device
+//! selection, the face detection flags and the kernels' precision.
 //!
 //! Parsing only; nothing here opens connections or files.
 
@@ -8,6 +8,29 @@ use std::path::PathBuf;
 use candle_core::Device;
 
 use crate::model::Precision;
+
+/// The protocol's three subjects (PROTOCOL §1), shared by `profile-worker`
+/// and `profile-loadgen` so both ends default to the same names.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SubjectArgs {
+    /// Subject of the requests.
+    #[arg(
+        long,
+        env = "PROFILE_REQUEST_SUBJECT",
+        default_value = "profiles.images"
+    )]
+    pub request_subject: String,
+    /// Subject of the results.
+    #[arg(
+        long,
+        env = "PROFILE_RESULT_SUBJECT",
+        default_value = "profiles.gender"
+    )]
+    pub result_subject: String,
+    /// Subject of the errors.
+    #[arg(long, env = "PROFILE_ERROR_SUBJECT", default_value = "profiles.errors")]
+    pub error_subject: String,
+}
 
 /// The face detection and kernel precision flags, shared by
 /// `profile-worker` and `profile-trainer eval`/`predict` so they frame and

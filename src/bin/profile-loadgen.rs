@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use profile_classifier::config::{error_line, parse_count, parse_seconds};
+use profile_classifier::config::{SubjectArgs, error_line, parse_count, parse_seconds};
 use profile_classifier::connect::NatsArgs;
 use profile_classifier::loadgen::{self, Encoding, LoadConfig};
 
@@ -37,23 +37,8 @@ struct Cli {
     /// Seconds to wait for the last answers after the last request.
     #[arg(long, default_value_t = 30.0, value_parser = parse_seconds)]
     timeout: f64,
-    /// Subject requests are published on.
-    #[arg(
-        long,
-        env = "PROFILE_REQUEST_SUBJECT",
-        default_value = "profiles.images"
-    )]
-    request_subject: String,
-    /// Subject results arrive on.
-    #[arg(
-        long,
-        env = "PROFILE_RESULT_SUBJECT",
-        default_value = "profiles.gender"
-    )]
-    result_subject: String,
-    /// Subject errors arrive on.
-    #[arg(long, env = "PROFILE_ERROR_SUBJECT", default_value = "profiles.errors")]
-    error_subject: String,
+    #[command(flatten)]
+    subjects: SubjectArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -78,9 +63,9 @@ async fn main() -> ExitCode {
     let cfg = LoadConfig {
         nats: cli.nats,
         dir: cli.dir,
-        request_subject: cli.request_subject,
-        result_subject: cli.result_subject,
-        error_subject: cli.error_subject,
+        request_subject: cli.subjects.request_subject,
+        result_subject: cli.subjects.result_subject,
+        error_subject: cli.subjects.error_subject,
         requests: cli.requests,
         window: cli.window,
         rate: cli.rate,

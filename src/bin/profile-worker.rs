@@ -9,7 +9,8 @@ use std::time::Duration;
 use clap::Parser;
 use profile_classifier::batcher::{BatchConfig, Policy};
 use profile_classifier::config::{
-    FaceArgs, error_line, parse_bytes, parse_count, parse_device, parse_millis, parse_seconds,
+    FaceArgs, SubjectArgs, error_line, parse_bytes, parse_count, parse_device, parse_millis,
+    parse_seconds,
 };
 use profile_classifier::connect::NatsArgs;
 use profile_classifier::preprocess::Limits;
@@ -25,23 +26,8 @@ struct Cli {
     /// Connection name shown by the NATS server (default: profile-worker-<pid>).
     #[arg(long, env = "PROFILE_CONNECTION_NAME")]
     connection_name: Option<String>,
-    /// Subject the requests arrive on.
-    #[arg(
-        long,
-        env = "PROFILE_REQUEST_SUBJECT",
-        default_value = "profiles.images"
-    )]
-    request_subject: String,
-    /// Subject results are published on.
-    #[arg(
-        long,
-        env = "PROFILE_RESULT_SUBJECT",
-        default_value = "profiles.gender"
-    )]
-    result_subject: String,
-    /// Subject errors are published on.
-    #[arg(long, env = "PROFILE_ERROR_SUBJECT", default_value = "profiles.errors")]
-    error_subject: String,
+    #[command(flatten)]
+    subjects: SubjectArgs,
     /// Subject whose messages trigger a weights reload.
     #[arg(
         long,
@@ -168,9 +154,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .connection_name
             .unwrap_or_else(|| format!("profile-worker-{}", std::process::id())),
         subjects: Subjects {
-            requests: cli.request_subject,
-            results: cli.result_subject,
-            errors: cli.error_subject,
+            requests: cli.subjects.request_subject,
+            results: cli.subjects.result_subject,
+            errors: cli.subjects.error_subject,
             reload: cli.reload_subject,
             queue_group: cli.queue_group,
         },
