@@ -326,6 +326,7 @@ fn a_turned_face_is_measured_and_comes_back_level() {
             dy: 0.0,
             first_look: Look::Full,
             closer_look: None,
+            min_contrast: None,
         };
         let mut out = vec![0u8; 128 * 128 * 3];
         profile_classifier::face::align(
@@ -360,8 +361,14 @@ fn jpeg(img: &image::RgbImage) -> Vec<u8> {
 }
 
 /// The worker's preprocessing with face detection in front: a 64x64 model,
-/// the quick first look, the closer look at 0.9.
+/// the quick first look, the closer look at 0.9, the least face contrast
+/// new models are written with.
 fn served() -> profile_classifier::preprocess::Preprocessor {
+    served_with(Some(profile_classifier::face::align::MIN_CONTRAST))
+}
+
+/// [`served`] with `min_contrast` as the least contrast a face's crop needs.
+fn served_with(min_contrast: Option<f32>) -> profile_classifier::preprocess::Preprocessor {
     use profile_classifier::preprocess::{FaceStage, Limits, Preprocessor};
     let crop = profile_classifier::face::FaceCrop {
         threshold: 0.75,
@@ -370,6 +377,7 @@ fn served() -> profile_classifier::preprocess::Preprocessor {
         dy: 0.0,
         first_look: Look::Quick,
         closer_look: Some(0.9),
+        min_contrast,
     };
     let meta = profile_classifier::model::ModelMeta::sketch(64, &[16]);
     Preprocessor::new(&meta, Limits::default()).with_faces(FaceStage {
@@ -439,4 +447,65 @@ fn a_small_face_is_looked_for_at_full_scale() {
         pre.run(&plain, &mut out).expect("frames"),
         profile_classifier::preprocess::Framing::NoFace
     );
+}
+
+/// A default avatar (a flat head-and-shoulders silhouette) and a flat colour
+/// are what the detector can take for a face; their crops have no features,
+/// so they are answered "no face". Without the contrast check the same
+/// pictures give a face each.
+#[test]
+fn featureless_detections_are_no_face() {
+    use profile_classifier::preprocess::Framing;
+    let (checked, unchecked) = (served(), served_with(None));
+    for name in ["avatar.png", "flat.jpg"] {
+        let bytes =
+            std::fs::read(root().join("tests/fixtures/noface").join(name)).expect("fixture");
+        let mut out = vec![0f32; checked.input_len()];
+        assert!(
+            matches!(unchecked.run(&bytes, &mut out), Ok(Framing::Face { .. })),
+            "{name}: the detector alone takes it for a face"
+        );
+        assert_eq!(
+            checked.run(&bytes, &mut out).expect("frames"),
+            Framing::NoFace,
+            "{name}"
+        );
+    }
+}
+
+/// Real faces keep their crops' contrast: every fixture face the detector
+/// finds, also dimmed to a fifth of its light, is still a face with the
+/// contrast check.
+#[test]
+fn faces_have_the_contrast_of_a_face() {
+    use profile_classifier::preprocess::Framing;
+    let (checked, unchecked) = (served(), served_with(None));
+    let dir = root().join("tests/fixtures/faces");
+    let (mut seen, mut dimmed) = (0, 0);
+    for entry in std::fs::read_dir(&dir).expect("fixtures") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|e| e != "jpg") {
+            continue;
+        }
+        let mut img = image::open(&path).expect("decodes").to_rgb8();
+        for dim in [1.0f32, 0.2] {
+            img.pixels_mut()
+                .for_each(|p| p.0.iter_mut().for_each(|v| *v = (*v as f32 * dim) as u8));
+            let picture = profile_classifier::preprocess::rgb_view(&img);
+            let mut out = vec![0f32; checked.input_len()];
+            let found = unchecked.frame(picture, &mut out);
+            if found == Framing::NoFace {
+                continue;
+            }
+            assert_eq!(
+                checked.frame(picture, &mut out),
+                found,
+                "{}: dimmed to {dim}",
+                path.display()
+            );
+            seen += usize::from(dim == 1.0);
+            dimmed += usize::from(dim < 1.0);
+        }
+    }
+    assert!(seen >= 40 && dimmed >= 30, "{seen} faces, {dimmed} dimmed");
 }

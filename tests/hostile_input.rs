@@ -35,6 +35,7 @@ fn with_faces() -> &'static Preprocessor {
                 dy: 0.0,
                 first_look: profile_classifier::face::Look::Quick,
                 closer_look: Some(0.98),
+                min_contrast: Some(profile_classifier::face::align::MIN_CONTRAST),
             },
             threshold: 0.75,
         })

@@ -343,6 +343,7 @@ mod tests {
             dy: 0.02,
             first_look: crate::face::Look::Quick,
             closer_look: Some(0.98),
+            min_contrast: Some(0.02),
         };
         let with_face = ModelMeta {
             face: Some(crop),

@@ -373,7 +373,9 @@ impl Preprocessor {
         }
     }
 
-    /// The largest of `faces` aligned into `out`, or [`Framing::NoFace`].
+    /// The largest of `faces` with the contrast of a face
+    /// ([`FaceCrop::has_features`]) aligned into `out`, or
+    /// [`Framing::NoFace`]; the faces counted are those with it.
     fn cut_out(
         &self,
         picture: Rgb<'_>,
@@ -381,12 +383,17 @@ impl Preprocessor {
         crop: &FaceCrop,
         out: &mut [f32],
     ) -> Framing {
-        let Some(face) = faces.first().copied() else {
-            return Framing::NoFace;
+        let mut faces = faces.iter();
+        let face = loop {
+            match faces.next() {
+                None => return Framing::NoFace,
+                Some(face) if self.align_face(picture, face, crop, Some(&mut *out)) => break *face,
+                Some(_) => {}
+            }
         };
-        self.align_normalise(picture, &face, crop, out);
+        let others = faces.filter(|face| self.align_face(picture, face, crop, None));
         Framing::Face {
-            faces: faces.len(),
+            faces: 1 + others.count(),
             face,
         }
     }
@@ -407,14 +414,26 @@ impl Preprocessor {
         self.cut_out(picture, &faces, &stage.crop, out)
     }
 
-    /// [`crate::face::align`] into the model's input size, then normalised
-    /// into `out`: the one way a face becomes model input.
-    pub fn align_normalise(&self, picture: Rgb<'_>, face: &Face, crop: &FaceCrop, out: &mut [f32]) {
+    /// [`crate::face::align`] into the model's input size, the one way a
+    /// face becomes model input: whether the crop has the contrast of a face
+    /// ([`FaceCrop::has_features`]), and where it has, the crop normalised
+    /// into `out` when given.
+    fn align_face(
+        &self,
+        picture: Rgb<'_>,
+        face: &Face,
+        crop: &FaceCrop,
+        out: Option<&mut [f32]>,
+    ) -> bool {
         ALIGNED.with_borrow_mut(|buf| {
             let n = self.size as usize;
             buf.resize(n * n * 3, 0);
             crate::face::align(picture, face, crop, n, buf);
-            self.normalise(buf, out);
+            let face = crop.has_features(buf, n);
+            if let (true, Some(out)) = (face, out) {
+                self.normalise(buf, out);
+            }
+            face
         })
     }
 

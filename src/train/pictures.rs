@@ -129,6 +129,7 @@ impl Pictures {
             threshold,
             first_look,
             closer_look,
+            min_contrast: Some(crate::face::align::MIN_CONTRAST),
             side: median(&mut sides)?,
             dx: median(&mut dxs)?,
             dy: median(&mut dys)?,
