@@ -45,16 +45,10 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 export MACHINE="$(nproc) vCPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $(date -u +%FT%TZ)"
 echo "machine: $MACHINE" >&2
 echo "measuring components (cargo bench --bench model) ..." >&2
-# The kernels the worker serves with on this CPU (the default --precision):
-# the classifier's products in bfloat16 where the CPU has AVX512-BF16 (on
-# AMX tiles where it has AMX); the detector's in bfloat16 only where the CPU
-# has AVX512-BF16 and no AMX (Kernels::best says why); f32 on AVX-512F,
-# else on AVX2 with FMA, else the portable loops and the im2col path.
-if grep -qw avx512_bf16 /proc/cpuinfo; then conv=DirectBf16 det=Avx512Bf16
-elif grep -qw avx512f /proc/cpuinfo; then conv=Direct det=Avx512
-elif grep -qw avx2 /proc/cpuinfo && grep -qw fma /proc/cpuinfo; then conv=Direct det=Avx2
-else conv=Fast det=Portable; fi
-if grep -qw amx_bf16 /proc/cpuinfo; then det=Avx512; fi
+# The kernels the worker serves with on this CPU (the default --precision),
+# as the worker itself says: the criterion benchmarks of the same names.
+conv=$(target/release/profile-worker --print-kernels | awk '$1 == "classifier" {print $2}')
+det=$(target/release/profile-worker --print-kernels | awk '$1 == "detector" {print $2}')
 export CONV=$conv DET=$det
 cargo bench -q --bench model -- "forward/$conv/32\$|preprocess/|detector(_quick)?/$det/1\$" >"$tmp/criterion.log" 2>&1
 est() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['mean']['point_estimate'])" "target/criterion/$1/new/estimates.json"; }

@@ -13,6 +13,8 @@ use profile_classifier::config::{
     parse_seconds,
 };
 use profile_classifier::connect::NatsArgs;
+use profile_classifier::face::Kernels;
+use profile_classifier::model::ConvImpl;
 use profile_classifier::preprocess::Limits;
 use profile_classifier::worker::source::intake::IntakeLimits;
 use profile_classifier::worker::source::jetstream::JsConfig;
@@ -50,6 +52,11 @@ struct Cli {
     /// Inference device: cpu, cuda or cuda:N (CUDA needs --features cuda).
     #[arg(long, env = "PROFILE_DEVICE", default_value = "cpu")]
     device: String,
+    /// Print the kernels this CPU serves with at --precision (the
+    /// classifier's, then the detector's; the names of the criterion
+    /// benchmarks), then exit.
+    #[arg(long)]
+    print_kernels: bool,
     /// Largest batch per forward pass.
     #[arg(long, env = "PROFILE_MAX_BATCH", default_value_t = 32, value_parser = parse_count, allow_hyphen_values = true)]
     max_batch: usize,
@@ -130,6 +137,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if cli.print_kernels {
+        return print_kernels(&cli);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -144,6 +154,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--print-kernels`: what the worker would serve with, one line each.
+fn print_kernels(cli: &Cli) -> ExitCode {
+    let device = match parse_device(&cli.device) {
+        Ok(device) => device,
+        Err(e) => {
+            eprintln!("error: {}", error_line(&anyhow::Error::from(e)));
+            return ExitCode::FAILURE;
+        }
+    };
+    let precision = cli.faces.precision;
+    println!("classifier {:?}", ConvImpl::for_device(&device, precision));
+    println!("detector {:?}", Kernels::for_precision(precision));
+    ExitCode::SUCCESS
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
