@@ -397,7 +397,7 @@ mod simd {
     pub fn lanes() -> usize {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f")
+            if crate::model::simd::Isa::detect() == Some(crate::model::simd::Isa::Avx512)
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512vbmi")
             {

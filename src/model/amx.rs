@@ -22,7 +22,10 @@ pub fn available() -> bool {
         use std::sync::OnceLock;
         static GRANTED: OnceLock<bool> = OnceLock::new();
         *GRANTED.get_or_init(|| {
-            if std::env::var_os("PROFILE_NO_AMX").is_some() {
+            // The transforms around the tiles run on AVX-512.
+            if std::env::var_os("PROFILE_NO_AMX").is_some()
+                || super::simd::Isa::detect() != Some(super::simd::Isa::Avx512)
+            {
                 return false;
             }
             // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.

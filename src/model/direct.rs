@@ -193,7 +193,7 @@ impl Precision {
 fn bf16_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512bf16")
+        std::arch::is_x86_feature_detected!("avx512bf16") && Isa::detect() == Some(Isa::Avx512)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -23,11 +23,13 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The widest instruction set this CPU runs, if any.
+    /// The widest instruction set this CPU runs, if any; AVX2 on a CPU with
+    /// AVX-512 where the environment sets `PROFILE_NO_AVX512` (the kernels
+    /// then run as on a CPU without it: to test and measure that path).
     pub fn detect() -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if std::arch::is_x86_feature_detected!("avx512f") && !avx512_declined() {
                 return Some(Self::Avx512);
             }
             if std::arch::is_x86_feature_detected!("avx2")
@@ -38,6 +40,12 @@ impl Isa {
         }
         None
     }
+}
+
+/// Whether the environment declines AVX-512 (`PROFILE_NO_AVX512`, read once).
+fn avx512_declined() -> bool {
+    static DECLINED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DECLINED.get_or_init(|| std::env::var_os("PROFILE_NO_AVX512").is_some())
 }
 
 /// One f32 vector register and the operations the kernels use.
