@@ -590,3 +590,38 @@ fn meaningless_flag_values_are_refused_at_start() {
         );
     }
 }
+
+/// A client that keeps exactly `--max-pending` requests in flight, sending
+/// the next one as it reads each answer, never finds the bound full: a
+/// request's share of the bound is given back before its answer leaves.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_window_of_max_pending_requests_loses_none() {
+    let server = NatsServer::start();
+    let worker = Worker::start(
+        &server.url(),
+        &["--max-pending", "2", "--face-detection", "off"],
+    );
+    let url = server.url();
+    let total = 4000;
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_profile-loadgen"))
+            .args(["--nats-url", &url, "--json", "--timeout", "5"])
+            .args(["--requests", &total.to_string(), "--window", "2"])
+            .arg("--dir")
+            .arg(common::fixtures())
+            .output()
+            .expect("runs the load generator")
+    })
+    .await
+    .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}", String::from_utf8_lossy(&out.stderr));
+    });
+    assert_eq!(
+        worker.metric("profile_worker_dropped_total{reason=\"intake_full\"}"),
+        0.0,
+        "dropped with the bound full"
+    );
+    assert_eq!(report["results"], total, "{report}");
+    assert_eq!(report["missing"], 0, "{report}");
+}

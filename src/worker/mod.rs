@@ -12,7 +12,7 @@
 //!
 //! Every request taken yields exactly one answer (a result or an error),
 //! counted by `in_flight` and holding its share of the intake bound until
-//! it is published. Shutdown stops taking requests, lets every taken
+//! its answer is handed to the connection. Shutdown stops taking requests, lets every taken
 //! request finish, flushes and returns, each step bounded in time.
 //!
 //! This file holds the configuration, start-up and the wiring of the

@@ -114,7 +114,7 @@ impl Publisher {
     /// the envelope back for the latency figure.
     async fn send(&self, out: Outgoing, confirmed: &ConfirmedPublisher) -> Envelope {
         let Outgoing {
-            env,
+            mut env,
             subject,
             payload,
             settle,
@@ -153,6 +153,12 @@ impl Publisher {
                 self.tracker.finish(ack);
             }
             _ => {
+                // Answered from here on: the request's share of the intake
+                // bound goes back before the answer leaves, so a client that
+                // sends its next request as it reads this answer never finds
+                // the bound still full (a window of exactly --max-pending
+                // requests lost one now and then under load).
+                env.held.give_back();
                 match self
                     .client
                     .publish_with_headers(subject, headers.clone(), payload.clone())

@@ -64,6 +64,12 @@ impl Held {
             _kib: None,
         }
     }
+
+    /// Gives the share back now, before the holder is dropped (a request
+    /// whose answer is on its way out).
+    pub fn give_back(&mut self) {
+        *self = Self::nothing();
+    }
 }
 
 impl Intake {
@@ -147,7 +153,12 @@ mod tests {
         let big = intake.try_admit(1 << 30).expect("an oversized one alone");
         assert!(intake.try_admit(1).is_none(), "it takes the whole bound");
         drop(big);
-        assert!(intake.try_admit(1).is_some());
+        let mut one = intake.try_admit(1).expect("room again");
+        assert_eq!(intake.held_requests(), 1);
+        one.give_back();
+        assert_eq!(intake.held_requests(), 0, "given back before the drop");
+        drop(one);
+        assert_eq!(intake.held_requests(), 0);
     }
 
     #[tokio::test]
