@@ -47,8 +47,9 @@ echo "machine: $MACHINE" >&2
 echo "measuring components (cargo bench --bench model) ..." >&2
 # The kernels the worker serves with on this CPU (the default --precision),
 # as the worker itself says: the criterion benchmarks of the same names.
-conv=$(target/release/profile-worker --print-kernels | awk '$1 == "classifier" {print $2}')
-det=$(target/release/profile-worker --print-kernels | awk '$1 == "detector" {print $2}')
+kernels=$(target/release/profile-worker --print-kernels)
+conv=$(awk '$1 == "classifier" {print $2}' <<<"$kernels")
+det=$(awk '$1 == "detector" {print $2}' <<<"$kernels")
 export CONV=$conv DET=$det
 cargo bench -q --bench model -- "forward/$conv/32\$|preprocess/|detector(_quick)?/$det/1\$" >"$tmp/criterion.log" 2>&1
 est() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['mean']['point_estimate'])" "target/criterion/$1/new/estimates.json"; }

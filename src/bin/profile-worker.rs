@@ -137,17 +137,19 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if cli.print_kernels {
-        return print_kernels(&cli);
-    }
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let outcome = if cli.print_kernels {
+        print_kernels(&cli)
+    } else {
+        let runtime = match tokio::runtime::Runtime::new() {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: starting the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        runtime.block_on(run(cli))
     };
-    match runtime.block_on(run(cli)) {
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", error_line(&e));
@@ -157,18 +159,12 @@ fn main() -> ExitCode {
 }
 
 /// `--print-kernels`: what the worker would serve with, one line each.
-fn print_kernels(cli: &Cli) -> ExitCode {
-    let device = match parse_device(&cli.device) {
-        Ok(device) => device,
-        Err(e) => {
-            eprintln!("error: {}", error_line(&anyhow::Error::from(e)));
-            return ExitCode::FAILURE;
-        }
-    };
+fn print_kernels(cli: &Cli) -> anyhow::Result<()> {
+    let device = parse_device(&cli.device)?;
     let precision = cli.faces.precision;
     println!("classifier {:?}", ConvImpl::for_device(&device, precision));
     println!("detector {:?}", Kernels::for_precision(precision));
-    ExitCode::SUCCESS
+    Ok(())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -49,9 +49,7 @@ impl FaceCrop {
         self.min_contrast
             .is_none_or(|least| contrast(crop, n) >= least)
     }
-}
 
-impl FaceCrop {
     /// Checks the values are usable.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.threshold > 0.0 && self.threshold < 1.0) {
@@ -207,7 +205,7 @@ pub const MIN_CONTRAST: f32 = 0.02;
 /// Share of an aligned crop's side, around its centre, that [`contrast`]
 /// reads: the middle of the face (eyes, nose, mouth) at the crop geometry
 /// the classifier was trained with.
-pub const CONTRAST_SHARE: f32 = 0.4;
+const CONTRAST_SHARE: f32 = 0.4;
 
 /// Mean luma below which [`contrast`] divides by this instead (0-255): a
 /// dark face keeps its features' relative contrast, a black disc has none.
@@ -223,7 +221,7 @@ pub fn contrast(crop: &[u8], n: usize) -> f32 {
     let (mut sum, mut sq) = (0f64, 0f64);
     for y in from..from + m {
         for px in crop[(y * n + from) * 3..][..m * 3].chunks_exact(3) {
-            let l = 0.299 * f64::from(px[0]) + 0.587 * f64::from(px[1]) + 0.114 * f64::from(px[2]);
+            let l = f64::from(luma(px));
             sum += l;
             sq += l * l;
         }
@@ -232,6 +230,12 @@ pub fn contrast(crop: &[u8], n: usize) -> f32 {
     let mean = sum / count;
     let std = (sq / count - mean * mean).max(0.0).sqrt();
     (std / mean.max(f64::from(CONTRAST_DARK))) as f32
+}
+
+/// The luma (ITU-R BT.601 weights, 0-255) of an RGB pixel's first three
+/// bytes.
+pub fn luma(px: &[u8]) -> f32 {
+    0.299 * f32::from(px[0]) + 0.587 * f32::from(px[1]) + 0.114 * f32::from(px[2])
 }
 
 /// Cuts the face's square, eyes level, as `crop` places it, into `out`

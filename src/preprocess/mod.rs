@@ -417,7 +417,8 @@ impl Preprocessor {
     /// [`crate::face::align`] into the model's input size, the one way a
     /// face becomes model input: whether the crop has the contrast of a face
     /// ([`FaceCrop::has_features`]), and where it has, the crop normalised
-    /// into `out` when given.
+    /// into `out` when given. Without `out` or a least contrast to check,
+    /// there is nothing to cut.
     fn align_face(
         &self,
         picture: Rgb<'_>,
@@ -425,6 +426,9 @@ impl Preprocessor {
         crop: &FaceCrop,
         out: Option<&mut [f32]>,
     ) -> bool {
+        if out.is_none() && crop.min_contrast.is_none() {
+            return true;
+        }
         ALIGNED.with_borrow_mut(|buf| {
             let n = self.size as usize;
             buf.resize(n * n * 3, 0);

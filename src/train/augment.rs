@@ -180,10 +180,7 @@ impl Augment {
         }
         if self.grey > 0.0 && rng.random_bool(self.grey) {
             for px in rgb.chunks_exact_mut(3) {
-                let y = (0.299 * f32::from(px[0])
-                    + 0.587 * f32::from(px[1])
-                    + 0.114 * f32::from(px[2]))
-                .round() as u8;
+                let y = crate::face::align::luma(px).round() as u8;
                 px.fill(y);
             }
         }
