@@ -114,35 +114,62 @@ impl Drop for Tiles {
     }
 }
 
+/// Where the rows of a product's A lie: row `r`'s `k` values are `runs`
+/// runs of `k / runs` values, `pitch` values apart, from value `r * stride`.
+/// A dense `[n][k]` matrix is one run ([`Rows::dense`]); the detector's stem
+/// reads its 5x5 windows straight from the picture as five runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Rows {
+    /// Values from one row's first to the next's.
+    pub stride: usize,
+    /// Runs per row (each a multiple of 16 values).
+    pub runs: usize,
+    /// Values from one run's first to the next's.
+    pub pitch: usize,
+}
+
+impl Rows {
+    /// Rows of `k` values back to back.
+    pub fn dense(k: usize) -> Self {
+        Self {
+            stride: k,
+            runs: 1,
+            pitch: 0,
+        }
+    }
+}
+
 /// `c[r][col] = Σ_k a[r][k] · w[k][col]` for `n` rows (a multiple of 16),
-/// `cin` input channels (a multiple of 16) and `cout` output channels (a
-/// multiple of `width`, itself a multiple of 16). `a` is `[n][cin]` bf16;
-/// `w` is `[cout / width][cin / 2][width][2]` bf16 (blocks of `width`
-/// output channels in input-channel pairs, as the AVX-512 bf16 kernels read
-/// them); `c` is `[n][cout]` f32, overwritten.
+/// `cin` input channels and `cout` output channels (a multiple of `width`,
+/// itself a multiple of 16). `a` is bf16, its rows laid out as `rows` says
+/// (each run a multiple of 16 values); `w` is `[cout / width][cin / 2][width][2]`
+/// bf16 (blocks of `width` output channels in input-channel pairs, as the
+/// AVX-512 bf16 kernels read them); `c` is `[n][cout]` f32, overwritten.
 ///
 /// # Safety
-/// The tiles are configured ([`Tiles`]); `a` holds `n * cin` values, `w` `cin * cout`, `c`
-/// has room for `n * cout`; the divisibility above holds.
+/// The tiles are configured ([`Tiles`]); `a` holds every value `rows`
+/// names for `n` rows, `w` `cin * cout` values, `c` has room for
+/// `n * cout`; the divisibility above holds.
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn product(
     _tiles: &Tiles,
     a: *const u16,
+    rows: Rows,
     (n, cin, cout, width): (usize, usize, usize, usize),
     w: *const u16,
     c: *mut f32,
 ) {
-    debug_assert!(n.is_multiple_of(ROWS) && cin.is_multiple_of(ROWS));
+    let run = cin / rows.runs;
+    debug_assert!(n.is_multiple_of(ROWS) && run * rows.runs == cin && run.is_multiple_of(ROWS));
     debug_assert!(width.is_multiple_of(ROWS) && cout.is_multiple_of(width));
-    let (a_stride, w_stride, c_stride) = (cin * 2, width * 4, cout * 4);
+    let (a_stride, w_stride, c_stride) = (rows.stride * 2, width * 4, cout * 4);
     let columns = cout / ROWS;
     // SAFETY: the tile loads read 16 rows of at most 64 bytes, `a_stride`
-    // apart from row r and channel k0 of `a` (r + 16 <= n, k0 + 32 <= cin or
-    // 16 channels where only 16 are left), and at most 16 rows of 64 bytes
-    // `w_stride` apart from pair k0 / 2 of one block's 16 output channels
-    // (inside `w`); the stores write 16 rows of 16 f32 `c_stride` apart from
-    // row r, column col (col + 16 <= cout). All inside the buffers by the
-    // contract.
+    // apart from row r's value k0 of a run (k0 + 32 <= run, or 16 values
+    // where only 16 are left), and at most 16 rows of 64 bytes `w_stride`
+    // apart from pair (k / 2) of one block's 16 output channels (inside `w`);
+    // the stores write 16 rows of 16 f32 `c_stride` apart from row r, column
+    // col (col + 16 <= cout). All inside the buffers by the contract.
     unsafe {
         for r in (0..n).step_by(ROWS) {
             for first in (0..columns).step_by(4) {
@@ -150,17 +177,21 @@ pub unsafe fn product(
                 for t in 0..count {
                     zero(t);
                 }
-                let mut k0 = 0;
-                while k0 < cin {
-                    let wide = cin - k0 >= K_MAX;
-                    load_a(wide, a.add(r * cin + k0), a_stride);
-                    for t in 0..count {
-                        let col = (first + t) * ROWS;
-                        let block = w.add((col / width) * cin * width + (k0 / 2) * width * 2);
-                        let b = block.add((col % width) * 2);
-                        multiply(t, wide, b, w_stride);
+                for j in 0..rows.runs {
+                    let from = a.add(r * rows.stride + j * rows.pitch);
+                    let mut k0 = 0;
+                    while k0 < run {
+                        let wide = run - k0 >= K_MAX;
+                        load_a(wide, from.add(k0), a_stride);
+                        let k = j * run + k0;
+                        for t in 0..count {
+                            let col = (first + t) * ROWS;
+                            let block = w.add((col / width) * cin * width + (k / 2) * width * 2);
+                            let b = block.add((col % width) * 2);
+                            multiply(t, wide, b, w_stride);
+                        }
+                        k0 += if wide { K_MAX } else { ROWS };
                     }
-                    k0 += if wide { K_MAX } else { ROWS };
                 }
                 for t in 0..count {
                     store(t, c.add(r * cout + (first + t) * ROWS), c_stride);
@@ -282,6 +313,7 @@ mod tests {
                 product(
                     &tiles,
                     a.as_ptr(),
+                    Rows::dense(cin),
                     (n, cin, cout, width),
                     paired.as_ptr(),
                     c.as_mut_ptr(),
@@ -302,6 +334,59 @@ mod tests {
                         "n {n} cin {cin} cout {cout}: [{r}][{col}] {got} against {want}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Rows read as runs (the detector's stem: five runs of 16 values per
+    /// row, rows 6 values apart, runs `pitch` apart, overlapping).
+    #[test]
+    fn tile_products_read_rows_in_runs() {
+        if !available() {
+            eprintln!("this CPU has no AMX-BF16: nothing to compare");
+            return;
+        }
+        let (n, runs, len, stride, pitch, cout) = (32, 5, 16, 6, 201, 32);
+        let cin = runs * len;
+        let a: Vec<u16> = (0..(n - 1) * stride + (runs - 1) * pitch + len)
+            .map(|i| to_bf16(((i * 29 % 89) as f32 - 44.0) / 22.0))
+            .collect();
+        let w: Vec<f32> = (0..cin * cout)
+            .map(|i| ((i * 61 % 83) as f32 - 41.0) / 30.0)
+            .collect();
+        let paired = pair_bf16(&w, cin, cout);
+        let mut c = vec![f32::NAN; n * cout];
+        let rows = Rows {
+            stride,
+            runs,
+            pitch,
+        };
+        // SAFETY: AMX is available; `a` holds every value `rows` names for
+        // `n` rows, `paired` cin * cout values, `c` n * cout.
+        unsafe {
+            let tiles = Tiles::configure();
+            product(
+                &tiles,
+                a.as_ptr(),
+                rows,
+                (n, cin, cout, cout),
+                paired.as_ptr(),
+                c.as_mut_ptr(),
+            );
+        }
+        for r in 0..n {
+            for col in 0..cout {
+                let want: f32 = (0..cin)
+                    .map(|k| {
+                        let at = r * stride + (k / len) * pitch + k % len;
+                        from_bf16(a[at]) * from_bf16(to_bf16(w[k * cout + col]))
+                    })
+                    .sum();
+                let got = c[r * cout + col];
+                assert!(
+                    (got - want).abs() <= 1e-3 * want.abs().max(1.0),
+                    "[{r}][{col}] {got} against {want}"
+                );
             }
         }
     }

@@ -254,12 +254,14 @@ impl DirectNet {
             }
             let winograd = cin.is_multiple_of(LANES);
             let amx = winograd && precision == Precision::Bf16 && super::amx::available();
-            // F(4x4, 3x3) where the products run on AVX512-BF16 or AVX2:
-            // on AVX2 the f32 products are the whole cost, and the larger
-            // tiles halve them (about 1e-6 of rounding in f32).
+            // F(4x4, 3x3) where the products run in bfloat16 or on AVX2: the
+            // larger tiles halve the products and, on AMX tiles, where the
+            // products are cheap, the transforms around them (about 1e-6 of
+            // rounding in f32). AMX takes 16 tiles a product, so a map of
+            // fewer F(4x4, 3x3) tiles keeps F(2x2, 3x3).
             let wide = winograd
                 && match precision {
-                    Precision::Bf16 => !amx,
+                    Precision::Bf16 => !amx || (side / 4).pow(2).is_multiple_of(16),
                     Precision::F32 => isa == Isa::Avx2,
                 };
             let (group, strip, weights) = if winograd {
@@ -805,6 +807,7 @@ impl Block {
                         super::amx::product(
                             tiles,
                             v16.as_ptr().add(pos * vs),
+                            super::amx::Rows::dense(cin),
                             (n, cin, cout, width),
                             self.weights_bf16.as_ptr().add(pos * cout * cin),
                             m.as_mut_ptr().add(pos * ms),
