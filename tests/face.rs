@@ -96,17 +96,36 @@ fn detector_reproduces_the_reference_outputs() {
 
 #[test]
 fn bf16_kernels_stay_near_the_reference_outputs() {
-    // The serving default on CPUs with AVX512-BF16: pointwise products from
-    // bfloat16 inputs and weights. Not 1e-4, but close enough that the
-    // decoded face (next test) lands where the reference's does.
+    // The serving default on CPUs with AVX512-BF16 (and on AMX tiles where
+    // the CPU has them): pointwise products from bfloat16 inputs and
+    // weights. Not 1e-4, but close enough that the decoded face (next test)
+    // lands where the reference's does.
     if !Precision::Bf16.available() {
         eprintln!("this CPU has no AVX512-BF16: nothing to compare");
         return;
     }
     let (input, boxes, scores) = reference();
-    let (b, s) = shipped(Kernels::Avx512Bf16).raw(&input);
-    assert_within("bf16 boxes", &b, &boxes, 5e-1);
-    assert_within("bf16 scores", &s, &scores, 5e-1);
+    for kernels in bf16_kernels() {
+        // Twice in one batch: the second picture reuses the scratch.
+        let two: Vec<f32> = input.iter().chain(&input).copied().collect();
+        let (b, s) = shipped(kernels).raw(&two);
+        for i in 0..2 {
+            let b = &b[i * boxes.len()..][..boxes.len()];
+            let s = &s[i * scores.len()..][..scores.len()];
+            assert_within(&format!("{kernels:?} boxes #{i}"), b, &boxes, 5e-1);
+            assert_within(&format!("{kernels:?} scores #{i}"), s, &scores, 5e-1);
+        }
+    }
+}
+
+/// The bfloat16 kernels this CPU runs.
+fn bf16_kernels() -> Vec<Kernels> {
+    let all = [Kernels::Avx512Bf16, Kernels::Amx];
+    let here: Vec<Kernels> = all.into_iter().filter(|k| k.runs_here()).collect();
+    if here.len() < all.len() {
+        eprintln!("this CPU runs only {here:?} of the bfloat16 kernels");
+    }
+    here
 }
 
 #[test]
@@ -174,10 +193,10 @@ fn the_quick_look_runs_alike_on_every_kernel() {
                 assert_close(&format!("{kernels:?} {side} scores"), &s, &want_s);
             }
         }
-        if Precision::Bf16.available() {
-            let (b, s) = look(Kernels::Avx512Bf16).raw(picture);
-            assert_within(&format!("bf16 {side} boxes"), &b, &want_b, 5e-1);
-            assert_within(&format!("bf16 {side} scores"), &s, &want_s, 5e-1);
+        for kernels in bf16_kernels() {
+            let (b, s) = look(kernels).raw(picture);
+            assert_within(&format!("{kernels:?} {side} boxes"), &b, &want_b, 5e-1);
+            assert_within(&format!("{kernels:?} {side} scores"), &s, &want_s, 5e-1);
         }
     }
     let quick = shipped(Kernels::Portable).at_side(64).expect("side 64");

@@ -27,7 +27,15 @@ use crate::model::Precision;
 use crate::model::aligned::AlignedBuf;
 use crate::model::simd::Isa;
 
-use block::{Block, clear_border, run_block};
+#[cfg(target_arch = "x86_64")]
+use crate::model::amx::Tiles;
+#[cfg(target_arch = "x86_64")]
+use block::run_block_amx;
+use block::{Block, amx_pixels, clear_border, run_block};
+
+/// Without AMX, nothing configures tiles.
+#[cfg(not(target_arch = "x86_64"))]
+type Tiles = ();
 use pointwise::{Epilogue, Input, Pointwise, STRIP, Staging, Taps, Values};
 
 mod block;
@@ -80,6 +88,11 @@ pub enum Kernels {
     /// [`Kernels::Avx512`] with the pointwise products in bfloat16 (inputs
     /// and weights rounded, sums in f32; AVX512-BF16 `vdpbf16ps`).
     Avx512Bf16,
+    /// [`Kernels::Avx512`] with the stem's and the blocks' pointwise
+    /// products on AMX tiles in bfloat16 (inputs and weights rounded, sums
+    /// in f32; Intel Xeons since Sapphire Rapids). The depthwise rows and the
+    /// heads stay on AVX-512 (the heads in f32).
+    Amx,
     /// AVX2 and FMA register tiles, in f32 (x86-64 CPUs without AVX-512).
     Avx2,
     /// Plain Rust loops, any CPU.
@@ -89,12 +102,15 @@ pub enum Kernels {
 impl Kernels {
     /// The fastest kernels this CPU runs. AVX512-BF16 pays where its dot
     /// product outruns two f32 FMAs (AMD Zen 4 and 5); where the CPU has
-    /// AMX (Intel), it runs at the FMA rate, and bfloat16 only adds the
-    /// rounding (the full look took 1.07 ms in bfloat16 against 0.78 in f32
-    /// on such a Xeon), so the f32 kernels serve there.
+    /// AMX (Intel), `vdpbf16ps` runs at the FMA rate, and the products run
+    /// on AMX tiles instead.
     pub fn best() -> Self {
-        if Precision::Bf16.available() && !crate::model::amx::available() {
-            return Kernels::Avx512Bf16;
+        if Precision::Bf16.available() {
+            return if crate::model::amx::available() {
+                Kernels::Amx
+            } else {
+                Kernels::Avx512Bf16
+            };
         }
         match Isa::detect() {
             Some(Isa::Avx512) => Kernels::Avx512,
@@ -111,7 +127,7 @@ impl Kernels {
     /// The fastest kernels this CPU runs at `precision` or finer.
     pub fn for_precision(precision: Precision) -> Self {
         match (Self::best(), precision) {
-            (Kernels::Avx512Bf16, Precision::F32) => Kernels::Avx512,
+            (Kernels::Avx512Bf16 | Kernels::Amx, Precision::F32) => Kernels::Avx512,
             (best, _) => best,
         }
     }
@@ -120,6 +136,7 @@ impl Kernels {
     pub fn runs_here(self) -> bool {
         match self {
             Kernels::Avx512Bf16 => Precision::Bf16.available(),
+            Kernels::Amx => Precision::Bf16.available() && crate::model::amx::available(),
             Kernels::Avx512 => Isa::detect() == Some(Isa::Avx512),
             Kernels::Avx2 => Isa::detect().is_some(),
             Kernels::Portable => true,
@@ -172,11 +189,14 @@ struct Scratch {
     /// zero border: the stem writes the first, then each block reads one and
     /// writes the other, so a picture's activations stay in cache.
     maps: [AlignedBuf; 2],
-    /// One depthwise row (f32, or bfloat16 for [`Kernels::Avx512Bf16`])
-    /// and one max-pooled (skip) row.
+    /// One depthwise row (f32, or bfloat16 for [`Kernels::Avx512Bf16`] and
+    /// [`Kernels::Amx`], which takes as many rows as make a tile of 16
+    /// pixels) and one max-pooled (skip) row (as many).
     dw_row: AlignedBuf,
     dw_row16: Vec<u16>,
     pool_row: AlignedBuf,
+    /// The AMX tile products of one pass (before bias, skip and ReLU).
+    products: AlignedBuf,
     /// Head outputs.
     head16: Vec<f32>,
     head8: Vec<f32>,
@@ -476,6 +496,12 @@ impl BlazeFace {
             widest = widest.max(b.pw.cout_p).max(b.cin_p);
         }
         let widest = widest.max(self.head16.cout_p).max(self.head8.cout_p);
+        // Pixels of one pass: a map row, or one AMX pass (block::amx_pixels).
+        let row = self
+            .blocks
+            .iter()
+            .map(|b| amx_pixels(b.out_side()))
+            .fold(stem_side, usize::max);
         let maps = [AlignedBuf::zeroed(largest), AlignedBuf::zeroed(largest)];
         let input = ((self.side + 3).pow(2) * 3 + 1).next_multiple_of(LANES);
         Scratch {
@@ -483,8 +509,9 @@ impl BlazeFace {
             input16: vec![0u16; input],
             maps,
             dw_row: AlignedBuf::zeroed(stem_side * widest),
-            dw_row16: vec![0; stem_side * widest],
-            pool_row: AlignedBuf::zeroed(stem_side * widest),
+            dw_row16: vec![0; row * widest],
+            pool_row: AlignedBuf::zeroed(row * widest),
+            products: AlignedBuf::zeroed(row * widest),
             head16: vec![0f32; m16 * m16 * self.head16.cout_p],
             head8: vec![0f32; m8 * m8 * self.head8.cout_p],
             staging: Staging::new(stem_side.max(STRIP), widest),
@@ -514,18 +541,39 @@ impl BlazeFace {
     /// Runs the network on `s.input` (already normalised and bordered).
     fn network(&self, s: &mut Scratch, boxes: &mut [f32], logits: &mut [f32]) {
         let (m16, m8) = self.head_sides();
-        self.stem(s);
+        // SAFETY: `Kernels::Amx` runs here (checked when the network was
+        // built), so AMX is available.
+        #[cfg(target_arch = "x86_64")]
+        let tiles = (self.kernels == Kernels::Amx)
+            .then(|| unsafe { crate::model::amx::Tiles::configure() });
+        #[cfg(not(target_arch = "x86_64"))]
+        let tiles: Option<()> = None;
+        self.stem(s, tiles.as_ref());
         let [first, second] = &mut s.maps;
         let (mut input, mut output) = (first, second);
         for (i, block) in self.blocks.iter().enumerate() {
-            run_block(
-                block,
-                self.kernels,
-                input,
-                output,
-                (&mut s.dw_row, &mut s.dw_row16, &mut s.pool_row),
-                &mut s.staging,
-            );
+            match &tiles {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AMX, AVX-512F and AVX512-BF16 (`Kernels::Amx` runs
+                // here); the tiles are configured; the scratch was made for
+                // this network's passes (`new_scratch`).
+                Some(tiles) => unsafe {
+                    let bufs = (
+                        &mut s.dw_row16[..],
+                        &mut s.pool_row[..],
+                        &mut s.products[..],
+                    );
+                    run_block_amx(block, tiles, input, output, bufs)
+                },
+                _ => run_block(
+                    block,
+                    self.kernels,
+                    input,
+                    output,
+                    (&mut s.dw_row, &mut s.dw_row16, &mut s.pool_row),
+                    &mut s.staging,
+                ),
+            }
             // Heads: 16x16 map after backbone1, 8x8 map after backbone2.
             if i + 1 == self.backbone1 {
                 let out = &mut s.head16;
@@ -557,13 +605,43 @@ impl BlazeFace {
         }
     }
 
-    /// 5x5 stride-2 convolution with ReLU into the first map.
-    fn stem(&self, s: &mut Scratch) {
+    /// 5x5 stride-2 convolution with ReLU into the first map (on AMX
+    /// tiles where `tiles` are given and a map row is whole tiles).
+    fn stem(&self, s: &mut Scratch, tiles: Option<&Tiles>) {
         let out_side = self.side / 2;
         let in_row = (self.side + 3) * 3;
         let cout_p = self.stem.pw.cout_p;
         let map_stride = (out_side + 2) * cout_p;
         clear_border(&mut s.maps[0], out_side, cout_p);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(tiles) = tiles.filter(|_| out_side.is_multiple_of(LANES)) {
+            // Output pixel x's window: five runs of 16 values from input
+            // row 2y + i, column 2x, 6 values from one pixel's to the next's.
+            let rows = crate::model::amx::Rows {
+                stride: 2 * 3,
+                runs: 5,
+                pitch: in_row,
+            };
+            // SAFETY: AMX, AVX-512F and AVX512-BF16 (`Kernels::Amx` runs
+            // here), the tiles configured by the caller; `input16` holds as
+            // many values as `input`; `product_amx` and `finish` check their
+            // slices.
+            unsafe {
+                crate::model::direct::round_bf16(&s.input, &mut s.input16);
+                for y in 0..out_side {
+                    let input = &s.input16[2 * y * in_row..];
+                    let products = &mut s.products[..out_side * cout_p];
+                    self.stem
+                        .pw
+                        .product_amx(tiles, input, rows, out_side, products);
+                    let dst = &mut s.maps[0][(y + 1) * map_stride + cout_p..][..out_side * cout_p];
+                    self.stem
+                        .pw
+                        .finish(products, out_side, Epilogue::BiasRelu, dst);
+                }
+            }
+            return;
+        }
         let values = match self.kernels {
             #[cfg(target_arch = "x86_64")]
             Kernels::Avx512Bf16 => {

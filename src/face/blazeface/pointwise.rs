@@ -44,6 +44,9 @@ pub(super) struct Pointwise {
     /// The same weights in bfloat16, input channels in adjacent pairs
     /// (`[cin_p / 2][16 * g][2]` per group, at the same offsets).
     weights_bf16: Vec<u16>,
+    /// The same again as one group of every output channel
+    /// (`[cin_p / 2][cout_p][2]`), for the AMX tile products.
+    weights_amx: Vec<u16>,
     bias: Vec<f32>,
 }
 
@@ -119,6 +122,13 @@ impl Pointwise {
                 crate::model::direct::pair_bf16(&weights[off..][..cin_p * width], cin_p, width)
             })
             .collect();
+        let mut all = vec![0f32; cin_p * cout_p];
+        for (ci, row) in all.chunks_exact_mut(cout_p).enumerate().take(cin) {
+            for (co, v) in row.iter_mut().enumerate().take(cout) {
+                *v = w[co * cin + ci];
+            }
+        }
+        let weights_amx = crate::model::direct::pair_bf16(&all, cin_p, cout_p);
         Self {
             cin,
             cout,
@@ -128,7 +138,96 @@ impl Pointwise {
             offsets,
             weights,
             weights_bf16,
+            weights_amx,
             bias,
+        }
+    }
+
+    /// `products[p][..cout_p] = in[p] x W` (no bias) for `n` pixels (a
+    /// multiple of 16) of bfloat16 values laid out as `rows` says, on AMX
+    /// tiles; [`Pointwise::finish`] then adds the rest.
+    ///
+    /// # Safety
+    /// `tiles` were configured on this thread; `input` holds every value
+    /// `rows` names for `n` pixels; `rows` covers `cin_p` values a pixel in
+    /// runs of a multiple of 16.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) unsafe fn product_amx(
+        &self,
+        tiles: &crate::model::amx::Tiles,
+        input: &[u16],
+        rows: crate::model::amx::Rows,
+        n: usize,
+        products: &mut [f32],
+    ) {
+        let (cin_p, cout_p) = (self.cin_p, self.cout_p);
+        assert!(n.is_multiple_of(LANES) && products.len() >= n * cout_p);
+        let run = cin_p / rows.runs;
+        assert!(run * rows.runs == cin_p && run.is_multiple_of(LANES));
+        assert!(
+            n == 0 || input.len() >= (n - 1) * rows.stride + (rows.runs - 1) * rows.pitch + run
+        );
+        // SAFETY: the sizes were checked above; the tiles by the caller.
+        unsafe {
+            crate::model::amx::product(
+                tiles,
+                input.as_ptr(),
+                rows,
+                (n, cin_p, cout_p, cout_p),
+                self.weights_amx.as_ptr(),
+                products.as_mut_ptr(),
+            )
+        }
+    }
+
+    /// `out[p] = epilogue(bias + products[p])` for `n` pixels of `cout_p`
+    /// values: the end of [`Pointwise::product_amx`].
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn finish(
+        &self,
+        products: &[f32],
+        n: usize,
+        then: Epilogue<'_>,
+        out: &mut [f32],
+    ) {
+        use crate::model::simd::{Avx512, Simd};
+        let cout_p = self.cout_p;
+        assert!(products.len() >= n * cout_p && out.len() >= n * cout_p);
+        let (skip, skip_c, relu) = match then {
+            Epilogue::Bias => (&[][..], 0, false),
+            Epilogue::BiasRelu => (&[][..], 0, true),
+            Epilogue::BiasSkipRelu(skip, c) => {
+                assert!(c.is_multiple_of(LANES) && c <= cout_p && skip.len() >= n * c);
+                (skip, c, true)
+            }
+        };
+        // SAFETY: AVX-512F (the caller's contract); every load and store
+        // is 16 values inside the slices checked above (cout_p and skip_c
+        // multiples of 16).
+        unsafe {
+            for p in 0..n {
+                let (from, to) = (
+                    products.as_ptr().add(p * cout_p),
+                    out.as_mut_ptr().add(p * cout_p),
+                );
+                for c in (0..cout_p).step_by(LANES) {
+                    let mut v = Avx512::add(
+                        Avx512::load(from.add(c)),
+                        Avx512::load(self.bias.as_ptr().add(c)),
+                    );
+                    if c < skip_c {
+                        v = Avx512::add(v, Avx512::load(skip.as_ptr().add(p * skip_c + c)));
+                    }
+                    if relu {
+                        v = Avx512::max(v, Avx512::zero());
+                    }
+                    Avx512::store(to.add(c), v);
+                }
+            }
         }
     }
 
@@ -244,7 +343,7 @@ impl Pointwise {
                 };
             }
             #[cfg(target_arch = "x86_64")]
-            (Kernels::Avx512, Values::F32(values)) => {
+            (Kernels::Avx512 | Kernels::Amx, Values::F32(values)) => {
                 // SAFETY: the CPU has AVX-512F (`Kernels::best`).
                 unsafe {
                     let input = ((values, stride, taps), &WIDTHS[..]);
