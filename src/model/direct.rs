@@ -94,6 +94,13 @@ const AT4: [[f32; 6]; 4] = [
 /// next: the blocks are whole multiples of 4 KiB, so without the skew a
 /// tile's 16 positions would fall in one L1 set.
 const WINO_SKEW: usize = 32;
+/// Values of a kernel row's run in the first block's AMX products (a tile
+/// takes 16 bfloat16 values a row at least): three pixels' channels and
+/// zero weights after them.
+const AMX_RUN: usize = 16;
+/// Spare bfloat16 values after the first block's padded input, which the
+/// last pixel's runs read (against zero weights).
+const BF16_SPARE: usize = AMX_RUN;
 /// Pictures a thread claims at a time in [`DirectNet::logits`], and the
 /// fewest worth a thread of their own.
 pub const MIN_PER_THREAD: usize = 4;
@@ -120,12 +127,13 @@ struct Block {
     /// In bfloat16: the same weights rounded, inputs in adjacent pairs.
     /// Winograd: `[positions][cout / (16*group)][cin / 2][16*group][2]`. Direct
     /// (the first block only, whose input is the picture): each kernel row's
-    /// `3 * cin` taps and channels as one run, padded to an even count,
-    /// `[cout / (16*group)][3][run / 2][16*group][2]`. Empty when the
-    /// products run in f32.
+    /// `3 * cin` taps and channels as one run, padded to an even count (to
+    /// [`AMX_RUN`] on AMX tiles), `[cout / (16*group)][3][run / 2][16*group][2]`.
+    /// Empty when the products run in f32.
     weights_bf16: Vec<u16>,
-    /// Whether the bfloat16 Winograd products run on AMX tiles
-    /// ([`super::amx`]) rather than AVX512-BF16.
+    /// Whether the bfloat16 products (Winograd, or the first block's
+    /// direct ones) run on AMX tiles ([`super::amx`]) rather than
+    /// AVX512-BF16.
     amx: bool,
     /// The instruction set of the f32 kernels (AVX-512 wherever bfloat16
     /// products are).
@@ -150,8 +158,8 @@ pub struct DirectNet {
 struct Scratch {
     padded: Vec<AlignedBuf>,
     /// The first block's padded input in bfloat16, when that block runs in
-    /// bfloat16, with one spare value at the end (a kernel row's run is
-    /// padded to an even count, and the zero weight meets that value).
+    /// bfloat16, with [`BF16_SPARE`] spare values at the end (a kernel row's
+    /// run is padded, and the zero weights meet the values past it).
     input_bf16: Vec<u16>,
     rows: AlignedBuf,
     /// The channels of a Winograd tile's pooled pixels (one, or four when
@@ -253,7 +261,13 @@ impl DirectNet {
                 return None;
             }
             let winograd = cin.is_multiple_of(LANES);
-            let amx = winograd && precision == Precision::Bf16 && super::amx::available();
+            // On AMX tiles: the Winograd products, and the first block's
+            // direct products where a kernel row's run fits in 16 values
+            // and a conv row is whole tiles of 16 pixels.
+            let amx = precision == Precision::Bf16
+                && super::amx::available()
+                && (winograd
+                    || (blocks.is_empty() && 3 * cin <= AMX_RUN && side.is_multiple_of(16)));
             // F(4x4, 3x3) where the products run in bfloat16 or on AVX2: the
             // larger tiles halve the products and, on AMX tiles, where the
             // products are cheap, the transforms around them (about 1e-6 of
@@ -313,7 +327,14 @@ impl DirectNet {
             };
             let weights_bf16 = match precision {
                 Precision::Bf16 if winograd => pair_bf16(&weights, cin, group * LANES),
-                Precision::Bf16 if blocks.is_empty() => flat_bf16(&weights, cin, group * LANES),
+                Precision::Bf16 if blocks.is_empty() => {
+                    let run = if amx {
+                        AMX_RUN
+                    } else {
+                        (3 * cin).next_multiple_of(2)
+                    };
+                    flat_bf16(&weights, (cin, run), group * LANES)
+                }
                 _ => Vec::new(),
             };
             blocks.push(Block {
@@ -448,7 +469,7 @@ impl DirectNet {
                 .map(|b| AlignedBuf::zeroed((b.side + 2) * (b.side + 2) * b.cin))
                 .collect(),
             input_bf16: match &self.blocks[..] {
-                [b, ..] if b.direct_bf16() => vec![0; (b.side + 2) * (b.side + 2) * b.cin + 2],
+                [b, ..] if b.direct_bf16() => vec![0; b.bf16_input_len()],
                 _ => Vec::new(),
             },
             rows: AlignedBuf::zeroed(most(|b| 2 * b.side * b.cout)),
@@ -535,8 +556,14 @@ impl DirectNet {
                 }
                 continue;
             }
+            // SAFETY: AMX was found available when the block was built.
+            #[cfg(target_arch = "x86_64")]
+            let tiles = block.amx.then(|| unsafe { super::amx::Tiles::configure() });
             for y in (0..block.side).step_by(2) {
                 if block.direct_bf16() {
+                    #[cfg(target_arch = "x86_64")]
+                    block.conv_rows_bf16(input_bf16, y, rows, tiles.as_ref());
+                    #[cfg(not(target_arch = "x86_64"))]
                     block.conv_rows_bf16(input_bf16, y, rows);
                 } else {
                     block.conv_rows(input, y, rows);
@@ -590,7 +617,7 @@ impl Block {
     fn fill_bf16(&self, picture: &[f32], input: &mut [u16]) {
         let (side, cin) = (self.side, self.cin);
         let len = side * cin;
-        assert!(picture.len() == side * len && input.len() == (side + 2) * (side + 2) * cin + 2);
+        assert!(picture.len() == side * len && input.len() == self.bf16_input_len());
         let whole = len / LANES * LANES;
         for y in 0..side {
             let src = &picture[y * len..][..len];
@@ -607,17 +634,67 @@ impl Block {
         }
     }
 
+    /// Padded bfloat16 input values of the first block: the map with its
+    /// border, and the spare values a kernel row's last run reads past it.
+    fn bf16_input_len(&self) -> usize {
+        (self.side + 2) * (self.side + 2) * self.cin + BF16_SPARE
+    }
+
     /// [`Block::conv_rows`] of the first block in bfloat16, from its padded
     /// input (see [`Block::fill_bf16`]): each kernel row is one run of
-    /// `3 * cin` consecutive values (three pixels' channels), taken in pairs.
-    fn conv_rows_bf16(&self, input: &[u16], y: usize, rows: &mut [f32]) {
+    /// `3 * cin` consecutive values (three pixels' channels), taken in pairs,
+    /// on `tiles` where the block runs on AMX (a product per conv row, each
+    /// run read as [`AMX_RUN`] values).
+    fn conv_rows_bf16(
+        &self,
+        input: &[u16],
+        y: usize,
+        rows: &mut [f32],
+        #[cfg(target_arch = "x86_64")] tiles: Option<&super::amx::Tiles>,
+    ) {
         let (side, cin, cout) = (self.side, self.cin, self.cout);
-        let pairs = (3 * cin).div_ceil(2);
+        let run = if self.amx {
+            AMX_RUN
+        } else {
+            (3 * cin).next_multiple_of(2)
+        };
+        let pairs = run / 2;
         let width = self.group * LANES;
-        assert!(input.len() == (side + 2) * (side + 2) * cin + 2);
+        assert!(
+            input.len() == self.bf16_input_len() && 3 * cin <= run && run - 3 * cin < BF16_SPARE
+        );
         assert!(rows.len() >= 2 * side * cout && y + 1 < side);
         assert!(self.weights_bf16.len() == cout * 3 * pairs * 2 && side.is_multiple_of(self.strip));
         let row_stride = (side + 2) * cin;
+        #[cfg(target_arch = "x86_64")]
+        if let Some(tiles) = tiles {
+            assert!(self.amx && side.is_multiple_of(16));
+            let runs = super::amx::Rows {
+                stride: cin,
+                runs: 3,
+                pitch: row_stride,
+            };
+            for dy in 0..2 {
+                // SAFETY: AMX (the block was built for it) and the tiles
+                // configured by the caller. Pixel x of conv row y+dy reads
+                // padded rows y+dy..y+dy+3 from column x, `run` values each:
+                // at most `run - 3 * cin` values past the row, inside the
+                // next row or the spare values (checked above); the weights
+                // hold `3 * run * cout` values; the products `side` pixels
+                // of `cout` values inside `rows`.
+                unsafe {
+                    super::amx::product(
+                        tiles,
+                        input.as_ptr().add((y + dy) * row_stride),
+                        runs,
+                        (side, 3 * run, cout, width),
+                        self.weights_bf16.as_ptr(),
+                        rows.as_mut_ptr().add(dy * side * cout),
+                    )
+                };
+            }
+            return;
+        }
         for (pixel, g, dst) in self.row_tiles(y) {
             let (src, w) = (pixel * cin, g * 3 * pairs * 2 * width);
             // SAFETY: bf16 weights exist only where AVX512-BF16 was found.
@@ -1225,11 +1302,12 @@ unsafe fn tile_bf16_runs<const P: usize, const G: usize, const R: usize>(
 }
 
 /// Direct weights `[groups][9][cin][width]` as the bfloat16 runs of
-/// [`tile_bf16_runs`]: per group and kernel row, value `kx * cin + ci` of
-/// the run, padded with a zero to an even count and paired,
-/// `[groups][3][pairs][width][2]`.
-fn flat_bf16(w: &[f32], cin: usize, width: usize) -> Vec<u16> {
-    let pairs = (3 * cin).div_ceil(2);
+/// [`tile_bf16_runs`] (or of the AMX tiles): per group and kernel row, value
+/// `kx * cin + ci` of the run, padded with zeros to `run` values (even, at
+/// least `3 * cin`) and paired, `[groups][3][run / 2][width][2]`.
+fn flat_bf16(w: &[f32], (cin, run): (usize, usize), width: usize) -> Vec<u16> {
+    assert!(run.is_multiple_of(2) && run >= 3 * cin);
+    let pairs = run / 2;
     let groups = w.len() / (TAPS * cin * width);
     let mut out = vec![0u16; groups * 3 * pairs * 2 * width];
     for g in 0..groups {
