@@ -88,10 +88,10 @@ pub enum Kernels {
     /// [`Kernels::Avx512`] with the pointwise products in bfloat16 (inputs
     /// and weights rounded, sums in f32; AVX512-BF16 `vdpbf16ps`).
     Avx512Bf16,
-    /// [`Kernels::Avx512`] with the stem's and the blocks' pointwise
-    /// products on AMX tiles in bfloat16 (inputs and weights rounded, sums
-    /// in f32; Intel Xeons since Sapphire Rapids). The depthwise rows and the
-    /// heads stay on AVX-512 (the heads in f32).
+    /// [`Kernels::Avx512`] with the 1x1 products (the stem's, the blocks'
+    /// and the heads') on AMX tiles in bfloat16 (inputs and weights rounded,
+    /// sums in f32; Intel Xeons since Sapphire Rapids). The depthwise rows
+    /// stay on AVX-512.
     Amx,
     /// AVX2 and FMA register tiles, in f32 (x86-64 CPUs without AVX-512).
     Avx2,
@@ -191,11 +191,13 @@ struct Scratch {
     maps: [AlignedBuf; 2],
     /// One depthwise row (f32, or bfloat16 for [`Kernels::Avx512Bf16`] and
     /// [`Kernels::Amx`], which takes as many rows as make a tile of 16
-    /// pixels) and one max-pooled (skip) row (as many).
+    /// pixels, and rounds a head's whole map here) and one max-pooled (skip)
+    /// row (as many).
     dw_row: AlignedBuf,
     dw_row16: Vec<u16>,
     pool_row: AlignedBuf,
-    /// The AMX tile products of one pass (before bias, skip and ReLU).
+    /// The AMX tile products of one pass (a block's rows, a stem row or a
+    /// head's map), before bias, skip and ReLU.
     products: AlignedBuf,
     /// Head outputs.
     head16: Vec<f32>,
@@ -502,6 +504,11 @@ impl BlazeFace {
             .iter()
             .map(|b| amx_pixels(b.out_side()))
             .fold(stem_side, usize::max);
+        // Pixels of the heads' AMX products (whole maps).
+        let heads = [m16, m8]
+            .map(|m| (m * m).next_multiple_of(LANES))
+            .into_iter()
+            .fold(row, usize::max);
         let maps = [AlignedBuf::zeroed(largest), AlignedBuf::zeroed(largest)];
         let input = ((self.side + 3).pow(2) * 3 + 1).next_multiple_of(LANES);
         Scratch {
@@ -509,9 +516,9 @@ impl BlazeFace {
             input16: vec![0u16; input],
             maps,
             dw_row: AlignedBuf::zeroed(stem_side * widest),
-            dw_row16: vec![0; row * widest],
+            dw_row16: vec![0; heads * widest],
             pool_row: AlignedBuf::zeroed(row * widest),
-            products: AlignedBuf::zeroed(row * widest),
+            products: AlignedBuf::zeroed(heads * widest),
             head16: vec![0f32; m16 * m16 * self.head16.cout_p],
             head8: vec![0f32; m8 * m8 * self.head8.cout_p],
             staging: Staging::new(stem_side.max(STRIP), widest),
@@ -577,17 +584,29 @@ impl BlazeFace {
             // Heads: 16x16 map after backbone1, 8x8 map after backbone2.
             if i + 1 == self.backbone1 {
                 let out = &mut s.head16;
-                head(&self.head16, self.kernels, output, m16, out, &mut s.staging);
+                let bufs = (&mut s.dw_row16[..], &mut s.products[..], &mut s.staging);
+                head(
+                    &self.head16,
+                    self.kernels,
+                    tiles.as_ref(),
+                    output,
+                    m16,
+                    out,
+                    bufs,
+                );
             }
             std::mem::swap(&mut input, &mut output);
         }
+        let bufs = (&mut s.dw_row16[..], &mut s.products[..], &mut s.staging);
+        let out = &mut s.head8;
         head(
             &self.head8,
             self.kernels,
+            tiles.as_ref(),
             input,
             m8,
-            &mut s.head8,
-            &mut s.staging,
+            out,
+            bufs,
         );
         let mut anchor = 0;
         for (map, side, per_cell, width) in [
@@ -676,16 +695,43 @@ impl BlazeFace {
     }
 }
 
-/// A head's 1x1 convolution over every pixel of a bordered map.
+/// A head's 1x1 convolution over every pixel of a bordered map; on AMX
+/// tiles where `tiles` are given (the map rounded to bfloat16 into `map16`,
+/// one product for the whole map into `products`, then the bias).
 fn head(
     pw: &Pointwise,
     kernels: Kernels,
+    tiles: Option<&Tiles>,
     map: &[f32],
     side: usize,
     out: &mut [f32],
-    staging: &mut Staging,
+    (map16, products, staging): (&mut [u16], &mut [f32], &mut Staging),
 ) {
     let row = (side + 2) * pw.cin_p;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(tiles) = tiles {
+        let (n, c) = (side * side, pw.cin_p);
+        let padded = n.next_multiple_of(LANES);
+        assert!(map16.len() >= padded * c && out.len() >= n * pw.cout_p);
+        // SAFETY: AMX, AVX-512F and AVX512-BF16 (`Kernels::Amx` runs here),
+        // the tiles configured by the caller; each row rounds `side * c`
+        // values (a multiple of 16) into room checked above; the product
+        // reads `padded` pixels of `map16` (the rows past `n` hold earlier
+        // values, whose products are not read) and `product_amx` and
+        // `finish` check their slices.
+        unsafe {
+            for y in 0..side {
+                let from = &map[(y + 1) * row + c..][..side * c];
+                crate::model::direct::round_bf16(from, &mut map16[y * side * c..][..side * c]);
+            }
+            let dense = crate::model::amx::Rows::dense(c);
+            pw.product_amx(tiles, map16, dense, padded, products);
+            pw.finish(products, n, Epilogue::Bias, out);
+        }
+        return;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (tiles, map16, products);
     for y in 0..side {
         let input = &map[(y + 1) * row + pw.cin_p..][..side * pw.cin_p];
         pw.run(
