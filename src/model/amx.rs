@@ -6,8 +6,9 @@
 //! kernels pay.
 //!
 //! Reads and writes the same layouts as the AVX-512 bf16 kernels of
-//! [`super::direct`] (inputs row-major, weights in input-channel pairs), so
-//! either can run a block. Knows nothing of networks, only of one product.
+//! [`super::direct`] and of the face detector (inputs row-major, or read as
+//! runs through [`Rows`]; weights in input-channel pairs), so either can run
+//! a layer. Knows nothing of networks, only of one product.
 
 /// Rows of a tile, and f32 columns of an accumulator tile.
 const ROWS: usize = 16;

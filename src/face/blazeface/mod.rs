@@ -7,10 +7,12 @@
 //! goes into a small buffer, the pointwise product of that row (AVX-512 or
 //! AVX2 register tiles, or a portable loop)
 //! gets the bias, the skip (max-pooled for stride 2) and ReLU, and is written
-//! straight into the zero-bordered input of the next block. Channels are
-//! padded to multiples of 16 with zero weights, so every row is whole
-//! registers. A picture's activations stay in a per-thread scratch kept by the
-//! network; the hot path does not allocate.
+//! straight into the zero-bordered input of the next block. On AMX tiles
+//! ([`Kernels::Amx`]) a pass takes as many rows as make 16 pixels, and the
+//! stem and heads run as tile products too. Channels are padded to
+//! multiples of 16 with zero weights, so every row is whole registers. A
+//! picture's activations stay in a per-thread scratch kept by the network;
+//! the hot path does not allocate.
 //!
 //! This module knows the network and its weights file; it does not decode
 //! boxes, pick faces or touch pictures (see [`super::decode`], [`mod@super::align`]).
