@@ -212,7 +212,7 @@ const CONTRAST_SHARE: f32 = 0.4;
 const CONTRAST_DARK: f32 = 16.0;
 
 /// How much the middle of an aligned `n x n` RGB crop varies: the standard
-/// deviation of its luma over its mean (at least [`CONTRAST_DARK`]). A face
+/// deviation of its luma over its mean (at least `CONTRAST_DARK`). A face
 /// has features there; a flat disc or a single colour the detector took for
 /// a face (default avatars, flat pictures) has next to none.
 pub fn contrast(crop: &[u8], n: usize) -> f32 {

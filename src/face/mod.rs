@@ -1,6 +1,6 @@
 //! Finding the face in a picture: the BlazeFace detector ([`blazeface`]),
 //! the decoding of its outputs ([`decode`]), and the one alignment function
-//! that cuts the face out for the classifier ([`align`]).
+//! that cuts the face out for the classifier ([`mod@align`]).
 //!
 //! [`FaceFinder`] puts them together for a decoded picture: letterbox it (or,
 //! on the closer look, a tile of it) into the detector's square, run the
@@ -225,7 +225,7 @@ impl FaceFinder {
             .then_some(faces)
     }
 
-    /// The full look at every tile of [`Window::tiles`]; a face seen in two
+    /// The full look at every tile of `Window::tiles`; a face seen in two
     /// overlapping tiles is kept once (the larger box), largest first.
     pub fn closer_look(&self, picture: Rgb<'_>, threshold: f32) -> Vec<Face> {
         let mut seen: Vec<Face> = Window::tiles(picture)

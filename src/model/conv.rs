@@ -126,7 +126,7 @@ impl CustomOp1 for Col2im {
 }
 
 /// Reorders a conv weight `[Cout, Cin, 3, 3]` (candle's layout) into the
-/// `[9*Cin, Cout]` matrix that multiplies [`Im2col`] rows. Differentiable.
+/// `[9*Cin, Cout]` matrix that multiplies `Im2col` rows. Differentiable.
 pub fn weight_matrix(weight: &Tensor) -> Result<Tensor> {
     let (cout, cin, kh, kw) = weight.dims4()?;
     if (kh, kw) != (3, 3) {

@@ -1,5 +1,5 @@
 //! The inference network as direct convolutions on AVX-512F or AVX2 (the
-//! kernels are written once over [`super::simd::Simd`]): no im2col copy, no
+//! kernels are written once over `simd::Simd`): no im2col copy, no
 //! intermediate tensors, batch norm already folded into the weights.
 //!
 //! Each picture runs through every block while its activations stay in cache.

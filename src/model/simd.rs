@@ -1,8 +1,8 @@
 //! The vector instruction sets the CPU kernels are written for, behind one
 //! small trait, so a kernel is written once and compiled for each.
 //!
-//! [`Simd`]'s operations are `#[inline(always)]` and carry no target
-//! features of their own: a kernel generic over [`Simd`] is instantiated
+//! `Simd`'s operations are `#[inline(always)]` and carry no target
+//! features of their own: a kernel generic over `Simd` is instantiated
 //! inside a function compiled with the features (`#[target_feature]`), where
 //! the operations inline to single instructions. Calling them anywhere else
 //! is the caller's promise that the CPU has the features ([`Isa::detect`]).

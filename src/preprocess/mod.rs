@@ -1,6 +1,6 @@
 //! Picture bytes to model input: sniff the format, enforce the size limits
 //! before any pixel is decoded, decode (colour JPEGs without EXIF rotation
-//! straight into a per-thread buffer by [`jpeg`], at a reduced scale where
+//! straight into a per-thread buffer by `jpeg`, at a reduced scale where
 //! the picture stays at least the model's input; everything else through
 //! `image`, with limits
 //! set in the decoder itself and EXIF orientation applied), convert to RGB,
@@ -228,7 +228,7 @@ impl Preprocessor {
     }
 
     /// The same preprocessing with face detection in front: pictures are
-    /// framed by [`crate::face::align`] around their largest face.
+    /// framed by [`fn@crate::face::align`] around their largest face.
     pub fn with_faces(mut self, stage: FaceStage) -> Self {
         self.face = Some(stage);
         self

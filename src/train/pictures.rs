@@ -1,6 +1,6 @@
 //! The training pictures decoded once and held in memory with the face the
 //! detector finds in each, so that every epoch cuts them out anew through
-//! [`crate::face::align`] (with augmentation), and the crop geometry that
+//! [`fn@crate::face::align`] (with augmentation), and the crop geometry that
 //! makes a detected face look like the training crops.
 //!
 //! Reads folders in the seed layout through [`super::dataset::list`]; runs

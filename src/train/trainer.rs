@@ -1,6 +1,6 @@
 //! The training loop: the pictures decoded and their faces found once, the
 //! crop geometry measured from them, seeded initialisation, shuffled batches
-//! of faces cut out anew each epoch by [`crate::face::align`] with
+//! of faces cut out anew each epoch by [`fn@crate::face::align`] with
 //! upload-like augmentation, AdamW with linear warm-up then cosine decay,
 //! validation (through the worker's own framing) after every epoch, the best
 //! epoch kept and written atomically with its metadata.

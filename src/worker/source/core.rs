@@ -76,7 +76,7 @@ impl CoreSource {
     }
 }
 
-/// Counts drops and logs them at warn, at most once per [`WARN_EVERY`].
+/// Counts drops and logs them at warn, at most once per `WARN_EVERY`.
 #[derive(Debug)]
 pub struct DropLog {
     since: Instant,
