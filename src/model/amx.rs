@@ -288,6 +288,52 @@ mod tests {
         f32::from_bits((v as u32) << 16)
     }
 
+    /// Runs [`product`] on `a` (rows as `rows` says) and `w`
+    /// (`[cout / width][cin][width]` f32, paired here as the kernels read it)
+    /// and checks every sum against plain loops over the same bfloat16
+    /// values.
+    fn check_product(
+        a: &[u16],
+        rows: Rows,
+        (n, cin, cout, width): (usize, usize, usize, usize),
+        w: &[f32],
+    ) {
+        let paired = pair_bf16(w, cin, width);
+        let mut c = vec![f32::NAN; n * cout];
+        // SAFETY: AMX is available (the callers check); `a` holds every value
+        // `rows` names for `n` rows, `paired` cin * cout values, `c` n * cout,
+        // and the shapes divide as `product` asks (the callers' cases).
+        unsafe {
+            let tiles = Tiles::configure();
+            product(
+                &tiles,
+                a.as_ptr(),
+                rows,
+                (n, cin, cout, width),
+                paired.as_ptr(),
+                c.as_mut_ptr(),
+            );
+        }
+        let run = cin / rows.runs;
+        for r in 0..n {
+            for col in 0..cout {
+                let (g, lane) = (col / width, col % width);
+                let want: f32 = (0..cin)
+                    .map(|k| {
+                        let at = r * rows.stride + (k / run) * rows.pitch + k % run;
+                        let wk = to_bf16(w[(g * cin + k) * width + lane]);
+                        from_bf16(a[at]) * from_bf16(wk)
+                    })
+                    .sum();
+                let got = c[r * cout + col];
+                assert!(
+                    (got - want).abs() <= 1e-3 * want.abs().max(1.0),
+                    "n {n} cin {cin} cout {cout}: [{r}][{col}] {got} against {want}"
+                );
+            }
+        }
+    }
+
     /// The tile product against plain loops over the same bfloat16 values,
     /// for the channel counts of the shipped network's blocks (32-channel
     /// steps, a 16-channel rest, 1-3 registers per weight group).
@@ -301,41 +347,10 @@ mod tests {
             let a: Vec<u16> = (0..n * cin)
                 .map(|i| to_bf16(((i * 37 % 101) as f32 - 50.0) / 25.0))
                 .collect();
-            // `[cout / width][cin][width]`, then paired as the kernels read it.
             let w: Vec<f32> = (0..cin * cout)
                 .map(|i| ((i * 53 % 97) as f32 - 48.0) / 40.0)
                 .collect();
-            let paired = pair_bf16(&w, cin, width);
-            let mut c = vec![f32::NAN; n * cout];
-            // SAFETY: AMX is available; the buffers have the sizes `product`
-            // needs and the shapes divide as it asks.
-            unsafe {
-                let tiles = Tiles::configure();
-                product(
-                    &tiles,
-                    a.as_ptr(),
-                    Rows::dense(cin),
-                    (n, cin, cout, width),
-                    paired.as_ptr(),
-                    c.as_mut_ptr(),
-                );
-            }
-            for r in 0..n {
-                for col in 0..cout {
-                    let (g, lane) = (col / width, col % width);
-                    let want: f32 = (0..cin)
-                        .map(|k| {
-                            let wk = to_bf16(w[(g * cin + k) * width + lane]);
-                            from_bf16(a[r * cin + k]) * from_bf16(wk)
-                        })
-                        .sum();
-                    let got = c[r * cout + col];
-                    assert!(
-                        (got - want).abs() <= 1e-3 * want.abs().max(1.0),
-                        "n {n} cin {cin} cout {cout}: [{r}][{col}] {got} against {want}"
-                    );
-                }
-            }
+            check_product(&a, Rows::dense(cin), (n, cin, cout, width), &w);
         }
     }
 
@@ -355,40 +370,11 @@ mod tests {
         let w: Vec<f32> = (0..cin * cout)
             .map(|i| ((i * 61 % 83) as f32 - 41.0) / 30.0)
             .collect();
-        let paired = pair_bf16(&w, cin, cout);
-        let mut c = vec![f32::NAN; n * cout];
         let rows = Rows {
             stride,
             runs,
             pitch,
         };
-        // SAFETY: AMX is available; `a` holds every value `rows` names for
-        // `n` rows, `paired` cin * cout values, `c` n * cout.
-        unsafe {
-            let tiles = Tiles::configure();
-            product(
-                &tiles,
-                a.as_ptr(),
-                rows,
-                (n, cin, cout, cout),
-                paired.as_ptr(),
-                c.as_mut_ptr(),
-            );
-        }
-        for r in 0..n {
-            for col in 0..cout {
-                let want: f32 = (0..cin)
-                    .map(|k| {
-                        let at = r * stride + (k / len) * pitch + k % len;
-                        from_bf16(a[at]) * from_bf16(to_bf16(w[k * cout + col]))
-                    })
-                    .sum();
-                let got = c[r * cout + col];
-                assert!(
-                    (got - want).abs() <= 1e-3 * want.abs().max(1.0),
-                    "[{r}][{col}] {got} against {want}"
-                );
-            }
-        }
+        check_product(&a, rows, (n, cin, cout, cout), &w);
     }
 }

@@ -101,6 +101,17 @@ const AMX_RUN: usize = 16;
 /// Spare bfloat16 values after the first block's padded input, which the
 /// last pixel's runs read (against zero weights).
 const BF16_SPARE: usize = AMX_RUN;
+
+/// Values of one kernel row's run in the first (direct, bfloat16) block of
+/// `cin` input channels: three pixels' channels, padded to an even count
+/// for `vdpbf16ps`, or to [`AMX_RUN`] on AMX tiles.
+fn first_run(cin: usize, amx: bool) -> usize {
+    if amx {
+        AMX_RUN
+    } else {
+        (3 * cin).next_multiple_of(2)
+    }
+}
 /// Pictures a thread claims at a time in [`DirectNet::logits`], and the
 /// fewest worth a thread of their own.
 pub const MIN_PER_THREAD: usize = 4;
@@ -328,12 +339,7 @@ impl DirectNet {
             let weights_bf16 = match precision {
                 Precision::Bf16 if winograd => pair_bf16(&weights, cin, group * LANES),
                 Precision::Bf16 if blocks.is_empty() => {
-                    let run = if amx {
-                        AMX_RUN
-                    } else {
-                        (3 * cin).next_multiple_of(2)
-                    };
-                    flat_bf16(&weights, (cin, run), group * LANES)
+                    flat_bf16(&weights, (cin, first_run(cin, amx)), group * LANES)
                 }
                 _ => Vec::new(),
             };
@@ -653,11 +659,7 @@ impl Block {
         #[cfg(target_arch = "x86_64")] tiles: Option<&super::amx::Tiles>,
     ) {
         let (side, cin, cout) = (self.side, self.cin, self.cout);
-        let run = if self.amx {
-            AMX_RUN
-        } else {
-            (3 * cin).next_multiple_of(2)
-        };
+        let run = first_run(cin, self.amx);
         let pairs = run / 2;
         let width = self.group * LANES;
         assert!(

@@ -124,6 +124,7 @@ pub(super) unsafe fn run_block_amx(
     let n = rows * out_side;
     let padded = amx_pixels(out_side);
     assert!(dw16.len() >= padded * cin_p && pool.len() >= n * cin_p);
+    let dense = crate::model::amx::Rows::dense(cin_p);
     clear_border(output, out_side, cout_p);
     for y0 in (0..out_side).step_by(rows) {
         let here = rows.min(out_side - y0);
@@ -133,10 +134,9 @@ pub(super) unsafe fn run_block_amx(
             // buffers are checked by the row itself.
             unsafe { depthwise_row_bf16(b, input, y0 + r, &mut dw16[at..], &mut pool[at..]) };
         }
-        let rows16 = crate::model::amx::Rows::dense(cin_p);
         // SAFETY: the tiles (the caller's contract); the product reads
         // `padded` pixels of `dw16`, checked above.
-        unsafe { b.pw.product_amx(tiles, dw16, rows16, padded, products) };
+        unsafe { b.pw.product_amx(tiles, dw16, dense, padded, products) };
         for r in 0..here {
             let y = y0 + r;
             let skip: &[f32] = if b.stride == 1 {

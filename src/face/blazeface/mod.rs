@@ -34,11 +34,11 @@ use crate::model::amx::Tiles;
 #[cfg(target_arch = "x86_64")]
 use block::run_block_amx;
 use block::{Block, amx_pixels, clear_border, run_block};
+use pointwise::{Epilogue, Input, Pointwise, STRIP, Staging, Taps, Values};
 
 /// Without AMX, nothing configures tiles.
 #[cfg(not(target_arch = "x86_64"))]
 type Tiles = ();
-use pointwise::{Epilogue, Input, Pointwise, STRIP, Staging, Taps, Values};
 
 mod block;
 mod depthwise;
