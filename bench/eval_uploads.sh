@@ -11,7 +11,9 @@
 # rotated, darker and more compressed faces.
 #
 # Prints one Markdown table: pictures, accuracy, "no face" answers, faces
-# missed, faces found where there is none. A missed face and a face found in
+# missed, faces found where there is none. `noface` holds pictures without a
+# face at their own sizes; `noface_small` the same kinds made small and
+# over-compressed as `tiny` is (both outside the kinds' mean). A missed face and a face found in
 # a picture without one both count as wrong answers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +26,7 @@ if [ "${1:-}" = --hard ]; then
 fi
 weights=${1:-weights/gender-cnn.safetensors}
 shift || true
-if [ ! -f "$uploads/noface/profile.csv" ]; then
+if [ ! -f "$uploads/noface_small/profile.csv" ]; then
   py=python3
   if ! python3 -c 'import PIL, numpy' 2>/dev/null; then
     [ -x target/uploads-venv/bin/python ] || {
@@ -39,7 +41,7 @@ cargo build --release --quiet --bin profile-trainer
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 sets=("test=../shared/data/faces/test")
-for kind in aligned offcentre loose tight rotated grey dim tiny large_png webp noface; do
+for kind in aligned offcentre loose tight rotated grey dim tiny large_png webp noface noface_small; do
   sets+=("$kind=$uploads/$kind")
 done
 for s in "${sets[@]}"; do
@@ -58,7 +60,7 @@ for s in sys.argv[2:]:
     r = json.load(open(f"{out}/{name}.json"))
     f = r["faces"]
     print(f"| {name} | {r['n']} | {r['accuracy']:.4f} | {f['answered_no_face']} | {f['missed']} | {f['false_faces']} |")
-    if name not in ("test", "aligned", "noface"):
+    if name not in ("test", "aligned", "noface", "noface_small"):
         kinds.append(r["accuracy"])
 if kinds:
     print(f"\nupload-like kinds: mean {sum(kinds)/len(kinds):.4f}, lowest {min(kinds):.4f}")

@@ -197,6 +197,19 @@ def place(face, r, frac_lo, frac_hi, centred=False):
     return canvas
 
 
+def shrunk(img, r, p):
+    """`img` made small (its longer side drawn from the `tiny` range) and
+    over-compressed, as a small upload is."""
+    slo, shi, qlo, qhi = p["tiny"]
+    s = r.randrange(slo, shi)
+    w, h = img.size
+    k = s / max(w, h)
+    small = img.resize((max(1, round(w * k)), max(1, round(h * k))), Image.BILINEAR)
+    buf = io.BytesIO()
+    small.save(buf, "JPEG", quality=r.randrange(qlo, qhi))
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
 def variant(kind, face, r, p):
     """(picture, format) for one kind of upload, with the parameters `p`."""
     if kind == "aligned":
@@ -224,12 +237,7 @@ def variant(kind, face, r, p):
         arr = (arr ** r.uniform(*p["gamma"])) * r.uniform(*p["gain"])
         return Image.fromarray((arr * 255).clip(0, 255).astype(np.uint8)), "jpg"
     if kind == "tiny":
-        slo, shi, qlo, qhi = p["tiny"]
-        s = r.randrange(slo, shi)
-        small = face.resize((s, s), Image.BILINEAR)
-        buf = io.BytesIO()
-        small.save(buf, "JPEG", quality=r.randrange(qlo, qhi))
-        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), "jpg"
+        return shrunk(face, r, p), "jpg"
     if kind == "large_png":
         slo, shi, flo, fhi = p["large"]
         s = r.randrange(slo, shi)
@@ -241,6 +249,9 @@ def variant(kind, face, r, p):
 
 
 KINDS = ["aligned", "offcentre", "loose", "tight", "rotated", "grey", "dim", "tiny", "large_png", "webp"]
+# Pictures without a face: at their own sizes (96-512 pixels), and the same
+# kinds made small and over-compressed the way the `tiny` kind is.
+NO_FACE_KINDS = ["noface", "noface_small"]
 
 
 def main():
@@ -252,7 +263,7 @@ def main():
     ap.add_argument("--no-face", type=int, default=350, help="pictures without a face")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N faces (0: all)")
     ap.add_argument("--hard", action="store_true", help="the same kinds, pushed further (see PARAMS)")
-    ap.add_argument("--kinds", default=",".join(KINDS + ["noface"]), help="comma-separated kinds to (re)make")
+    ap.add_argument("--kinds", default=",".join(KINDS + NO_FACE_KINDS), help="comma-separated kinds to (re)make")
     a = ap.parse_args()
     params = PARAMS[a.hard]
     with open(os.path.join(a.src, "profile.csv")) as f:
@@ -274,21 +285,23 @@ def main():
                 save(img, os.path.join(out, row["userid"]), fmt, r, params)
                 w.writerow([row["userid"], row["gender"], row.get("age", ""), row.get("race", "")])
         print(f"{kind}: {len(rows)} pictures in {out}")
-    if "noface" not in kinds:
-        return
-    r = random.Random(f"{a.seed}/noface")
-    out = os.path.join(a.out, "noface")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "profile.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["userid", "gender", "age", "race", "kind"])
-        for i in range(a.no_face):
-            img, kind = no_face(r, i)
-            uid = f"noface{i:04d}"
-            fmt = r.choice(["jpg", "jpg", "png", "webp"])
-            save(img, os.path.join(out, uid), fmt, r, params)
-            w.writerow([uid, "none", "", "", kind])
-    print(f"noface: {a.no_face} pictures in {out}")
+    for name in [k for k in NO_FACE_KINDS if k in kinds]:
+        r = random.Random(f"{a.seed}/{name}")
+        out = os.path.join(a.out, name)
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "profile.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["userid", "gender", "age", "race", "kind"])
+            for i in range(a.no_face):
+                img, kind = no_face(r, i)
+                uid = f"{name}{i:04d}"
+                if name == "noface_small":
+                    img, fmt = shrunk(img, r, params), "jpg"
+                else:
+                    fmt = r.choice(["jpg", "jpg", "png", "webp"])
+                save(img, os.path.join(out, uid), fmt, r, params)
+                w.writerow([uid, "none", "", "", kind])
+        print(f"{name}: {a.no_face} pictures in {out}")
 
 
 if __name__ == "__main__":
