@@ -36,6 +36,8 @@ fn with_faces() -> &'static Preprocessor {
                 first_look: profile_classifier::face::Look::Quick,
                 closer_look: Some(0.98),
                 min_contrast: Some(profile_classifier::face::align::MIN_CONTRAST),
+                min_face: Some(profile_classifier::face::align::MIN_FACE),
+                confirm_below: Some(profile_classifier::face::align::CONFIRM_BELOW),
             },
             threshold: 0.75,
         })

@@ -41,6 +41,17 @@ pub struct FaceCrop {
     /// detection (files written before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_contrast: Option<f32>,
+    /// Side of a face's box, in the picture's pixels, below which a
+    /// detection is not taken for a face; `None` takes any (files written
+    /// before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_face: Option<f32>,
+    /// Side of a face's box, in the picture's pixels, below which a face
+    /// counts only when the detector finds it in the mirror image too
+    /// (`FaceFinder::confirmed`); `None` confirms none (files written
+    /// before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirm_below: Option<f32>,
 }
 
 impl FaceCrop {
@@ -67,6 +78,16 @@ impl FaceCrop {
             && !(0.0..1.0).contains(&c)
         {
             return Err(format!("least face contrast {c} is not in [0, 1)"));
+        }
+        for (what, px) in [
+            ("least face side", self.min_face),
+            ("side below which faces are confirmed", self.confirm_below),
+        ] {
+            if let Some(px) = px
+                && !(0.0..=MAX_FACE_PX).contains(&px)
+            {
+                return Err(format!("{what} {px} is not in [0, {MAX_FACE_PX}] pixels"));
+            }
         }
         if !(self.side.is_finite() && self.side > 0.1 && self.side < 20.0) {
             return Err(format!("face crop side {} is not in (0.1, 20)", self.side));
@@ -201,6 +222,21 @@ const SHRINK_ABOVE: f32 = 1.25;
 /// measured 0.06 and above, the detections of flat colours and default
 /// avatars 0.007 and below.
 pub const MIN_CONTRAST: f32 = 0.02;
+
+/// The least face side new models write into their metadata, in pixels:
+/// a box of 20 pixels makes a crop of about a third of the classifier's
+/// 64-pixel input. Over-compressed pictures of 40-80 pixels without a face
+/// had most of their false faces under it; `tiny` faces (40-80 pixel
+/// pictures) measured 31 pixels and above (the model card).
+pub const MIN_FACE: f32 = 20.0;
+
+/// The side below which new models confirm a face in the mirror image, in
+/// pixels: faces smaller than the classifier's 64-pixel input, which the
+/// alignment enlarges.
+pub const CONFIRM_BELOW: f32 = 64.0;
+
+/// Largest face side [`FaceCrop::validate`] takes for the two above.
+const MAX_FACE_PX: f32 = 100_000.0;
 
 /// Share of an aligned crop's side, around its centre, that [`contrast`]
 /// reads: the middle of the face (eyes, nose, mouth) at the crop geometry
@@ -792,6 +828,8 @@ mod tests {
         first_look: super::super::Look::Full,
         closer_look: None,
         min_contrast: None,
+        min_face: None,
+        confirm_below: None,
     };
 
     #[test]
@@ -825,6 +863,14 @@ mod tests {
             .validate()
             .is_err()
         );
+        for (min_face, confirm_below) in [(Some(-1.0), None), (None, Some(f32::NAN))] {
+            let crop = FaceCrop {
+                min_face,
+                confirm_below,
+                ..PLAIN
+            };
+            assert!(crop.validate().is_err(), "{crop:?}");
+        }
     }
 
     #[test]

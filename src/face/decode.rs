@@ -32,6 +32,21 @@ impl Detection {
         let corners = |d: &Detection| [d.xmin, d.ymin, d.xmax, d.ymax];
         iou(corners(self), corners(other))
     }
+
+    /// The detection of a horizontally mirrored square, in the coordinates
+    /// of the square before mirroring: x runs the other way, and the
+    /// person's right and left landmarks change places.
+    pub fn unmirrored(&self) -> Detection {
+        let mut landmarks = self.landmarks.map(|[x, y]| [1.0 - x, y]);
+        landmarks.swap(0, 1);
+        landmarks.swap(4, 5);
+        Detection {
+            xmin: 1.0 - self.xmax,
+            xmax: 1.0 - self.xmin,
+            landmarks,
+            ..*self
+        }
+    }
 }
 
 /// Intersection over union of two boxes given as `[xmin, ymin, xmax, ymax]`
@@ -152,6 +167,32 @@ mod tests {
         let want = (0.10 * 0.9 + 0.12 * 0.6) / 1.5;
         assert!((merged[0].xmin - want).abs() < 1e-6);
         assert!((merged[1].xmin - 0.60).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_mirrored_detection_comes_back_to_its_place() {
+        let mut d = det(0.9, 0.10, 0.20, 0.3);
+        d.landmarks = [
+            [0.2, 0.3],
+            [0.3, 0.3],
+            [0.25, 0.4],
+            [0.25, 0.45],
+            [0.1, 0.3],
+            [0.4, 0.3],
+        ];
+        let m = d.unmirrored();
+        assert!((m.xmin - 0.60).abs() < 1e-6 && (m.xmax - 0.90).abs() < 1e-6);
+        assert_eq!((m.ymin, m.ymax, m.score), (d.ymin, d.ymax, d.score));
+        // The person's right eye of the mirror image is their left one here.
+        assert!((m.landmarks[0][0] - 0.7).abs() < 1e-6 && (m.landmarks[1][0] - 0.8).abs() < 1e-6);
+        assert!((m.landmarks[4][0] - 0.6).abs() < 1e-6 && (m.landmarks[5][0] - 0.9).abs() < 1e-6);
+        let back = m.unmirrored();
+        let pairs = back
+            .landmarks
+            .iter()
+            .flatten()
+            .zip(d.landmarks.iter().flatten());
+        assert!(pairs.into_iter().all(|(a, b)| (a - b).abs() < 1e-6));
     }
 
     #[test]

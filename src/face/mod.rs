@@ -12,6 +12,7 @@ pub mod align;
 pub mod blazeface;
 pub mod decode;
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::path::Path;
 
@@ -100,6 +101,27 @@ pub const TILE_SHARE: f32 = 0.6;
 /// Shortest tile side, in pixels, for which the closer look is taken: a
 /// smaller picture has no face too small for the whole-picture looks.
 pub const MIN_TILE: u32 = 96;
+
+/// Overlap (intersection over union) at which a face found in the mirror
+/// image is the same face ([`FaceFinder::confirmed`]).
+const SAME_FACE: f32 = 0.3;
+
+/// Which way round the detector sees a picture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum View {
+    AsIs,
+    /// Mirrored left to right, to confirm a face ([`FaceFinder::confirmed`]).
+    Mirrored,
+}
+
+/// Reverses a row of RGB pixels in place.
+fn mirror_row(row: &mut [u8]) {
+    let n = row.len() / 3;
+    for x in 0..n / 2 {
+        let (left, right) = row.split_at_mut((n - 1 - x) * 3);
+        left[x * 3..x * 3 + 3].swap_with_slice(&mut right[..3]);
+    }
+}
 
 /// A rectangle of a picture, in its pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,19 +218,68 @@ impl FaceFinder {
         first_look: Look,
         closer_look: Option<f32>,
     ) -> Vec<Face> {
+        self.find_in(picture, threshold, first_look, closer_look, View::AsIs)
+    }
+
+    /// `faces` less those `crop` does not take: smaller than
+    /// [`FaceCrop::min_face`], or smaller than [`FaceCrop::confirm_below`]
+    /// and not found again, at `threshold`, by the same looks at the mirror
+    /// image (a face is near symmetric; the blocks of an over-compressed
+    /// small picture the detector takes for a face seldom are). `scale` is
+    /// the picture's own pixels per pixel of `picture` (a JPEG decoded
+    /// reduced). Borrowed when nothing had to be looked at again or left.
+    pub fn confirmed<'f>(
+        &self,
+        picture: Rgb<'_>,
+        faces: &'f [Face],
+        crop: &FaceCrop,
+        threshold: f32,
+        scale: f32,
+    ) -> Cow<'f, [Face]> {
+        let px = |face: &Face| face.size() * scale;
+        let big_enough = |face: &Face| crop.min_face.is_none_or(|least| px(face) >= least);
+        let doubtful = |face: &Face| crop.confirm_below.is_some_and(|below| px(face) < below);
+        if faces.iter().all(|f| big_enough(f) && !doubtful(f)) {
+            return Cow::Borrowed(faces);
+        }
+        let kept = faces.iter().filter(|f| big_enough(f));
+        if !faces.iter().any(|f| big_enough(f) && doubtful(f)) {
+            return Cow::Owned(kept.copied().collect());
+        }
+        let seen = self.find_in(
+            picture,
+            threshold,
+            crop.first_look,
+            crop.closer_look,
+            View::Mirrored,
+        );
+        let again = |face: &Face| seen.iter().any(|s| s.overlap(face) >= SAME_FACE);
+        Cow::Owned(kept.filter(|f| !doubtful(f) || again(f)).copied().collect())
+    }
+
+    /// [`FaceFinder::find`] on the picture as it is or on its mirror image
+    /// (faces in the picture's own pixels either way).
+    fn find_in(
+        &self,
+        picture: Rgb<'_>,
+        threshold: f32,
+        first_look: Look,
+        closer_look: Option<f32>,
+        view: View,
+    ) -> Vec<Face> {
         let whole = Window::whole(picture);
         if first_look == Look::Quick
-            && let Some(faces) = self.quick_look(picture, threshold)
+            && let Some(faces) = self.quick_look_in(picture, threshold, view)
         {
             return faces;
         }
-        let faces = self.find_at(&self.net, picture, whole, threshold, 1.0);
+        let faces = self.find_at(&self.net, picture, whole, threshold, 1.0, view);
         if !faces.is_empty() {
             return faces;
         }
-        let faces = self.find_at(&self.net, picture, whole, threshold, ZOOM_OUT);
+        let faces = self.find_at(&self.net, picture, whole, threshold, ZOOM_OUT, view);
         match closer_look {
-            Some(sure) if faces.is_empty() => self.closer_look(picture, sure),
+            Some(sure) if faces.is_empty() => self.closer_look_in(picture, sure, view),
             _ => faces,
         }
     }
@@ -217,7 +288,18 @@ impl FaceFinder {
     /// at least [`QUICK_MIN_SHARE`] of the picture's longer side (what
     /// [`FaceFinder::find`] takes from it); `None` otherwise.
     pub fn quick_look(&self, picture: Rgb<'_>, threshold: f32) -> Option<Vec<Face>> {
-        let faces = self.find_at(&self.quick, picture, Window::whole(picture), threshold, 1.0);
+        self.quick_look_in(picture, threshold, View::AsIs)
+    }
+
+    fn quick_look_in(&self, picture: Rgb<'_>, threshold: f32, view: View) -> Option<Vec<Face>> {
+        let faces = self.find_at(
+            &self.quick,
+            picture,
+            Window::whole(picture),
+            threshold,
+            1.0,
+            view,
+        );
         let longer = picture.w.max(picture.h) as f32;
         faces
             .first()
@@ -228,9 +310,13 @@ impl FaceFinder {
     /// The full look at every tile of `Window::tiles`; a face seen in two
     /// overlapping tiles is kept once (the larger box), largest first.
     pub fn closer_look(&self, picture: Rgb<'_>, threshold: f32) -> Vec<Face> {
+        self.closer_look_in(picture, threshold, View::AsIs)
+    }
+
+    fn closer_look_in(&self, picture: Rgb<'_>, threshold: f32, view: View) -> Vec<Face> {
         let mut seen: Vec<Face> = Window::tiles(picture)
             .into_iter()
-            .flat_map(|tile| self.find_at(&self.net, picture, tile, threshold, 1.0))
+            .flat_map(|tile| self.find_at(&self.net, picture, tile, threshold, 1.0, view))
             .collect();
         seen.sort_by(|a, b| b.area().total_cmp(&a.area()));
         let mut faces: Vec<Face> = Vec::with_capacity(seen.len());
@@ -243,7 +329,8 @@ impl FaceFinder {
     }
 
     /// One look by `net` at `window` of the picture, fitted into `zoom` of
-    /// the detector's square; faces in the picture's pixels.
+    /// the detector's square, mirrored there when `view` says so; faces in
+    /// the picture's pixels.
     fn find_at(
         &self,
         net: &BlazeFace,
@@ -251,6 +338,7 @@ impl FaceFinder {
         window: Window,
         threshold: f32,
         zoom: f32,
+        view: View,
     ) -> Vec<Face> {
         let side = net.input_side();
         let (w, h) = (window.w, window.h);
@@ -298,11 +386,20 @@ impl FaceFinder {
                 let at = ((oy as usize + y) * side + ox as usize) * 3;
                 square[at..at + row.len()].copy_from_slice(row);
             }
+            if view == View::Mirrored {
+                for row in square.chunks_exact_mut(side * 3) {
+                    mirror_row(row);
+                }
+            }
             let anchors = net.anchors();
             boxes.resize(anchors.len() * blazeface::COORDS, 0.0);
             logits.resize(anchors.len(), 0.0);
             net.raw_u8(square, boxes, logits);
-            decode::detections(boxes, logits, anchors, side as f32, threshold)
+            let mut found = decode::detections(boxes, logits, anchors, side as f32, threshold);
+            if view == View::Mirrored {
+                found.iter_mut().for_each(|d| *d = d.unmirrored());
+            }
+            found
         });
         // Relative to the square -> the picture's pixels.
         let (kx, ky) = (w as f32 / sw as f32, h as f32 / sh as f32);

@@ -344,6 +344,8 @@ mod tests {
             first_look: crate::face::Look::Quick,
             closer_look: Some(0.98),
             min_contrast: Some(0.02),
+            min_face: Some(20.0),
+            confirm_below: Some(64.0),
         };
         let with_face = ModelMeta {
             face: Some(crop),

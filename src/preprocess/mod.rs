@@ -316,7 +316,7 @@ impl Preprocessor {
             first.full.0 as f32 / first.w as f32,
             first.full.1 as f32 / first.h as f32,
         );
-        let looked = match self.frame_reduced(stage, picture, out) {
+        let looked = match self.frame_reduced(stage, (picture, sx.max(sy)), out) {
             Reduced::Framed(framing) => return Ok(Some(framing.stretched(sx, sy))),
             other => other,
         };
@@ -337,7 +337,7 @@ impl Preprocessor {
             },
             Reduced::Unsure | Reduced::Framed(_) => return Ok(Some(self.frame(picture, out))),
         };
-        Ok(Some(self.cut_out(picture, &faces, &stage.crop, out)))
+        Ok(Some(self.cut_out(stage, (picture, 1.0), &faces, out)))
     }
 
     /// The looks at a picture decoded at half scale, where they can stand
@@ -350,8 +350,13 @@ impl Preprocessor {
     ///   a good part of the picture (the usual profile picture).
     ///
     /// A face found whose crop is at least the model's input here is cut
-    /// out here.
-    fn frame_reduced(&self, stage: &FaceStage, picture: Rgb<'_>, out: &mut [f32]) -> Reduced {
+    /// out here. `scale`: the full picture's pixels per pixel of `picture`.
+    fn frame_reduced(
+        &self,
+        stage: &FaceStage,
+        (picture, scale): (Rgb<'_>, f32),
+        out: &mut [f32],
+    ) -> Reduced {
         let (finder, threshold, first_look) =
             (&stage.finder, stage.threshold, stage.crop.first_look);
         let faces = if picture.w.min(picture.h) >= Look::Full.side() {
@@ -367,23 +372,29 @@ impl Preprocessor {
         match faces.first() {
             None => Reduced::NotFound,
             Some(face) if face.size() * stage.crop.side >= self.size as f32 => {
-                Reduced::Framed(self.cut_out(picture, &faces, &stage.crop, out))
+                Reduced::Framed(self.cut_out(stage, (picture, scale), &faces, out))
             }
             Some(_) => Reduced::Found(faces),
         }
     }
 
-    /// The largest of `faces` with the contrast of a face
-    /// ([`FaceCrop::has_features`]) aligned into `out`, or
-    /// [`Framing::NoFace`]; the faces counted are those with it.
+    /// The largest of `faces` that `stage` takes ([`FaceFinder::confirmed`])
+    /// and that has the contrast of a face ([`FaceCrop::has_features`])
+    /// aligned into `out`, or [`Framing::NoFace`]; the faces counted are
+    /// those taken with it. `scale`: the picture's own pixels per pixel of
+    /// `picture`.
     fn cut_out(
         &self,
-        picture: Rgb<'_>,
+        stage: &FaceStage,
+        (picture, scale): (Rgb<'_>, f32),
         faces: &[Face],
-        crop: &FaceCrop,
         out: &mut [f32],
     ) -> Framing {
-        let mut faces = faces.iter();
+        let crop = &stage.crop;
+        let taken = stage
+            .finder
+            .confirmed(picture, faces, crop, stage.threshold, scale);
+        let mut faces = taken.iter();
         let face = loop {
             match faces.next() {
                 None => return Framing::NoFace,
@@ -411,7 +422,7 @@ impl Preprocessor {
             stage.crop.first_look,
             stage.crop.closer_look,
         );
-        self.cut_out(picture, &faces, &stage.crop, out)
+        self.cut_out(stage, (picture, 1.0), &faces, out)
     }
 
     /// [`crate::face::align`] into the model's input size, the one way a

@@ -130,6 +130,8 @@ impl Pictures {
             first_look,
             closer_look,
             min_contrast: Some(crate::face::align::MIN_CONTRAST),
+            min_face: Some(crate::face::align::MIN_FACE),
+            confirm_below: Some(crate::face::align::CONFIRM_BELOW),
             side: median(&mut sides)?,
             dx: median(&mut dxs)?,
             dy: median(&mut dys)?,
