@@ -5,7 +5,8 @@
 //! [`FaceFinder`] puts them together for a decoded picture: letterbox it (or,
 //! on the closer look, a tile of it) into the detector's square, run the
 //! network, decode, map the faces back to the picture's own pixels, largest
-//! first. Nothing here decodes image files,
+//! first; and, for small faces, look again at the mirror image to confirm
+//! them. Nothing here decodes image files,
 //! speaks NATS or runs the classifier.
 
 pub mod align;
@@ -109,6 +110,7 @@ const SAME_FACE: f32 = 0.3;
 /// Which way round the detector sees a picture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum View {
+    /// The picture as it is.
     AsIs,
     /// Mirrored left to right, to confirm a face ([`FaceFinder::confirmed`]).
     Mirrored,
