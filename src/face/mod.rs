@@ -118,11 +118,7 @@ enum View {
 
 /// Reverses a row of RGB pixels in place.
 fn mirror_row(row: &mut [u8]) {
-    let n = row.len() / 3;
-    for x in 0..n / 2 {
-        let (left, right) = row.split_at_mut((n - 1 - x) * 3);
-        left[x * 3..x * 3 + 3].swap_with_slice(&mut right[..3]);
-    }
+    row.as_chunks_mut::<3>().0.reverse();
 }
 
 /// A rectangle of a picture, in its pixels.
