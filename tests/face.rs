@@ -232,14 +232,7 @@ fn the_quick_look_finds_the_face_the_full_look_finds() {
 /// A fixture face, `side` pixels square, pasted at `(x, y)` on a grey
 /// `w x h` canvas, then turned by `degrees` about the face's centre.
 fn pasted(side: u32, x: u32, y: u32, w: u32, h: u32, degrees: f32) -> image::RgbImage {
-    let dir = root().join("tests/fixtures/faces");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
-        .collect();
-    files.sort();
-    let face = image::open(&files[0]).unwrap().to_rgb8();
+    let face = image::open(&fixture_faces()[0]).unwrap().to_rgb8();
     let face = image::imageops::resize(&face, side, side, image::imageops::FilterType::Triangle);
     let mut canvas = image::RgbImage::from_pixel(w, h, image::Rgb([110, 120, 130]));
     image::imageops::overlay(&mut canvas, &face, i64::from(x), i64::from(y));
@@ -576,13 +569,8 @@ fn small_faces_are_confirmed_in_the_mirror() {
 fn faces_have_the_contrast_of_a_face() {
     use profile_classifier::preprocess::Framing;
     let (checked, unchecked) = (served(), served_with(None, true));
-    let dir = root().join("tests/fixtures/faces");
     let (mut seen, mut dimmed) = (0, 0);
-    for entry in std::fs::read_dir(&dir).expect("fixtures") {
-        let path = entry.expect("entry").path();
-        if path.extension().is_none_or(|e| e != "jpg") {
-            continue;
-        }
+    for path in fixture_faces() {
         let mut img = image::open(&path).expect("decodes").to_rgb8();
         for dim in [1.0f32, 0.2] {
             img.pixels_mut()

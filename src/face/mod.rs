@@ -117,7 +117,7 @@ enum View {
 }
 
 /// Reverses a row of RGB pixels in place.
-fn mirror_row(row: &mut [u8]) {
+pub(crate) fn mirror_row(row: &mut [u8]) {
     row.as_chunks_mut::<3>().0.reverse();
 }
 

@@ -142,13 +142,8 @@ impl Augment {
     /// Changes an aligned `n x n` RGB crop in place.
     pub fn pixels<R: Rng>(&self, rgb: &mut [u8], n: usize, rng: &mut R) {
         if rng.random_bool(0.5) {
-            for row in rgb.chunks_exact_mut(n * 3) {
-                for x in 0..n / 2 {
-                    for c in 0..3 {
-                        row.swap(x * 3 + c, (n - 1 - x) * 3 + c);
-                    }
-                }
-            }
+            rgb.chunks_exact_mut(n * 3)
+                .for_each(crate::face::mirror_row);
         }
         if self.small > 0.0 && rng.random_bool(self.small) {
             let m = rng.random_range((n / 5).max(8)..=(n / 2).max(8)) as u32;
