@@ -4,14 +4,14 @@
 //!
 //! Each picture runs through every block while its activations stay in cache.
 //! A block whose input has a multiple of 16 channels (every block but the
-//! first) is a Winograd convolution. In f32 and on AMX tiles it is F(2x2,
-//! 3x3): each 2x2 output tile, which is exactly one max-pool window, costs
-//! 16 multiplies per input/output channel pair instead of 36, with transforms
-//! of adds only. With AVX512-BF16 products, and in f32 on AVX2 (whose
-//! products are the whole cost), it is F(4x4, 3x3): each 4x4 tile,
-//! four pool windows, costs 36 multiplies instead of 144 (2.25 per output
-//! instead of 4), for larger transforms and about four times the rounding
-//! error of F(2x2, 3x3) in bfloat16. Either way a tile's products are one
+//! first) is a Winograd convolution. Where the products run on vector
+//! registers (f32 on AVX-512F or AVX2, AVX512-BF16) it is F(4x4, 3x3): each
+//! 4x4 output tile, four max-pool windows, costs 36 multiplies per
+//! input/output channel pair instead of 144 (2.25 per output instead of 4),
+//! for larger transforms and about four times the rounding error of F(2x2,
+//! 3x3) in bfloat16. On AMX tiles a map of fewer than 16 such tiles keeps
+//! F(2x2, 3x3): each 2x2 output tile, exactly one max-pool window, costs 16
+//! multiplies instead of 36. Either way a tile's products are one
 //! small matrix product per position, run by a register-tiled kernel. The
 //! first block (3 input channels) computes two output rows at a time with a
 //! direct register-tiled kernel (a strip of pixels times 16 or 32 output
@@ -279,16 +279,13 @@ impl DirectNet {
                 && super::amx::available()
                 && (winograd
                     || (blocks.is_empty() && 3 * cin <= AMX_RUN && side.is_multiple_of(16)));
-            // F(4x4, 3x3) where the products run in bfloat16 or on AVX2: the
-            // larger tiles halve the products and, on AMX tiles, where the
-            // products are cheap, the transforms around them (about 1e-6 of
-            // rounding in f32). AMX takes 16 tiles a product, so a map of
+            // F(4x4, 3x3) wherever the products run on vector registers, in
+            // f32 or bfloat16: the larger tiles need 2.25 multiply-adds per
+            // output instead of 4 (about 1e-6 of rounding in f32) and, on
+            // AMX tiles, where the products are cheap, halve the transforms
+            // around them. AMX takes 16 tiles a product, so there a map of
             // fewer F(4x4, 3x3) tiles keeps F(2x2, 3x3).
-            let wide = winograd
-                && match precision {
-                    Precision::Bf16 => !amx || (side / 4).pow(2).is_multiple_of(16),
-                    Precision::F32 => isa == Isa::Avx2,
-                };
+            let wide = winograd && (!amx || (side / 4).pow(2).is_multiple_of(16));
             let (group, strip, weights) = if winograd {
                 let group = if cout.is_multiple_of(3 * LANES) {
                     3
@@ -300,9 +297,11 @@ impl DirectNet {
                 if wide {
                     // (side / 4)^2 tiles, side a multiple of 8: a multiple
                     // of 4, and of 8 unless side / 4 is twice an odd number.
-                    // AVX2 takes 16 tiles where it can (6 + 6 + 4).
+                    // AVX2 takes 16 tiles where it can (6 + 6 + 4), and so
+                    // does one f32 AVX-512 register of output channels.
                     let tiles = (side / 4).pow(2);
-                    let strip = if isa == Isa::Avx2 && tiles.is_multiple_of(16) {
+                    let sixteen = isa == Isa::Avx2 || (precision == Precision::F32 && group == 1);
+                    let strip = if sixteen && tiles.is_multiple_of(16) {
                         16
                     } else if tiles.is_multiple_of(8) {
                         8
@@ -833,7 +832,7 @@ impl Block {
         let bf16 = !self.weights_bf16.is_empty();
         assert!(if bf16 { v16.len() } else { v.len() } >= self.wino_room(cin));
         assert!(!bf16 || self.weights_bf16.len() == self.positions() * cout * cin);
-        assert!(!self.wide || bf16 || self.isa == Isa::Avx2);
+        assert!(self.wide || bf16, "f32 products are always F(4x4, 3x3)");
         assert!(total.is_multiple_of(self.strip) && chunk.is_multiple_of(self.strip));
         assert!((total % chunk).is_multiple_of(self.strip) && 16 % self.strip == 0);
         assert!(cin.is_multiple_of(LANES) && cout.is_multiple_of(width));
@@ -869,15 +868,15 @@ impl Block {
                         continue;
                     }
                     for c in (0..cin).step_by(LANES) {
-                        if self.wide {
+                        if self.wide && bf16 {
                             let dst = v16.as_mut_ptr().add(k * cin + c);
                             wide_input_bf16(src.add(c), row_stride, cin, dst, vs);
-                        } else if bf16 {
+                        } else if self.wide {
+                            let dst = v.as_mut_ptr().add(k * cin + c);
+                            wide_input(src.add(c), row_stride, cin, dst, vs);
+                        } else {
                             let dst = v16.as_mut_ptr().add(k * cin + c);
                             wino_input_bf16(src.add(c), row_stride, cin, dst, vs);
-                        } else {
-                            let dst = v.as_mut_ptr().add(k * cin + c);
-                            wino_input(src.add(c), row_stride, cin, dst, vs);
                         }
                     }
                 }
@@ -915,9 +914,13 @@ impl Block {
                             (Isa::Avx2, _, 3) => wino_tile_avx2::<4, 3>,
                             (Isa::Avx2, _, 2) => wino_tile_avx2::<4, 2>,
                             (Isa::Avx2, _, _) => wino_tile_avx2::<4, 1>,
-                            (_, _, 3) => wino_tile::<8, 3>,
-                            (_, _, 2) => wino_tile::<8, 2>,
-                            _ => wino_tile::<16, 1>,
+                            (_, 16, _) => wino_tile::<16, 1>,
+                            (_, 8, 3) => wino_tile::<8, 3>,
+                            (_, 8, 2) => wino_tile::<8, 2>,
+                            (_, 8, _) => wino_tile::<8, 1>,
+                            (_, _, 3) => wino_tile::<4, 3>,
+                            (_, _, 2) => wino_tile::<4, 2>,
+                            _ => wino_tile::<4, 1>,
                         };
                         self.products(v, &self.weights, m, pos, (n, vs, ms), tile);
                     }
@@ -1550,6 +1553,31 @@ unsafe fn wide_input_bf16(
     }
 }
 
+/// F(4x4, 3x3) input transform ([`wide_transform_simd`]) of one 6x6 tile
+/// for 16 channels, in f32: writes position p at `dst + p * pos_stride`.
+///
+/// # Safety
+/// The CPU supports AVX-512F; the reads and writes are in bounds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn wide_input(
+    src: *const f32,
+    row_stride: usize,
+    pixel_stride: usize,
+    dst: *mut f32,
+    pos_stride: usize,
+) {
+    // SAFETY: in bounds by the function's contract.
+    unsafe {
+        let v = wide_transform_simd::<Avx512>(src, row_stride, pixel_stride);
+        for (i, row) in v.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                Avx512::store(dst.add((i * 6 + j) * pos_stride), *v);
+            }
+        }
+    }
+}
+
 /// F(4x4, 3x3) input transform on AVX2 with FMA, in f32, for all `cin`
 /// channels of a tile (a multiple of 8, `cin` apart from pixel to pixel):
 /// position p of channel c at `dst + p * pos_stride + c`.
@@ -1719,28 +1747,6 @@ unsafe fn wino_transform_simd<S: Simd>(
     }
 }
 
-/// [`wino_transform`] of one tile, position p written at
-/// `dst + p * pos_stride`.
-///
-/// # Safety
-/// The CPU supports AVX-512F; the reads and writes are in bounds.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn wino_input(
-    src: *const f32,
-    row_stride: usize,
-    pixel_stride: usize,
-    dst: *mut f32,
-    pos_stride: usize,
-) {
-    use std::arch::x86_64::*;
-    // SAFETY: in bounds by the function's contract.
-    let v = unsafe { wino_transform(src, row_stride, pixel_stride) };
-    for (p, v) in v.into_iter().enumerate() {
-        unsafe { _mm512_storeu_ps(dst.add(p * pos_stride), v) };
-    }
-}
-
 /// [`wino_input`] rounding to bfloat16 (16 channels, 32 bytes per position).
 ///
 /// # Safety
@@ -1881,10 +1887,18 @@ mod tests {
     #[test]
     fn every_instruction_set_computes_the_plain_network() {
         // Geometries whose blocks take every f32 register tile: direct
-        // first blocks of 1 and 2 registers, Winograd blocks of 1, 2 and 3;
-        // and a network of one (direct) block, pooled straight into the
-        // global average.
-        for (side, channels) in [(32, vec![16, 48, 32]), (16, vec![32, 16]), (8, vec![16])] {
+        // first blocks of 1 and 2 registers; F(4x4, 3x3) strips of 4 tiles
+        // (an 8x8 map) times 1, 2 and 3 registers, of 8 tiles times 2 and
+        // 3, and of 16 tiles times 1 (on AVX-512; AVX2 splits them its own
+        // way); and a network of one (direct) block, pooled straight into
+        // the global average.
+        for (side, channels) in [
+            (32, vec![16, 48, 32]),
+            (16, vec![32, 16]),
+            (16, vec![16, 48]),
+            (64, vec![16, 32, 16, 16]),
+            (8, vec![16]),
+        ] {
             let mut cin = 3;
             let convs: Vec<(Vec<f32>, Vec<f32>)> = channels
                 .iter()
