@@ -17,9 +17,11 @@
 //! This module knows the network and its weights file; it does not decode
 //! boxes, pick faces or touch pictures (see [`super::decode`], [`mod@super::align`]).
 //!
-//! The stages live in their own files: `block.rs` runs one BlazeBlock row by
-//! row, `depthwise.rs` its 3x3 rows, `pointwise.rs` the 1x1 products (the
-//! stem, the blocks' and the heads') and `strip.rs` their register tiles.
+//! The stages live in their own files: `stem.rs` runs the 5x5 stem,
+//! `block.rs` one BlazeBlock row by row, `depthwise.rs` its 3x3 rows,
+//! `pointwise.rs` the 1x1 products (the stem's, the blocks' and the heads')
+//! and `strip.rs` their register tiles; `heads.rs` runs the four heads and
+//! lays their outputs out per anchor.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -33,8 +35,10 @@ use crate::model::simd::Isa;
 use crate::model::amx::Tiles;
 #[cfg(target_arch = "x86_64")]
 use block::run_block_amx;
-use block::{Block, amx_pixels, clear_border, run_block};
-use pointwise::{Epilogue, Input, Pointwise, STRIP, Staging, Taps, Values};
+use block::{Block, amx_pixels, run_block};
+use heads::{HEAD8_STRIDE, HEAD16_STRIDE, anchors_for, head, to_anchors};
+use pointwise::{Pointwise, STRIP, Staging};
+use stem::{STEM_OUT, Stem};
 
 /// Without AMX, nothing configures tiles.
 #[cfg(not(target_arch = "x86_64"))]
@@ -42,7 +46,9 @@ type Tiles = ();
 
 mod block;
 mod depthwise;
+mod heads;
 mod pointwise;
+mod stem;
 #[cfg(target_arch = "x86_64")]
 mod strip;
 
@@ -53,13 +59,6 @@ const LANES: usize = 16;
 pub const ANCHORS: usize = 896;
 /// Raw numbers per anchor: box (4) and six landmarks (12).
 pub const COORDS: usize = 16;
-/// Input pixels per cell of the first two heads' map (16x16 at 128) and of
-/// the last two heads' (8x8 at 128).
-const HEAD16_STRIDE: usize = 8;
-const HEAD8_STRIDE: usize = 16;
-/// Anchors per cell of each pair of heads.
-const HEAD16_PER_CELL: usize = 2;
-const HEAD8_PER_CELL: usize = 6;
 
 /// Errors raised while loading detector weights.
 #[derive(Debug, thiserror::Error)]
@@ -145,20 +144,6 @@ impl Kernels {
         }
     }
 }
-
-/// The 5x5 stride-2 stem: 3 -> 24 channels, a pointwise product whose
-/// taps read each pixel's window straight from the picture (see [`Taps`]),
-/// with weights `[5][16][32]` (the 16th tap of each window row zero).
-#[derive(Clone)]
-struct Stem {
-    pw: Pointwise,
-}
-
-/// Taps per window row of the stem: 5 pixels of 3 channels, and one of
-/// zero weight, so the rows pair up for the bfloat16 kernels.
-const STEM_ROW: usize = 16;
-/// Stem output channels (before padding).
-const STEM_OUT: usize = 24;
 
 /// The detector's network, ready to run.
 pub struct BlazeFace {
@@ -300,22 +285,7 @@ impl BlazeFace {
 
         let stem_w = get("backbone1.0.weight", &[STEM_OUT, 3, 5, 5])?;
         let stem_b = get("backbone1.0.bias", &[STEM_OUT])?;
-        // PyTorch [co][c][i][j] -> taps ordered (i, j, c), STEM_ROW per row.
-        let taps = 5 * STEM_ROW;
-        let mut rows = vec![0f32; STEM_OUT * taps];
-        for co in 0..STEM_OUT {
-            for c in 0..3 {
-                for i in 0..5 {
-                    for j in 0..5 {
-                        rows[co * taps + i * STEM_ROW + j * 3 + c] =
-                            stem_w[((co * 3 + c) * 5 + i) * 5 + j];
-                    }
-                }
-            }
-        }
-        let stem = Stem {
-            pw: Pointwise::new(&rows, &stem_b, taps, STEM_OUT),
-        };
+        let stem = Stem::from_pytorch(&stem_w, &stem_b);
 
         let input_side = side;
         let mut blocks = Vec::new();
@@ -610,159 +580,10 @@ impl BlazeFace {
             out,
             bufs,
         );
-        let mut anchor = 0;
-        for (map, side, per_cell, width) in [
-            (&s.head16, m16, HEAD16_PER_CELL, self.head16.cout_p),
-            (&s.head8, m8, HEAD8_PER_CELL, self.head8.cout_p),
-        ] {
-            for px in map.chunks_exact(width).take(side * side) {
-                for a in 0..per_cell {
-                    logits[anchor] = px[a];
-                    boxes[anchor * COORDS..][..COORDS]
-                        .copy_from_slice(&px[per_cell + a * COORDS..][..COORDS]);
-                    anchor += 1;
-                }
-            }
-        }
+        let heads = [
+            (&s.head16[..], m16, self.head16.cout_p),
+            (&s.head8[..], m8, self.head8.cout_p),
+        ];
+        to_anchors(heads, boxes, logits);
     }
-
-    /// 5x5 stride-2 convolution with ReLU into the first map (on AMX
-    /// tiles where `tiles` are given and a map row is whole tiles).
-    fn stem(&self, s: &mut Scratch, tiles: Option<&Tiles>) {
-        let out_side = self.side / 2;
-        let in_row = (self.side + 3) * 3;
-        let cout_p = self.stem.pw.cout_p;
-        let map_stride = (out_side + 2) * cout_p;
-        clear_border(&mut s.maps[0], out_side, cout_p);
-        #[cfg(target_arch = "x86_64")]
-        if let Some(tiles) = tiles.filter(|_| out_side.is_multiple_of(LANES)) {
-            // Output pixel x's window: five runs of 16 values from input
-            // row 2y + i, column 2x, 6 values from one pixel's to the next's.
-            let rows = crate::model::amx::Rows {
-                stride: 2 * 3,
-                runs: 5,
-                pitch: in_row,
-            };
-            // SAFETY: AMX, AVX-512F and AVX512-BF16 (`Kernels::Amx` runs
-            // here), the tiles configured by the caller; `input16` holds as
-            // many values as `input`; `product_amx` and `finish` check their
-            // slices.
-            unsafe {
-                crate::model::direct::round_bf16(&s.input, &mut s.input16);
-                for y in 0..out_side {
-                    let input = &s.input16[2 * y * in_row..];
-                    let products = &mut s.products[..out_side * cout_p];
-                    self.stem
-                        .pw
-                        .product_amx(tiles, input, rows, out_side, products);
-                    let dst = &mut s.maps[0][(y + 1) * map_stride + cout_p..][..out_side * cout_p];
-                    self.stem
-                        .pw
-                        .finish(products, out_side, Epilogue::BiasRelu, dst);
-                }
-            }
-            return;
-        }
-        let values = match self.kernels {
-            #[cfg(target_arch = "x86_64")]
-            Kernels::Avx512Bf16 => {
-                // SAFETY: AVX512-BF16 present (`Kernels::best`); both buffers
-                // hold the same number of values, a multiple of 16.
-                unsafe { crate::model::direct::round_bf16(&s.input, &mut s.input16) };
-                Values::Bf16(&s.input16)
-            }
-            _ => Values::F32(&s.input),
-        };
-        for y in 0..out_side {
-            // Output pixel x's window starts at input row 2y, column 2x.
-            let input = Input {
-                values: values.from(2 * y * in_row),
-                stride: 2 * 3,
-                taps: Taps {
-                    runs: 5,
-                    len: STEM_ROW,
-                    pitch: in_row,
-                },
-            };
-            let dst = &mut s.maps[0][(y + 1) * map_stride + cout_p..][..out_side * cout_p];
-            self.stem.pw.run(
-                self.kernels,
-                input,
-                out_side,
-                Epilogue::BiasRelu,
-                dst,
-                &mut s.staging,
-            );
-        }
-    }
-}
-
-/// A head's 1x1 convolution over every pixel of a bordered map; on AMX
-/// tiles where `tiles` are given (the map rounded to bfloat16 into `map16`,
-/// one product for the whole map into `products`, then the bias).
-fn head(
-    pw: &Pointwise,
-    kernels: Kernels,
-    tiles: Option<&Tiles>,
-    map: &[f32],
-    side: usize,
-    out: &mut [f32],
-    (map16, products, staging): (&mut [u16], &mut [f32], &mut Staging),
-) {
-    let row = (side + 2) * pw.cin_p;
-    #[cfg(target_arch = "x86_64")]
-    if let Some(tiles) = tiles {
-        let (n, c) = (side * side, pw.cin_p);
-        let padded = n.next_multiple_of(LANES);
-        assert!(map16.len() >= padded * c && out.len() >= n * pw.cout_p);
-        // SAFETY: AMX, AVX-512F and AVX512-BF16 (`Kernels::Amx` runs here),
-        // the tiles configured by the caller; each row rounds `side * c`
-        // values (a multiple of 16) into room checked above; the product
-        // reads `padded` pixels of `map16` (the rows past `n` hold earlier
-        // values, whose products are not read) and `product_amx` and
-        // `finish` check their slices.
-        unsafe {
-            for y in 0..side {
-                let from = &map[(y + 1) * row + c..][..side * c];
-                crate::model::direct::round_bf16(from, &mut map16[y * side * c..][..side * c]);
-            }
-            let dense = crate::model::amx::Rows::dense(c);
-            pw.product_amx(tiles, map16, dense, padded, products);
-            pw.finish(products, n, Epilogue::Bias, out);
-        }
-        return;
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (tiles, map16, products);
-    for y in 0..side {
-        let input = &map[(y + 1) * row + pw.cin_p..][..side * pw.cin_p];
-        pw.run(
-            kernels,
-            Input::row(Values::F32(input), pw.cin_p, pw.cin),
-            side,
-            Epilogue::Bias,
-            &mut out[y * side * pw.cout_p..],
-            staging,
-        );
-    }
-}
-
-/// MediaPipe's SSD anchors of the short-range detector for a `side` input:
-/// per cell of the stride-8 grid two, of the stride-16 grid six, each
-/// `(x_center, y_center, 1, 1)` relative to the input.
-fn anchors_for(side: usize) -> Vec<[f32; 4]> {
-    let mut out = Vec::new();
-    for (stride, per_cell) in [
-        (HEAD16_STRIDE, HEAD16_PER_CELL),
-        (HEAD8_STRIDE, HEAD8_PER_CELL),
-    ] {
-        let n = side / stride;
-        for y in 0..n {
-            for x in 0..n {
-                let c = [(x as f32 + 0.5) / n as f32, (y as f32 + 0.5) / n as f32];
-                out.extend(std::iter::repeat_n([c[0], c[1], 1.0, 1.0], per_cell));
-            }
-        }
-    }
-    out
 }
