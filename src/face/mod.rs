@@ -41,8 +41,11 @@ struct Letterbox {
     logits: Vec<f32>,
 }
 
-/// Share of the detector's square a picture fills on the zoomed-out look.
-pub const ZOOM_OUT: f32 = 0.7;
+/// Shares of the detector's square a picture fills on the zoomed-out
+/// looks, in turn until one finds a face: each shrinks the picture by 0.7
+/// again. The short-range detector misses faces that fill the frame or run
+/// past it; a small upload is often a face cropped that tight.
+pub const ZOOM_OUT: [f32; 3] = [0.7, 0.5, 0.35];
 
 /// The detector input a face is first looked for at. Stored in a
 /// classifier's metadata as the side in pixels (64 or 128).
@@ -200,10 +203,10 @@ impl FaceFinder {
     /// keeping its aspect ratio, and centred on black; the first look is
     /// `first_look`. When the quick look finds no face spanning
     /// [`QUICK_MIN_SHARE`] of the picture, the full look follows; when that
-    /// finds nothing, the picture is looked at once more, smaller
+    /// finds nothing, the picture is looked at again, smaller each time
     /// ([`ZOOM_OUT`] of the square): the short-range detector misses faces
     /// that fill the whole frame or run past its edges (tight crops). When
-    /// that finds nothing either and `closer_look` is given, the closer
+    /// those find nothing either and `closer_look` is given, the closer
     /// look: the full look at each of four overlapping tiles
     /// ([`TILE_SHARE`] of the picture), for faces too small in the whole
     /// picture for the detector's square, each scoring at least
@@ -275,7 +278,11 @@ impl FaceFinder {
         if !faces.is_empty() {
             return faces;
         }
-        let faces = self.find_at(&self.net, picture, whole, threshold, ZOOM_OUT, view);
+        let faces = ZOOM_OUT
+            .iter()
+            .map(|&zoom| self.find_at(&self.net, picture, whole, threshold, zoom, view))
+            .find(|faces| !faces.is_empty())
+            .unwrap_or_default();
         match closer_look {
             Some(sure) if faces.is_empty() => self.closer_look_in(picture, sure, view),
             _ => faces,
@@ -419,5 +426,66 @@ impl FaceFinder {
             .collect();
         faces.sort_by(|a, b| b.area().total_cmp(&a.area()));
         faces
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tight crops of the fixture faces (the central `share` of each 200x200
+    /// crop, so the face runs past the frame) made `side` pixels square.
+    fn tight_crops(share: f32, side: u32) -> Vec<image::RgbImage> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/faces");
+        let labels = ["female".to_owned(), "male".to_owned()];
+        let (listed, _) = crate::train::dataset::list(&dir, &labels).expect("the fixture faces");
+        listed
+            .iter()
+            .map(|(_, path)| {
+                let face = image::open(path).expect("a fixture face").to_rgb8();
+                let cut = (face.width() as f32 * share) as u32;
+                let at = (face.width() - cut) / 2;
+                let face = image::imageops::crop_imm(&face, at, at, cut, cut).to_image();
+                image::imageops::resize(&face, side, side, image::imageops::FilterType::Triangle)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn smaller_looks_find_faces_that_fill_the_frame() {
+        let weights =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/blazeface-front.safetensors");
+        let finder = FaceFinder::load(&weights, Precision::F32).expect("the detector's weights");
+        // The central 40% of each fixture crop, at 48 pixels: a face cut
+        // past its chin and brow, as a small upload often is.
+        let crops = tight_crops(0.4, 48);
+        let (mut before, mut found) = (0, 0);
+        for img in &crops {
+            let picture = Rgb {
+                pixels: img.as_raw(),
+                w: img.width(),
+                h: img.height(),
+            };
+            let whole = Window::whole(picture);
+            let look = |zoom| finder.find_at(&finder.net, picture, whole, 0.85, zoom, View::AsIs);
+            // What the looks before the smaller ones find.
+            before += usize::from(
+                finder.quick_look(picture, 0.85).is_some()
+                    || !look(1.0).is_empty()
+                    || !look(ZOOM_OUT[0]).is_empty(),
+            );
+            let faces = finder.find(picture, 0.85, Look::Quick, None);
+            if let Some(face) = faces.first() {
+                found += 1;
+                // The box covers the picture's middle, whatever look found it.
+                let covers = |at: f32, len: f32| at < 24.0 && 24.0 < at + len;
+                assert!(covers(face.x, face.w) && covers(face.y, face.h), "{face:?}");
+            }
+        }
+        assert!(
+            found >= before + 4,
+            "{found} of {} found with the smaller looks, {before} without",
+            crops.len()
+        );
     }
 }
