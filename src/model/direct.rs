@@ -1747,7 +1747,9 @@ unsafe fn wino_transform_simd<S: Simd>(
     }
 }
 
-/// [`wino_input`] rounding to bfloat16 (16 channels, 32 bytes per position).
+/// F(2x2, 3x3) input transform ([`wino_transform`]) of one 4x4 tile for 16
+/// channels, rounded to bfloat16: position p (32 bytes) written at
+/// `dst + p * pos_stride`.
 ///
 /// # Safety
 /// The CPU supports AVX-512F and AVX512-BF16; the reads and writes are in
