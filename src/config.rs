@@ -51,9 +51,10 @@ pub struct FaceArgs {
     /// Detector score (0-1) a face needs (default: the model's metadata, 0.75 shipped).
     #[arg(long, env = "PROFILE_FACE_THRESHOLD", value_parser = parse_threshold)]
     pub face_threshold: Option<f32>,
-    /// Arithmetic of the CPU kernels' products: bf16 (bfloat16 products, f32
-    /// sums, on CPUs with AVX512-BF16; others run f32) or f32.
-    #[arg(long, env = "PROFILE_PRECISION", default_value = "bf16", value_parser = parse_precision)]
+    /// Arithmetic of the CPU kernels' products: auto (the faster of the two
+    /// on this CPU), bf16 (bfloat16 products, f32 sums, on CPUs with
+    /// AVX512-BF16; others run f32) or f32.
+    #[arg(long, env = "PROFILE_PRECISION", default_value = "auto", value_parser = parse_precision)]
     pub precision: Precision,
 }
 
@@ -143,12 +144,14 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
     }
 }
 
-/// `--precision`: `bf16` or `f32`.
+/// `--precision`: `auto` (the faster on this CPU, [`Precision::fastest`]),
+/// `bf16` or `f32`.
 pub fn parse_precision(s: &str) -> Result<Precision, String> {
     match s {
+        "auto" => Ok(Precision::fastest()),
         "bf16" => Ok(Precision::Bf16),
         "f32" => Ok(Precision::F32),
-        _ => Err(format!("{s}: the precision is bf16 or f32")),
+        _ => Err(format!("{s}: the precision is auto, bf16 or f32")),
     }
 }
 
@@ -253,5 +256,8 @@ mod tests {
         for bad in ["0", "-1", "1.5M", "12X", "", "M"] {
             assert!(parse_bytes(bad).is_err(), "{bad}");
         }
+        assert_eq!(parse_precision("auto"), Ok(Precision::fastest()));
+        assert_eq!(parse_precision("f32"), Ok(Precision::F32));
+        assert!(parse_precision("fp16").is_err());
     }
 }

@@ -206,6 +206,18 @@ impl Precision {
             Self::Bf16 => available() && bf16_available(),
         }
     }
+
+    /// The precision the kernels run fastest at on this CPU: bfloat16 where
+    /// its products outrun f32 FMAs (on AMX tiles, or AVX512-BF16 on AMD
+    /// cores), f32 elsewhere. The same answer at every start on one CPU: no
+    /// timing decides it.
+    pub fn fastest() -> Self {
+        if Self::Bf16.available() && (super::amx::available() || super::simd::amd()) {
+            Self::Bf16
+        } else {
+            Self::F32
+        }
+    }
 }
 
 /// Whether this CPU has AVX512-BF16.

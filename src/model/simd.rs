@@ -42,6 +42,28 @@ impl Isa {
     }
 }
 
+/// Whether the CPU is AMD's (CPUID vendor "AuthenticAMD").
+///
+/// The one fact the kernels choose by besides the instruction sets: AMD's
+/// cores with AVX512-BF16 (Zen 4, Zen 5) issue `vdpbf16ps` at the rate of an
+/// f32 FMA, so its two multiply-adds per lane double the products' speed;
+/// Intel's cores without AMX issue it at a quarter of their FMA rate (half
+/// the multiply-adds; docs/KERNELS.md), so f32 is faster there.
+pub(crate) fn amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let leaf = __cpuid(0);
+        [leaf.ebx, leaf.edx, leaf.ecx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .eq(*b"AuthenticAMD")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether the environment declines AVX-512 (`PROFILE_NO_AVX512`, read once).
 fn avx512_declined() -> bool {
     static DECLINED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -255,4 +277,23 @@ pub(crate) fn avx2_pixels(pixels: usize) -> impl Iterator<Item = (usize, usize)>
         .step_by(6)
         .map(|p| (p, 6))
         .chain((split..pixels).step_by(4).map(|p| (p, 4)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vendor test agrees with the kernel's own reading of the CPU.
+    #[test]
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn vendor_matches_proc_cpuinfo() {
+        let info = std::fs::read_to_string("/proc/cpuinfo").expect("/proc/cpuinfo");
+        let vendor = info
+            .lines()
+            .find_map(|l| l.strip_prefix("vendor_id"))
+            .and_then(|l| l.split(':').nth(1))
+            .map(str::trim)
+            .expect("a vendor_id line");
+        assert_eq!(amd(), vendor == "AuthenticAMD", "{vendor}");
+    }
 }

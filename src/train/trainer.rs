@@ -232,7 +232,7 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
     meta.validate().map_err(anyhow::Error::msg)?;
     let finder = Arc::new(
         // The serving default, so training crops are cut as the worker cuts.
-        FaceFinder::load(&cfg.detector, Precision::Bf16)
+        FaceFinder::load(&cfg.detector, Precision::fastest())
             .with_context(|| format!("loading the face detector {}", cfg.detector.display()))?,
     );
     let threshold = cfg

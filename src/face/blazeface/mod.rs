@@ -101,12 +101,22 @@ pub enum Kernels {
 }
 
 impl Kernels {
-    /// The fastest kernels this CPU runs. AVX512-BF16 pays where its dot
-    /// product outruns two f32 FMAs (AMD Zen 4 and 5); where the CPU has
-    /// AMX (Intel), `vdpbf16ps` runs at the FMA rate, and the products run
-    /// on AMX tiles instead.
+    /// The fastest kernels this CPU runs: those of
+    /// [`Precision::fastest`].
     pub fn best() -> Self {
-        if Precision::Bf16.available() {
+        Self::for_precision(Precision::fastest())
+    }
+
+    /// The fastest kernels this CPU runs at f32 (the reference precision).
+    pub fn best_f32() -> Self {
+        Self::for_precision(Precision::F32)
+    }
+
+    /// The fastest kernels this CPU runs at `precision`, or at f32 where it
+    /// has no bfloat16 products: AMX tiles where the CPU has them (Intel),
+    /// else AVX512-BF16.
+    pub fn for_precision(precision: Precision) -> Self {
+        if precision == Precision::Bf16 && Precision::Bf16.available() {
             return if crate::model::amx::available() {
                 Kernels::Amx
             } else {
@@ -117,19 +127,6 @@ impl Kernels {
             Some(Isa::Avx512) => Kernels::Avx512,
             Some(Isa::Avx2) => Kernels::Avx2,
             None => Kernels::Portable,
-        }
-    }
-
-    /// The fastest kernels this CPU runs at f32 (the reference precision).
-    pub fn best_f32() -> Self {
-        Self::for_precision(Precision::F32)
-    }
-
-    /// The fastest kernels this CPU runs at `precision` or finer.
-    pub fn for_precision(precision: Precision) -> Self {
-        match (Self::best(), precision) {
-            (Kernels::Avx512Bf16 | Kernels::Amx, Precision::F32) => Kernels::Avx512,
-            (best, _) => best,
         }
     }
 
