@@ -48,7 +48,7 @@ pub struct FaceArgs {
         default_value = "weights/blazeface-front.safetensors"
     )]
     pub detector: PathBuf,
-    /// Detector score (0-1) a face needs (default: the model's metadata, 0.75 shipped).
+    /// Detector score (0-1) a face needs (default: the model's metadata, 0.85 in the shipped model).
     #[arg(long, env = "PROFILE_FACE_THRESHOLD", value_parser = parse_threshold)]
     pub face_threshold: Option<f32>,
     /// Arithmetic of the CPU kernels' products: auto (the faster of the two

@@ -532,7 +532,8 @@ fn no_face_only_with_the_checks(
 /// Small faces are found again in the mirror image: of the fixture faces
 /// shrunk to 48x48 and saved at JPEG quality 20, those found without the
 /// confirmation are found with it too, all but a few (the `tiny` kind of
-/// the upload-like set lost 6 of 992), and in the same place.
+/// the upload-like set lost 6 of 992), and in the same place: the mean of
+/// the two sightings, which overlaps the first one closely and is as sure.
 #[test]
 fn small_faces_are_confirmed_in_the_mirror() {
     use profile_classifier::preprocess::Framing;
@@ -555,7 +556,14 @@ fn small_faces_are_confirmed_in_the_mirror() {
         found += 1;
         if let Ok(Framing::Face { face: again, .. }) = checked.run(&bytes, &mut out) {
             kept += 1;
-            assert_eq!(again, face, "{}", path.display());
+            let moved = |a: [f32; 2], b: [f32; 2]| (a[0] - b[0]).hypot(a[1] - b[1]);
+            assert!(
+                again.overlap(&face) >= 0.8
+                    && moved(again.centre(), face.centre()) <= 0.1 * face.size()
+                    && again.score >= face.score,
+                "{}: {again:?} against {face:?}",
+                path.display()
+            );
         }
     }
     assert!(found >= 20, "only {found} small faces found");

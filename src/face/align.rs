@@ -183,6 +183,26 @@ impl Face {
         }
     }
 
+    /// The mean of two sightings of one face (its box and eyes), scored as
+    /// the surer of them.
+    pub fn averaged(&self, other: &Face) -> Face {
+        let mid = |a: f32, b: f32| (a + b) / 2.0;
+        let eye = |i: usize| {
+            [
+                mid(self.eyes[i][0], other.eyes[i][0]),
+                mid(self.eyes[i][1], other.eyes[i][1]),
+            ]
+        };
+        Face {
+            score: self.score.max(other.score),
+            x: mid(self.x, other.x),
+            y: mid(self.y, other.y),
+            w: mid(self.w, other.w),
+            h: mid(self.h, other.h),
+            eyes: [eye(0), eye(1)],
+        }
+    }
+
     /// The same face in a picture stretched by `sx` across and `sy` down
     /// (from a picture decoded at reduced scale to its full size).
     pub fn stretched(&self, sx: f32, sy: f32) -> Face {
@@ -706,6 +726,35 @@ mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_sightings_average_to_their_middle() {
+        let a = Face {
+            score: 0.9,
+            x: 10.0,
+            y: 20.0,
+            w: 30.0,
+            h: 32.0,
+            eyes: [[18.0, 30.0], [32.0, 28.0]],
+        };
+        let b = Face {
+            score: 0.95,
+            x: 12.0,
+            y: 18.0,
+            w: 34.0,
+            h: 30.0,
+            eyes: [[20.0, 30.0], [34.0, 32.0]],
+        };
+        assert_eq!(a.averaged(&a), a);
+        let m = a.averaged(&b);
+        assert_eq!(
+            (m.score, m.x, m.y, m.w, m.h),
+            (0.95, 11.0, 19.0, 32.0, 31.0)
+        );
+        assert_eq!(m.eyes, [[19.0, 30.0], [33.0, 30.0]]);
+        // Eyes that tilt opposite ways in the two sightings come out level.
+        assert_eq!(m.roll(), 0.0);
+    }
 
     #[test]
     #[cfg(target_arch = "x86_64")]
