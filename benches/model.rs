@@ -182,6 +182,22 @@ fn preprocess(c: &mut Criterion) {
         group.bench_function("jpeg_200x200_face", |b| {
             b.iter(|| faces.run(black_box(&bytes), &mut out).unwrap())
         });
+        // The alignment alone: the face's square, turned level, sampled
+        // into the model's input (the SIMD bilinear sampler's loop).
+        let rgb = pre.decode(&bytes).unwrap();
+        let picture = profile_classifier::preprocess::rgb_view(&rgb);
+        let finder = profile_classifier::face::FaceFinder::new(detector(Kernels::best()));
+        let face = *finder
+            .find(picture, crop.threshold, crop.first_look, None)
+            .first()
+            .expect("a face in the fixture picture");
+        let n = meta.input_size;
+        let mut crop_rgb = vec![0u8; n * n * 3];
+        group.bench_function("align_200x200", |b| {
+            b.iter(|| {
+                profile_classifier::face::align(picture, black_box(&face), &crop, n, &mut crop_rgb)
+            })
+        });
     }
     group.finish();
 }

@@ -364,8 +364,7 @@ pub fn align(picture: Rgb<'_>, face: &Face, crop: &FaceCrop, n: usize, out: &mut
 /// The source position is affine in the output pixel: each row starts from
 /// one point and steps by a fixed increment (`x = row + u * step`, the same
 /// arithmetic in the vector path, so both give the same bytes). On CPUs
-/// with AVX-512 (BW, VBMI) sixteen pixels are sampled at a time, with AVX2
-/// eight.
+/// with AVX2 eight pixels are sampled at a time.
 #[allow(clippy::too_many_arguments)]
 fn warp(
     src: Rgb<'_>,
@@ -398,9 +397,9 @@ fn warp(
         let start = [p0[0] + v as f32 * dv[0], p0[1] + v as f32 * dv[1]];
         let mut u = 0;
         while lanes > 0 && u + lanes <= n {
-            // SAFETY: the CPU runs the sampler of `lanes` pixels
-            // (`simd::lanes`); their bytes lie inside `row`.
-            let done = unsafe { simd::sample(lanes, src, start, du, u, row[u * 3..].as_mut_ptr()) };
+            // SAFETY: `simd::lanes` is 8 only where the CPU has AVX2; the
+            // eight pixels' 24 bytes lie inside `row`.
+            let done = unsafe { simd::sample8(src, start, du, u, row[u * 3..].as_mut_ptr()) };
             if !done {
                 break;
             }
@@ -435,64 +434,26 @@ fn bilinear(src: Rgb<'_>, x: f32, y: f32) -> [u8; 3] {
     })
 }
 
-/// [`bilinear`] for sixteen output pixels at once with AVX-512.
+/// [`bilinear`] for eight output pixels at once with AVX2.
 mod simd {
     use super::Rgb;
 
-    /// Three bytes of every four, in order: output byte k is byte
-    /// 4 * (k / 3) + k % 3 of sixteen packed `RGBx` lanes.
-    #[cfg(target_arch = "x86_64")]
-    const PACK_RGB: [i8; 64] = {
-        let mut order = [0i8; 64];
-        let mut k = 0;
-        while k < 48 {
-            order[k] = (4 * (k / 3) + k % 3) as i8;
-            k += 1;
-        }
-        order
-    };
-
-    /// Pixels per call of the widest sampler this CPU runs: 16
-    /// ([`sample16`]), 8 ([`sample8`]) or 0 (none).
+    /// Pixels per call of the sampler this CPU runs: 8 ([`sample8`], on
+    /// AVX2) or 0 (none). A 16-pixel AVX-512 twin measured no faster on a
+    /// Zen 4 EPYC (criterion `preprocess/align_200x200`: 41.1, 48.0, 43.5
+    /// us against 40.0, 45.5, 44.9, alternated), gathers bounding both.
     pub fn lanes() -> usize {
         #[cfg(target_arch = "x86_64")]
-        {
-            if crate::model::simd::Isa::detect() == Some(crate::model::simd::Isa::Avx512)
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vbmi")
-            {
-                return 16;
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                return 8;
-            }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return 8;
         }
         0
     }
 
-    /// [`sample16`] or [`sample8`], as `lanes` says.
-    ///
-    /// # Safety
-    /// `lanes` is what [`lanes`] says (not 0); otherwise as the sampler.
-    pub unsafe fn sample(
-        lanes: usize,
-        src: Rgb<'_>,
-        start: [f32; 2],
-        du: [f32; 2],
-        u: usize,
-        out: *mut u8,
-    ) -> bool {
-        // SAFETY: the caller's contract.
-        unsafe {
-            if lanes == 16 {
-                sample16(src, start, du, u, out)
-            } else {
-                sample8(src, start, du, u, out)
-            }
-        }
-    }
-
-    /// [`sample16`] for eight pixels on AVX2 (24 bytes to `out`).
+    /// Samples output pixels `u..u + 8` of a row starting at source
+    /// position `start` and stepping by `du`, into `out` (24 bytes), as
+    /// [`super::bilinear`] does each; `false` (nothing written) when a
+    /// 4-byte read of the last source pixel would pass the picture's end.
     ///
     /// # Safety
     /// The CPU supports AVX2; `out` has room for 24 bytes; `src` holds
@@ -606,116 +567,6 @@ mod simd {
         true
     }
 
-    /// Samples output pixels `u..u + 16` of a row starting at source
-    /// position `start` and stepping by `du`, into `out` (48 bytes), as
-    /// [`super::bilinear`] does each; `false` (nothing written) when a
-    /// 4-byte read of the last source pixel would pass the picture's end.
-    ///
-    /// # Safety
-    /// The CPU supports AVX-512F, BW and VBMI; `out` has room for 48 bytes;
-    /// `src` holds `w * h * 3` bytes, `w` and `h` at least 1.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-    pub unsafe fn sample16(
-        src: Rgb<'_>,
-        start: [f32; 2],
-        du: [f32; 2],
-        u: usize,
-        out: *mut u8,
-    ) -> bool {
-        use std::arch::x86_64::*;
-        let (w, h) = (src.w as i32, src.h as i32);
-        let stride = w * 3;
-        let iota = _mm512_setr_ps(
-            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
-        );
-        let us = _mm512_add_ps(_mm512_set1_ps(u as f32), iota);
-        let xs = _mm512_add_ps(
-            _mm512_set1_ps(start[0]),
-            _mm512_mul_ps(us, _mm512_set1_ps(du[0])),
-        );
-        let ys = _mm512_add_ps(
-            _mm512_set1_ps(start[1]),
-            _mm512_mul_ps(us, _mm512_set1_ps(du[1])),
-        );
-        let zero = _mm512_setzero_ps();
-        let sx = _mm512_min_ps(_mm512_max_ps(xs, zero), _mm512_set1_ps((w - 1) as f32));
-        let sy = _mm512_min_ps(_mm512_max_ps(ys, zero), _mm512_set1_ps((h - 1) as f32));
-        let (x0, y0) = (_mm512_cvttps_epi32(sx), _mm512_cvttps_epi32(sy));
-        let ax = _mm512_sub_ps(sx, _mm512_cvtepi32_ps(x0));
-        let ay = _mm512_sub_ps(sy, _mm512_cvtepi32_ps(y0));
-        let one = _mm512_set1_epi32(1);
-        let dx = _mm512_maskz_mov_epi32(
-            _mm512_cmplt_epi32_mask(_mm512_add_epi32(x0, one), _mm512_set1_epi32(w)),
-            _mm512_set1_epi32(3),
-        );
-        let dy = _mm512_maskz_mov_epi32(
-            _mm512_cmplt_epi32_mask(_mm512_add_epi32(y0, one), _mm512_set1_epi32(h)),
-            _mm512_set1_epi32(stride),
-        );
-        let i00 = _mm512_add_epi32(
-            _mm512_mullo_epi32(y0, _mm512_set1_epi32(stride)),
-            _mm512_mullo_epi32(x0, _mm512_set1_epi32(3)),
-        );
-        let i10 = _mm512_add_epi32(i00, dx);
-        let i01 = _mm512_add_epi32(i00, dy);
-        let i11 = _mm512_add_epi32(i01, dx);
-        // Each gather reads four bytes (RGB and the next pixel's red).
-        if _mm512_reduce_max_epi32(i11) as usize + 4 > src.pixels.len() {
-            return false;
-        }
-        let base = src.pixels.as_ptr().cast::<i32>();
-        // SAFETY: every offset is at most `i11`'s largest, checked above.
-        let (g00, g10, g01, g11) = unsafe {
-            (
-                _mm512_i32gather_epi32::<1>(i00, base),
-                _mm512_i32gather_epi32::<1>(i10, base),
-                _mm512_i32gather_epi32::<1>(i01, base),
-                _mm512_i32gather_epi32::<1>(i11, base),
-            )
-        };
-        let byte = _mm512_set1_epi32(0xff);
-        let level = |g: __m512i, c: u32| {
-            let shifted = match c {
-                0 => g,
-                1 => _mm512_srli_epi32::<8>(g),
-                _ => _mm512_srli_epi32::<16>(g),
-            };
-            _mm512_cvtepi32_ps(_mm512_and_si512(shifted, byte))
-        };
-        let half = _mm512_set1_ps(0.5);
-        let mut packed = _mm512_setzero_si512();
-        for c in 0..3u32 {
-            let (p00, p10, p01, p11) = (level(g00, c), level(g10, c), level(g01, c), level(g11, c));
-            let top = _mm512_add_ps(p00, _mm512_mul_ps(_mm512_sub_ps(p10, p00), ax));
-            let bottom = _mm512_add_ps(p01, _mm512_mul_ps(_mm512_sub_ps(p11, p01), ax));
-            let v = _mm512_add_ps(
-                _mm512_add_ps(top, _mm512_mul_ps(_mm512_sub_ps(bottom, top), ay)),
-                half,
-            );
-            let q = _mm512_cvttps_epi32(v);
-            let q = match c {
-                0 => q,
-                1 => _mm512_slli_epi32::<8>(q),
-                _ => _mm512_slli_epi32::<16>(q),
-            };
-            packed = _mm512_or_si512(packed, q);
-        }
-        // SAFETY: 64 bytes read from the array; 48 written, inside `out`.
-        unsafe {
-            let order = _mm512_loadu_si512(PACK_RGB.as_ptr().cast());
-            let bytes = _mm512_permutexvar_epi8(order, packed);
-            _mm512_mask_storeu_epi8(out.cast(), (1u64 << 48) - 1, bytes);
-        }
-        true
-    }
-
-    /// Never called: [`lanes`] is 0 off x86-64.
-    #[cfg(not(target_arch = "x86_64"))]
-    pub unsafe fn sample16(_: Rgb<'_>, _: [f32; 2], _: [f32; 2], _: usize, _: *mut u8) -> bool {
-        false
-    }
-
     /// Never called: [`lanes`] is 0 off x86-64.
     #[cfg(not(target_arch = "x86_64"))]
     pub unsafe fn sample8(_: Rgb<'_>, _: [f32; 2], _: [f32; 2], _: usize, _: *mut u8) -> bool {
@@ -759,7 +610,7 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn eight_pixel_sampling_matches_the_scalar_one() {
-        // The AVX2 sampler, also where `warp` takes the AVX-512 one: every
+        // The AVX2 sampler: every
         // row start and step of a turned crop, each byte as `bilinear` says,
         // and no write where a read would pass the end of a tiny source.
         if !std::arch::is_x86_feature_detected!("avx2") {
