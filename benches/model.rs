@@ -174,7 +174,7 @@ fn preprocess(c: &mut Criterion) {
         )));
         let faces = Preprocessor::new(&meta, Limits::default()).with_faces(
             profile_classifier::preprocess::FaceStage {
-                finder,
+                finder: finder.clone(),
                 crop,
                 threshold: crop.threshold,
             },
@@ -186,7 +186,6 @@ fn preprocess(c: &mut Criterion) {
         // into the model's input (the SIMD bilinear sampler's loop).
         let rgb = pre.decode(&bytes).unwrap();
         let picture = profile_classifier::preprocess::rgb_view(&rgb);
-        let finder = profile_classifier::face::FaceFinder::new(detector(Kernels::best()));
         let face = *finder
             .find(picture, crop.threshold, crop.first_look, None)
             .first()

@@ -439,9 +439,8 @@ mod simd {
     use super::Rgb;
 
     /// Pixels per call of the sampler this CPU runs: 8 ([`sample8`], on
-    /// AVX2) or 0 (none). A 16-pixel AVX-512 twin measured no faster on a
-    /// Zen 4 EPYC (criterion `preprocess/align_200x200`: 41.1, 48.0, 43.5
-    /// us against 40.0, 45.5, 44.9, alternated), gathers bounding both.
+    /// AVX2) or 0 (none). An AVX-512 twin of 16 pixels measured no faster
+    /// (docs/PERFORMANCE.md, "What is left" of the ninth round).
     pub fn lanes() -> usize {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
@@ -610,9 +609,9 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn eight_pixel_sampling_matches_the_scalar_one() {
-        // The AVX2 sampler: every
-        // row start and step of a turned crop, each byte as `bilinear` says,
-        // and no write where a read would pass the end of a tiny source.
+        // The AVX2 sampler: every row start and step of a turned crop, each
+        // byte as `bilinear` says, and no write where a read would pass the
+        // end of a tiny source.
         if !std::arch::is_x86_feature_detected!("avx2") {
             eprintln!("this CPU has no AVX2: nothing to compare");
             return;
