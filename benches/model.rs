@@ -68,6 +68,25 @@ fn input(meta: &ModelMeta, batch: usize) -> Tensor {
     Tensor::from_vec(v, (batch, s, s, 3), &Device::Cpu).unwrap()
 }
 
+/// The shipped network through each classifier implementation.
+fn classifiers(
+    meta: &ModelMeta,
+    tensors: &HashMap<String, Tensor>,
+) -> Vec<(ConvImpl, model::Classifier)> {
+    [
+        ConvImpl::DirectBf16,
+        ConvImpl::Direct,
+        ConvImpl::Fast,
+        ConvImpl::Candle,
+    ]
+    .into_iter()
+    .map(|imp| {
+        let cnn = Cnn::new(meta.clone(), tensors, imp).unwrap();
+        (imp, cnn.classifier(imp).unwrap())
+    })
+    .collect()
+}
+
 fn forward(c: &mut Criterion) {
     let (meta, tensors) = network();
     eprintln!(
@@ -78,16 +97,7 @@ fn forward(c: &mut Criterion) {
         model::forward_flops(&meta) / 1e6
     );
     let mut group = c.benchmark_group("forward");
-    for imp in [
-        ConvImpl::DirectBf16,
-        ConvImpl::Direct,
-        ConvImpl::Fast,
-        ConvImpl::Candle,
-    ] {
-        let cls = Cnn::new(meta.clone(), &tensors, imp)
-            .unwrap()
-            .classifier(imp)
-            .unwrap();
+    for (imp, cls) in classifiers(&meta, &tensors) {
         for batch in [1, 8, 32] {
             let x = input(&meta, batch);
             group.throughput(Throughput::Elements(batch as u64));
@@ -289,16 +299,7 @@ fn summary() {
     let (meta, tensors) = network();
     let flops = model::forward_flops(&meta);
     println!("\n| conv | batch | pictures/s | GFLOP/s |\n| --- | ---: | ---: | ---: |");
-    for imp in [
-        ConvImpl::DirectBf16,
-        ConvImpl::Direct,
-        ConvImpl::Fast,
-        ConvImpl::Candle,
-    ] {
-        let cls = Cnn::new(meta.clone(), &tensors, imp)
-            .unwrap()
-            .classifier(imp)
-            .unwrap();
+    for (imp, cls) in classifiers(&meta, &tensors) {
         for batch in [1, 8, 32] {
             let x = input(&meta, batch);
             cls.logits(&x).unwrap();

@@ -40,29 +40,13 @@ impl CustomOp1 for Im2col {
         let src = contiguous_f32(storage, layout)?;
         let row = TAPS * c;
         let mut dst = vec![0f32; b * h * w * row];
+        let (pixels, values) = (h * w * c, h * w * row);
         for n in 0..b {
-            let img = &src[n * h * w * c..(n + 1) * h * w * c];
-            for y in 0..h {
-                for x in 0..w {
-                    let out = &mut dst[((n * h + y) * w + x) * row..][..row];
-                    for ky in 0..3 {
-                        let sy = y as isize + ky as isize - 1;
-                        if sy < 0 || sy >= h as isize {
-                            continue;
-                        }
-                        let sy = sy as usize;
-                        // The three horizontal taps are adjacent in memory: copy
-                        // them as one run where the whole run is inside the image.
-                        let x0 = x.saturating_sub(1);
-                        let x1 = (x + 1).min(w - 1);
-                        let kx0 = x0 + 1 - x;
-                        let len = (x1 - x0 + 1) * c;
-                        let from = (sy * w + x0) * c;
-                        let to = (ky * 3 + kx0) * c;
-                        out[to..to + len].copy_from_slice(&img[from..from + len]);
-                    }
-                }
-            }
+            let img = &src[n * pixels..][..pixels];
+            let rows = &mut dst[n * values..][..values];
+            tap_runs((h, w, c), |to, from, len| {
+                rows[to..to + len].copy_from_slice(&img[from..from + len]);
+            });
         }
         Ok((CpuStorage::F32(dst), Shape::from((b * h * w, row))))
     }
@@ -97,31 +81,45 @@ impl CustomOp1 for Col2im {
             candle_core::bail!("col2im: {} values for {b}x{h}x{w}x{c}", src.len());
         }
         let mut dst = vec![0f32; b * h * w * c];
+        let (pixels, values) = (h * w * c, h * w * row);
         for n in 0..b {
-            let img = &mut dst[n * h * w * c..(n + 1) * h * w * c];
-            for y in 0..h {
-                for x in 0..w {
-                    let cols = &src[((n * h + y) * w + x) * row..][..row];
-                    for ky in 0..3 {
-                        let sy = y as isize + ky as isize - 1;
-                        if sy < 0 || sy >= h as isize {
-                            continue;
-                        }
-                        let sy = sy as usize;
-                        let x0 = x.saturating_sub(1);
-                        let x1 = (x + 1).min(w - 1);
-                        let kx0 = x0 + 1 - x;
-                        let len = (x1 - x0 + 1) * c;
-                        let to = (sy * w + x0) * c;
-                        let from = (ky * 3 + kx0) * c;
-                        for (d, s) in img[to..to + len].iter_mut().zip(&cols[from..from + len]) {
-                            *d += *s;
-                        }
-                    }
+            let rows = &src[n * values..][..values];
+            let img = &mut dst[n * pixels..][..pixels];
+            tap_runs((h, w, c), |from, to, len| {
+                for (d, s) in img[to..to + len].iter_mut().zip(&rows[from..from + len]) {
+                    *d += *s;
                 }
-            }
+            });
         }
         Ok((CpuStorage::F32(dst), Shape::from((b, h, w, c))))
+    }
+}
+
+/// The 3x3 windows of one `h x w` picture of `c` channels, as runs:
+/// `run(row_at, pixel_at, len)` for every output pixel and kernel row that
+/// falls inside the picture, `len` values that lie at `row_at` in the
+/// unfolded rows ([`Im2col`]) and at `pixel_at` in the picture. The three
+/// horizontal taps of a kernel row are adjacent in both, so each run is
+/// one copy.
+fn tap_runs((h, w, c): (usize, usize, usize), mut run: impl FnMut(usize, usize, usize)) {
+    let row = TAPS * c;
+    for y in 0..h {
+        for x in 0..w {
+            let x0 = x.saturating_sub(1);
+            let x1 = (x + 1).min(w - 1);
+            let kx0 = x0 + 1 - x;
+            let len = (x1 - x0 + 1) * c;
+            for ky in 0..3 {
+                let Some(sy) = (y + ky).checked_sub(1).filter(|&sy| sy < h) else {
+                    continue;
+                };
+                run(
+                    (y * w + x) * row + (ky * 3 + kx0) * c,
+                    (sy * w + x0) * c,
+                    len,
+                );
+            }
+        }
     }
 }
 
