@@ -392,18 +392,18 @@ fn warp(
         (centre[0] + cos * f0 - sin * f0 - origin[0]) * scale[0] - 0.5,
         (centre[1] + sin * f0 + cos * f0 - origin[1]) * scale[1] - 0.5,
     ];
-    let lanes = simd::lanes();
+    let vector = simd::available();
     for (v, row) in out[..n * n * 3].chunks_exact_mut(n * 3).enumerate() {
         let start = [p0[0] + v as f32 * dv[0], p0[1] + v as f32 * dv[1]];
         let mut u = 0;
-        while lanes > 0 && u + lanes <= n {
-            // SAFETY: `simd::lanes` is 8 only where the CPU has AVX2; the
-            // eight pixels' 24 bytes lie inside `row`.
+        while vector && u + simd::LANES <= n {
+            // SAFETY: `simd::available` says the CPU has AVX2; the eight
+            // pixels' 24 bytes lie inside `row`.
             let done = unsafe { simd::sample8(src, start, du, u, row[u * 3..].as_mut_ptr()) };
             if !done {
                 break;
             }
-            u += lanes;
+            u += simd::LANES;
         }
         for (u, o) in (u..n).zip(row[u * 3..].chunks_exact_mut(3)) {
             let x = start[0] + u as f32 * du[0];
@@ -438,15 +438,17 @@ fn bilinear(src: Rgb<'_>, x: f32, y: f32) -> [u8; 3] {
 mod simd {
     use super::Rgb;
 
-    /// Pixels per call of the sampler this CPU runs: 8 ([`sample8`], on
-    /// AVX2) or 0 (none). An AVX-512 twin of 16 pixels measured no faster
-    /// (docs/PERFORMANCE.md, "What is left" of the ninth round).
-    pub fn lanes() -> usize {
+    /// Pixels per call of [`sample8`].
+    pub const LANES: usize = 8;
+
+    /// Whether this CPU runs [`sample8`] (it has AVX2). An AVX-512 twin of
+    /// 16 pixels measured no faster (docs/PERFORMANCE.md, "What is left" of
+    /// the ninth round).
+    pub fn available() -> bool {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return 8;
-        }
-        0
+        return std::arch::is_x86_feature_detected!("avx2");
+        #[cfg(not(target_arch = "x86_64"))]
+        false
     }
 
     /// Samples output pixels `u..u + 8` of a row starting at source
@@ -566,7 +568,7 @@ mod simd {
         true
     }
 
-    /// Never called: [`lanes`] is 0 off x86-64.
+    /// Never called: [`available`] is false off x86-64.
     #[cfg(not(target_arch = "x86_64"))]
     pub unsafe fn sample8(_: Rgb<'_>, _: [f32; 2], _: [f32; 2], _: usize, _: *mut u8) -> bool {
         false
