@@ -20,6 +20,7 @@ use candle_core::{Device, Tensor, Var};
 use candle_nn::Optimizer;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use profile_classifier::face::{BlazeFace, Kernels, Look};
+use profile_classifier::model::backprop::{Batch, Workspace};
 use profile_classifier::model::{self, Cnn, ConvImpl, ModelMeta};
 use profile_classifier::preprocess::{Limits, Preprocessor};
 
@@ -110,6 +111,8 @@ fn forward(c: &mut Criterion) {
 }
 
 fn train_step(c: &mut Criterion) {
+    // As the trainer runs.
+    profile_classifier::train::memory::keep_freed_memory();
     let (meta, tensors) = network();
     let mut group = c.benchmark_group("train_step");
     group.sample_size(10);
@@ -147,6 +150,24 @@ fn train_step(c: &mut Criterion) {
                 opt.backward_step(&loss).unwrap();
             })
         });
+        if imp == ConvImpl::Fast {
+            // The same step differentiated by hand, as the trainer runs it on CPU.
+            let pixels = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let targets = y.to_vec1::<u32>().unwrap();
+            let mut workspace = Workspace::default();
+            group.bench_function(BenchmarkId::new("ByHand", batch), |b| {
+                b.iter(|| {
+                    let batch = Batch {
+                        pixels: &pixels,
+                        targets: &targets,
+                        dropout: None,
+                        smoothing: 0.0,
+                    };
+                    let out = cnn.train_step(&mut workspace, &batch).unwrap();
+                    opt.step(&out.grads).unwrap();
+                })
+            });
+        }
     }
     group.finish();
 }

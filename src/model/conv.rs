@@ -2,16 +2,18 @@
 //! one im2col copy feeding one `matmul`, and a 2x2 max-pool in the same layout.
 //!
 //! Both are candle custom ops with their own backward pass (`col2im` for the
-//! unfold, gradient routing to the arg-max for the pool), so the trainer gets
-//! matmul speed for the forward and the backward pass. They run on CPU storage
-//! only; on other devices the model uses candle's `conv2d` (see [`super::ConvImpl`]).
+//! unfold, gradient routing to the arg-max for the pool), so the network
+//! built from them stays differentiable through candle's autograd. They run
+//! on CPU storage only; on other devices the model uses candle's `conv2d`
+//! (see [`super::ConvImpl`]). The unfold and its adjoint are also offered on
+//! plain slices, for the training step of [`super::backprop`].
 //!
 //! This module knows nothing of the network: it offers tensor operations only.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// Number of taps of a 3x3 kernel.
-const TAPS: usize = 9;
+pub(super) const TAPS: usize = 9;
 
 /// The f32 values of a contiguous CPU tensor; an error otherwise.
 pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
@@ -44,9 +46,7 @@ impl CustomOp1 for Im2col {
         for n in 0..b {
             let img = &src[n * pixels..][..pixels];
             let rows = &mut dst[n * values..][..values];
-            tap_runs((h, w, c), |to, from, len| {
-                rows[to..to + len].copy_from_slice(&img[from..from + len]);
-            });
+            unfold(img, rows, (h, w, c));
         }
         Ok((CpuStorage::F32(dst), Shape::from((b * h * w, row))))
     }
@@ -85,14 +85,28 @@ impl CustomOp1 for Col2im {
         for n in 0..b {
             let rows = &src[n * values..][..values];
             let img = &mut dst[n * pixels..][..pixels];
-            tap_runs((h, w, c), |from, to, len| {
-                for (d, s) in img[to..to + len].iter_mut().zip(&rows[from..from + len]) {
-                    *d += *s;
-                }
-            });
+            fold_add(rows, img, (h, w, c));
         }
         Ok((CpuStorage::F32(dst), Shape::from((b, h, w, c))))
     }
+}
+
+/// Writes the 3x3 windows of one `h x w x c` picture as unfolded rows
+/// (`[h*w, 9*c]`); taps outside the picture are left as they are.
+pub(super) fn unfold(img: &[f32], rows: &mut [f32], geometry: (usize, usize, usize)) {
+    tap_runs(geometry, |to, from, len| {
+        rows[to..to + len].copy_from_slice(&img[from..from + len]);
+    });
+}
+
+/// Adds unfolded rows back onto the picture they came from (the adjoint of
+/// [`unfold`]).
+pub(super) fn fold_add(rows: &[f32], img: &mut [f32], geometry: (usize, usize, usize)) {
+    tap_runs(geometry, |from, to, len| {
+        for (d, s) in img[to..to + len].iter_mut().zip(&rows[from..from + len]) {
+            *d += *s;
+        }
+    });
 }
 
 /// The 3x3 windows of one `h x w` picture of `c` channels, as runs:

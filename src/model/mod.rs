@@ -5,7 +5,8 @@
 //! with one output per label. Inputs are NHWC `[B, H, W, 3]` tensors already
 //! normalised as the metadata says (see [`crate::preprocess`]).
 //!
-//! [`Cnn`] is the trainable form (batch statistics, running averages);
+//! [`Cnn`] is the trainable form (batch statistics, running averages),
+//! differentiated by candle's autograd or, on CPU, by hand ([`backprop`]);
 //! [`Classifier`] is the inference form with batch norm folded into the conv
 //! weights. Both run either the fast NHWC im2col convolution of [`conv`] or
 //! candle's own `conv2d` ([`ConvImpl`]), which must agree to 1e-4.
@@ -14,7 +15,7 @@
 
 pub mod aligned;
 pub mod amx;
-pub mod batchnorm;
+pub mod backprop;
 pub mod conv;
 pub mod direct;
 pub mod simd;
@@ -181,6 +182,18 @@ impl Block {
         )
     }
 
+    /// Moves the running statistics towards a batch's mean and biased
+    /// variance over `n` values.
+    fn update_running(&self, mean: Tensor, var: Tensor, n: f64) -> candle_core::Result<()> {
+        let unbiased = (var * (n / (n - 1.0).max(1.0)))?;
+        self.running_mean.set(
+            &((self.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?,
+        )?;
+        self.running_var.set(
+            &((self.running_var.as_tensor() * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?,
+        )
+    }
+
     /// The conv weight with the running batch norm folded in, and the
     /// per-channel bias that remains; both detached.
     fn folded(&self) -> candle_core::Result<(Tensor, Tensor)> {
@@ -314,54 +327,39 @@ impl Cnn {
             ConvImpl::Candle => x.conv2d(&b.conv, 1, 1, 1, 1)?,
         };
         let n = (y.elem_count() / cout) as f64;
-        let (y, batch_stats) = match (self.conv_impl, train) {
-            (ConvImpl::Fast | ConvImpl::Direct | ConvImpl::DirectBf16, true) => {
-                let shape = y.shape().clone();
-                let (out, stats) = batchnorm::batch_norm_rows(
-                    &y.reshape(((n as usize), cout))?,
-                    &b.gamma,
-                    &b.beta,
-                    BN_EPS,
-                )?;
-                let dev = y.device();
-                let stats = (Tensor::new(stats.mean, dev)?, Tensor::new(stats.var, dev)?);
-                (out.reshape(shape)?, Some(stats))
+        let (scale, shift, batch_stats) = if train {
+            let (mean, var) = match self.conv_impl {
+                ConvImpl::Fast | ConvImpl::Direct | ConvImpl::DirectBf16 => {
+                    let rows = y.reshape((n as usize, cout))?;
+                    let mean = rows.mean_keepdim(0)?;
+                    let var = rows.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?;
+                    (mean.flatten_all()?, var.flatten_all()?)
+                }
+                ConvImpl::Candle => {
+                    let mean = y.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+                    let var = y
+                        .broadcast_sub(&mean)?
+                        .sqr()?
+                        .mean_keepdim(0)?
+                        .mean_keepdim(2)?
+                        .mean_keepdim(3)?;
+                    (mean.flatten_all()?, var.flatten_all()?)
+                }
+            };
+            let (scale, shift) = bn_affine(&b.gamma, &b.beta, &mean, &var)?;
+            (scale, shift, Some((mean.detach(), var.detach())))
+        } else {
+            let (scale, shift) = b.running_affine()?;
+            (scale, shift, None)
+        };
+        let y = match self.conv_impl {
+            ConvImpl::Fast | ConvImpl::Direct | ConvImpl::DirectBf16 => {
+                y.broadcast_mul(&scale)?.broadcast_add(&shift)?
             }
-            (ConvImpl::Candle, true) => {
-                let mean = y.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
-                let var = y
-                    .broadcast_sub(&mean)?
-                    .sqr()?
-                    .mean_keepdim(0)?
-                    .mean_keepdim(2)?
-                    .mean_keepdim(3)?;
-                let (scale, shift) =
-                    bn_affine(&b.gamma, &b.beta, &mean.flatten_all()?, &var.flatten_all()?)?;
-                let out = affine_nchw(&y, &scale, &shift)?;
-                (
-                    out,
-                    Some((mean.flatten_all()?.detach(), var.flatten_all()?.detach())),
-                )
-            }
-            (imp, false) => {
-                let (scale, shift) = b.running_affine()?;
-                let out = match imp {
-                    ConvImpl::Fast | ConvImpl::Direct | ConvImpl::DirectBf16 => {
-                        y.broadcast_mul(&scale)?.broadcast_add(&shift)?
-                    }
-                    ConvImpl::Candle => affine_nchw(&y, &scale, &shift)?,
-                };
-                (out, None)
-            }
+            ConvImpl::Candle => affine_nchw(&y, &scale, &shift)?,
         };
         if let Some((mean, var)) = batch_stats {
-            let unbiased = (var * (n / (n - 1.0).max(1.0)))?;
-            b.running_mean.set(
-                &((b.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?,
-            )?;
-            b.running_var.set(
-                &((b.running_var.as_tensor() * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?,
-            )?;
+            b.update_running(mean, var, n)?;
         }
         match self.conv_impl {
             ConvImpl::Fast | ConvImpl::Direct | ConvImpl::DirectBf16 => {
@@ -432,6 +430,24 @@ impl Cnn {
             precision,
         ))
     }
+}
+
+/// Cross-entropy against targets with `smoothing` of their weight spread
+/// evenly over every label.
+pub fn smoothed_cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    smoothing: f32,
+) -> candle_core::Result<Tensor> {
+    let log_p = candle_nn::ops::log_softmax(logits, 1)?;
+    let nll = candle_nn::loss::nll(&log_p, targets)?;
+    if smoothing <= 0.0 {
+        return Ok(nll);
+    }
+    // Mean over the batch and the labels of -log p: the loss against a
+    // uniform target.
+    let uniform = log_p.mean_all()?.neg()?;
+    (nll * f64::from(1.0 - smoothing))? + (uniform * f64::from(smoothing))?
 }
 
 /// `x * scale + shift` per channel of an NCHW tensor.
@@ -646,7 +662,17 @@ mod tests {
         ModelMeta::sketch(16, &[8, 16])
     }
 
-    fn random_tensors(meta: &ModelMeta) -> HashMap<String, Tensor> {
+    /// The largest absolute value of a tensor.
+    pub(crate) fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    pub(crate) fn random_tensors(meta: &ModelMeta) -> HashMap<String, Tensor> {
         let mut seed = 7u64;
         tensor_shapes(meta)
             .into_iter()
@@ -793,13 +819,7 @@ mod tests {
             assert_eq!(bf16.conv_impl(), ConvImpl::DirectBf16);
         }
         let diff = max_diff(&bf16.logits(&x).unwrap(), &reference);
-        let scale = reference
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(&reference);
         eprintln!("bf16: largest logit difference {diff} (largest logit {scale})");
         assert!(diff < 0.02 * scale.max(1.0), "{diff} against {scale}");
     }

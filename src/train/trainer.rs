@@ -27,6 +27,7 @@ use super::ema::{Ema, snapshot};
 use super::eval;
 use super::pictures::Pictures;
 use crate::face::{FaceCrop, FaceFinder, Look};
+use crate::model::backprop::{Batch, Workspace};
 use crate::model::{self, Cnn, ConvImpl, ModelMeta, Precision};
 use crate::preprocess::{FaceStage, Limits, Preprocessor, rgb_view};
 
@@ -347,6 +348,7 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
         None
     };
     let mut best: Option<Best> = None;
+    let mut workspace = Workspace::default();
 
     for epoch in 1..=cfg.epochs {
         let epoch_start = Instant::now();
@@ -378,26 +380,38 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
                 &pre,
                 &mut batch[..n * len],
             );
-            let x = Tensor::from_slice(&batch[..n * len], (n, size, size, 3), &cfg.device)?;
             let targets: Vec<u32> = chunk
                 .iter()
                 .map(|&i| train.samples[i].label.unwrap_or(0) as u32)
                 .collect();
-            let y = Tensor::from_vec(targets.clone(), n, &cfg.device)?;
-            let mask = dropout_mask(cfg.dropout, n, feature_dim, &mut rng, &cfg.device)?;
-            let logits = cnn.forward(&x, true, mask.as_ref())?;
-            let loss = smoothed_cross_entropy(&logits, &y, cfg.label_smoothing)?;
+            let mask = dropout_mask(cfg.dropout, n * feature_dim, &mut rng);
             lr = learning_rate(cfg, step, total_steps);
             opt.set_learning_rate(lr);
-            opt.backward_step(&loss)?;
+            let batch = Batch {
+                pixels: &batch[..n * len],
+                targets: &targets,
+                dropout: mask.as_deref(),
+                smoothing: cfg.label_smoothing,
+            };
+            let (loss, preds) = if cfg.device.is_cpu() {
+                let out = cnn.train_step(&mut workspace, &batch)?;
+                opt.step(&out.grads)?;
+                let preds = out
+                    .logits
+                    .chunks(cfg.labels.len())
+                    .map(|row| model::argmax(row) as u32)
+                    .collect();
+                (out.loss, preds)
+            } else {
+                autograd_step(&cnn, &mut opt, &batch, size, &cfg.device)?
+            };
             if let Some(ema) = &mut ema {
                 ema.update(&cnn.tensors())?;
             }
             step += 1;
-            let preds: Vec<u32> = logits.argmax(1)?.to_vec1()?;
             correct += preds.iter().zip(&targets).filter(|(p, t)| p == t).count();
             seen += n;
-            loss_sum += f64::from(loss.to_scalar::<f32>()?) * n as f64;
+            loss_sum += f64::from(loss) * n as f64;
             bar.inc(1);
             bar.set_message(format!(
                 "loss {:.4} acc {:.4}",
@@ -552,39 +566,40 @@ fn validate(
     Ok(eval::evaluate(labels, val, &probs).accuracy)
 }
 
-/// Cross-entropy against targets with `smoothing` of their weight spread
-/// evenly over every label.
-fn smoothed_cross_entropy(
-    logits: &Tensor,
-    targets: &Tensor,
-    smoothing: f32,
-) -> candle_core::Result<Tensor> {
-    let log_p = candle_nn::ops::log_softmax(logits, 1)?;
-    let nll = candle_nn::loss::nll(&log_p, targets)?;
-    if smoothing <= 0.0 {
-        return Ok(nll);
-    }
-    // Mean over the batch and the labels of -log p: the loss against a
-    // uniform target.
-    let uniform = log_p.mean_all()?.neg()?;
-    (nll * f64::from(1.0 - smoothing))? + (uniform * f64::from(smoothing))?
-}
-
-fn dropout_mask(
-    p: f32,
-    n: usize,
-    dim: usize,
-    rng: &mut StdRng,
-    device: &Device,
-) -> candle_core::Result<Option<Tensor>> {
+/// Dropout multipliers for `len` features: 0 with probability `p`, else
+/// `1 / (1 - p)`; `None` when `p` is 0.
+fn dropout_mask(p: f32, len: usize, rng: &mut StdRng) -> Option<Vec<f32>> {
     if p <= 0.0 {
-        return Ok(None);
+        return None;
     }
     let keep = 1.0 / (1.0 - p);
-    let v: Vec<f32> = (0..n * dim)
-        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
-        .collect();
-    Tensor::from_vec(v, (n, dim), device).map(Some)
+    Some(
+        (0..len)
+            .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+            .collect(),
+    )
+}
+
+/// One optimiser step through candle's autograd (devices other than the
+/// CPU): the loss and each picture's predicted label.
+fn autograd_step(
+    cnn: &Cnn,
+    opt: &mut candle_nn::AdamW,
+    batch: &Batch,
+    size: usize,
+    device: &Device,
+) -> candle_core::Result<(f32, Vec<u32>)> {
+    let n = batch.targets.len();
+    let x = Tensor::from_slice(batch.pixels, (n, size, size, 3), device)?;
+    let y = Tensor::new(batch.targets, device)?;
+    let mask = match batch.dropout {
+        Some(m) => Some(Tensor::from_slice(m, (n, m.len() / n), device)?),
+        None => None,
+    };
+    let logits = cnn.forward(&x, true, mask.as_ref())?;
+    let loss = model::smoothed_cross_entropy(&logits, &y, batch.smoothing)?;
+    opt.backward_step(&loss)?;
+    Ok((loss.to_scalar::<f32>()?, logits.argmax(1)?.to_vec1()?))
 }
 
 /// Cuts out and augments the pictures `chunk` of `train` into `out`, one
