@@ -666,7 +666,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     use super::*;
-    use crate::model::tests::{max_abs, random_tensors};
+    use crate::model::tests::{max_abs, numbers, random_tensors};
     use crate::model::{ConvImpl, ModelMeta, max_diff, smoothed_cross_entropy};
 
     /// A network whose trainable tensors are variables, and those variables.
@@ -683,18 +683,6 @@ mod tests {
             }
         }
         (Cnn::new(meta.clone(), &tensors, conv_impl).unwrap(), vars)
-    }
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
     }
 
     fn running(cnn: &Cnn) -> HashMap<String, Tensor> {
@@ -714,9 +702,9 @@ mod tests {
         // Two steps through one workspace, the second with fewer pictures;
         // the running statistics move with every step.
         for (step, b) in [(0u64, 5usize), (1, 3)] {
-            let pixels = values(b * 16 * 16 * 3, 10 + step);
+            let pixels = numbers(b * 16 * 16 * 3, 10 + step);
             let targets: Vec<u32> = (0..b as u32).map(|i| (i + step as u32) % 2).collect();
-            let mask: Vec<f32> = values(b * features, 20 + step)
+            let mask: Vec<f32> = numbers(b * features, 20 + step)
                 .iter()
                 .map(|v| if *v < -0.6 { 0.0 } else { 1.0 / 0.8 })
                 .collect();

@@ -1835,19 +1835,7 @@ unsafe fn wino_output_simd<S: Simd>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Numbers in -1..1 from a fixed seed.
-    fn numbers(n: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed;
-        (0..n)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::model::tests::numbers;
 
     /// The network in plain loops: 3x3 convolution (zero padding), bias,
     /// 2x2 max-pool, ReLU per block; global average pool; linear layer.

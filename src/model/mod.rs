@@ -662,6 +662,19 @@ mod tests {
         ModelMeta::sketch(16, &[8, 16])
     }
 
+    /// Numbers in -1..1 from a fixed seed.
+    pub(crate) fn numbers(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
     /// The largest absolute value of a tensor.
     pub(crate) fn max_abs(t: &Tensor) -> f32 {
         t.abs()
