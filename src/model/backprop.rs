@@ -18,7 +18,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::conv::{TAPS, fold_add, unfold};
+use super::conv::{TAPS, fold_add, unfold, weight_matrix};
 use super::{BN_EPS, Block, Cnn};
 
 /// One batch as the training step takes it.
@@ -90,25 +90,17 @@ struct Params {
 impl Params {
     fn of(block: &Block) -> Result<Self> {
         let (cout, cin, _, _) = block.conv.dims4()?;
-        let w = block.conv.flatten_all()?.to_vec1::<f32>()?;
-        let mut wmat = vec![0f32; w.len()];
-        for (o, filter) in w.chunks_exact(cin * TAPS).enumerate() {
-            for (ci, taps) in filter.chunks_exact(TAPS).enumerate() {
-                for (t, v) in taps.iter().enumerate() {
-                    wmat[(t * cin + ci) * cout + o] = *v;
-                }
-            }
-        }
         Ok(Self {
             cin,
             cout,
-            wmat,
+            wmat: weight_matrix(&block.conv)?.flatten_all()?.to_vec1()?,
             gamma: block.gamma.to_vec1()?,
             beta: block.beta.to_vec1()?,
         })
     }
 
-    /// The `[9*Cin, Cout]` gradient back in the weight's `[Cout, Cin, 3, 3]` order.
+    /// The `[9*Cin, Cout]` gradient back in the weight's `[Cout, Cin, 3, 3]`
+    /// order (the inverse of [`weight_matrix`]).
     fn weight_grad(&self, dwmat: &[f32]) -> Vec<f32> {
         let (cin, cout) = (self.cin, self.cout);
         let mut dw = vec![0f32; dwmat.len()];
