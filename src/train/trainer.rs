@@ -387,14 +387,14 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
             let mask = dropout_mask(cfg.dropout, n * feature_dim, &mut rng);
             lr = learning_rate(cfg, step, total_steps);
             opt.set_learning_rate(lr);
-            let batch = Batch {
+            let pictures = Batch {
                 pixels: &batch[..n * len],
                 targets: &targets,
                 dropout: mask.as_deref(),
                 smoothing: cfg.label_smoothing,
             };
             let (loss, preds) = if cfg.device.is_cpu() {
-                let out = cnn.train_step(&mut workspace, &batch)?;
+                let out = cnn.train_step(&mut workspace, &pictures)?;
                 opt.step(&out.grads)?;
                 let preds = out
                     .logits
@@ -403,7 +403,7 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
                     .collect();
                 (out.loss, preds)
             } else {
-                autograd_step(&cnn, &mut opt, &batch, size, &cfg.device)?
+                autograd_step(&cnn, &mut opt, &pictures, size, &cfg.device)?
             };
             if let Some(ema) = &mut ema {
                 ema.update(&cnn.tensors())?;
