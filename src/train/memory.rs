@@ -1,11 +1,13 @@
 //! How the process's allocator treats freed memory while training.
 //!
-//! Every optimiser step builds and drops tens of megabytes of tensors (the
-//! im2col buffers alone are larger than glibc's largest mmap threshold), and
-//! glibc's defaults return such blocks to the kernel at once and map them
-//! again on the next step: on two cores a quarter of training went into
-//! page faults and zeroing fresh pages. Touches nothing but allocator
-//! settings; does nothing on other C libraries.
+//! Through candle's autograd every optimiser step builds and drops tens of
+//! megabytes of tensors (the im2col buffers alone are larger than glibc's
+//! largest mmap threshold), and glibc's defaults return such blocks to the
+//! kernel at once and map them again on the next step: on two cores a
+//! quarter of training went into page faults and zeroing fresh pages. The
+//! CPU step of [`crate::model::backprop`] keeps its buffers itself; the
+//! setting still serves validation, the autograd path and the benches.
+//! Touches nothing but allocator settings; does nothing on other C libraries.
 
 /// Blocks below this come from the heap, not from their own mapping.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
