@@ -394,14 +394,7 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
                 smoothing: cfg.label_smoothing,
             };
             let (loss, preds) = if cfg.device.is_cpu() {
-                let out = cnn.train_step(&mut workspace, &pictures)?;
-                opt.step(&out.grads)?;
-                let preds = out
-                    .logits
-                    .chunks(cfg.labels.len())
-                    .map(|row| model::argmax(row) as u32)
-                    .collect();
-                (out.loss, preds)
+                hand_step(&cnn, &mut opt, &mut workspace, &pictures)?
             } else {
                 autograd_step(&cnn, &mut opt, &pictures, size, &cfg.device)?
             };
@@ -578,6 +571,25 @@ fn dropout_mask(p: f32, len: usize, rng: &mut StdRng) -> Option<Vec<f32>> {
             .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
             .collect(),
     )
+}
+
+/// One optimiser step differentiated by hand (CPU): the loss and each
+/// picture's predicted label.
+fn hand_step(
+    cnn: &Cnn,
+    opt: &mut candle_nn::AdamW,
+    workspace: &mut Workspace,
+    batch: &Batch,
+) -> candle_core::Result<(f32, Vec<u32>)> {
+    let out = cnn.train_step(workspace, batch)?;
+    opt.step(&out.grads)?;
+    let labels = out.logits.len() / batch.targets.len();
+    let preds = out
+        .logits
+        .chunks(labels)
+        .map(|row| model::argmax(row) as u32)
+        .collect();
+    Ok((out.loss, preds))
 }
 
 /// One optimiser step through candle's autograd (devices other than the
