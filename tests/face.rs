@@ -341,6 +341,7 @@ fn a_turned_face_is_measured_and_comes_back_level() {
             min_contrast: None,
             min_face: None,
             confirm_below: None,
+            deblock: None,
         };
         let mut out = vec![0u8; 128 * 128 * 3];
         profile_classifier::face::align(
@@ -389,9 +390,20 @@ fn served_with(
     min_contrast: Option<f32>,
     confirm: bool,
 ) -> profile_classifier::preprocess::Preprocessor {
-    use profile_classifier::face::align::{CONFIRM_BELOW, MIN_FACE};
     use profile_classifier::preprocess::{FaceStage, Limits, Preprocessor};
-    let crop = profile_classifier::face::FaceCrop {
+    let crop = served_crop(min_contrast, confirm);
+    let meta = profile_classifier::model::ModelMeta::sketch(64, &[16]);
+    Preprocessor::new(&meta, Limits::default()).with_faces(FaceStage {
+        finder: std::sync::Arc::new(FaceFinder::new(shipped(Kernels::best()))),
+        crop,
+        threshold: crop.threshold,
+    })
+}
+
+/// The crop geometry and checks of [`served_with`].
+fn served_crop(min_contrast: Option<f32>, confirm: bool) -> profile_classifier::face::FaceCrop {
+    use profile_classifier::face::align::{CONFIRM_BELOW, MIN_FACE};
+    profile_classifier::face::FaceCrop {
         threshold: 0.75,
         side: 1.1,
         dx: 0.0,
@@ -401,13 +413,8 @@ fn served_with(
         min_contrast,
         min_face: confirm.then_some(MIN_FACE),
         confirm_below: confirm.then_some(CONFIRM_BELOW),
-    };
-    let meta = profile_classifier::model::ModelMeta::sketch(64, &[16]);
-    Preprocessor::new(&meta, Limits::default()).with_faces(FaceStage {
-        finder: std::sync::Arc::new(FaceFinder::new(shipped(Kernels::best()))),
-        crop,
-        threshold: crop.threshold,
-    })
+        deblock: None,
+    }
 }
 
 /// The fixture faces (200x200 JPEGs), in a fixed order.
@@ -600,4 +607,65 @@ fn faces_have_the_contrast_of_a_face() {
         }
     }
     assert!(seen >= 40 && dimmed >= 30, "{seen} faces, {dimmed} dimmed");
+}
+
+/// Small blocky pictures (fixture faces shrunk to 48x48, saved at JPEG
+/// quality 8 and then again at 90, as a re-encoded small upload is) are
+/// softened for the detector's first look, and only they: the same faces
+/// saved once at quality 90 are looked at as decoded. Whichever decoder
+/// reads them, `run` (the plain-JPEG path) frames them as `decode` and
+/// `frame` do, and the crop is cut out of the picture as decoded: a face
+/// found there gives the same model input as the same box cut without the
+/// softening.
+#[test]
+fn small_blocky_pictures_are_softened_for_the_detector() {
+    use profile_classifier::preprocess::{DEBLOCK, Framing, rgb_view};
+    let soft = served().with_deblock(Some(DEBLOCK));
+    let encode = |img: &image::RgbImage, quality| {
+        let mut bytes = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, quality)
+            .encode_image(img)
+            .expect("encodes");
+        bytes
+    };
+    let mut framed = 0;
+    for path in fixture_faces().iter().take(12) {
+        let img = image::open(path).expect("decodes").to_rgb8();
+        let small = image::imageops::resize(&img, 48, 48, image::imageops::FilterType::Triangle);
+        let once = image::load_from_memory(&encode(&small, 8)).expect("decodes");
+        let blocky = soft.decode(&encode(&once.to_rgb8(), 90)).expect("decodes");
+        let clean = soft.decode(&encode(&small, 90)).expect("decodes");
+        let mut buf = Vec::new();
+        let seen = soft.seen(rgb_view(&blocky), &mut buf);
+        assert!(
+            seen.pixels != blocky.as_raw().as_slice(),
+            "{path:?}: softened"
+        );
+        let seen = soft.seen(rgb_view(&clean), &mut buf);
+        assert!(
+            seen.pixels == clean.as_raw().as_slice(),
+            "{path:?}: no blocks"
+        );
+
+        let bytes = encode(&blocky, 100);
+        let decoded = soft.decode(&bytes).expect("decodes");
+        let (mut ran, mut by_hand) = (vec![0f32; soft.input_len()], vec![0f32; soft.input_len()]);
+        let framing = soft.run(&bytes, &mut ran).expect("frames");
+        assert_eq!(
+            framing,
+            soft.frame(rgb_view(&decoded), &mut by_hand),
+            "{path:?}"
+        );
+        if let Framing::Face { face, .. } = framing {
+            assert_eq!(ran, by_hand, "{path:?}");
+            let mut cut = vec![0u8; 64 * 64 * 3];
+            let crop = served_crop(Some(profile_classifier::face::align::MIN_CONTRAST), true);
+            profile_classifier::face::align(rgb_view(&decoded), &face, &crop, 64, &mut cut);
+            let mut input = vec![0f32; soft.input_len()];
+            soft.normalise(&cut, &mut input);
+            assert_eq!(ran, input, "{path:?}: cut out of the picture as decoded");
+            framed += 1;
+        }
+    }
+    assert!(framed >= 6, "only {framed} of 12 blocky faces found");
 }

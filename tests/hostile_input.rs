@@ -38,6 +38,7 @@ fn with_faces() -> &'static Preprocessor {
                 min_contrast: Some(profile_classifier::face::align::MIN_CONTRAST),
                 min_face: Some(profile_classifier::face::align::MIN_FACE),
                 confirm_below: Some(profile_classifier::face::align::CONFIRM_BELOW),
+                deblock: Some(profile_classifier::preprocess::DEBLOCK),
             },
             threshold: 0.75,
         })

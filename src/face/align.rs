@@ -52,6 +52,11 @@ pub struct FaceCrop {
     /// before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confirm_below: Option<f32>,
+    /// Which small, heavily compressed JPEGs are softened before their
+    /// faces are looked for, and how much; `None` softens none (files
+    /// written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deblock: Option<crate::preprocess::Deblock>,
 }
 
 impl FaceCrop {
@@ -88,6 +93,9 @@ impl FaceCrop {
             {
                 return Err(format!("{what} {px} is not in [0, {MAX_FACE_PX}] pixels"));
             }
+        }
+        if let Some(deblock) = &self.deblock {
+            deblock.validate()?;
         }
         if !(self.side.is_finite() && self.side > 0.1 && self.side < 20.0) {
             return Err(format!("face crop side {} is not in (0.1, 20)", self.side));
@@ -731,6 +739,7 @@ mod tests {
         min_contrast: None,
         min_face: None,
         confirm_below: None,
+        deblock: None,
     };
 
     #[test]

@@ -346,6 +346,7 @@ mod tests {
             min_contrast: Some(0.02),
             min_face: Some(20.0),
             confirm_below: Some(64.0),
+            deblock: Some(crate::preprocess::DEBLOCK),
         };
         let with_face = ModelMeta {
             face: Some(crop),

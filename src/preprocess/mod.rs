@@ -16,9 +16,11 @@
 //! input at training and at serving time.
 
 mod budget;
+mod deblock;
 mod jpeg;
 
 pub use budget::{DecodeBudget, Reservation};
+pub use deblock::{DEBLOCK, Deblock, blockiness};
 
 use std::cell::RefCell;
 use std::io::Cursor;
@@ -177,12 +179,15 @@ pub struct Preprocessor {
     inv_std: [f32; 3],
     limits: Limits,
     face: Option<FaceStage>,
+    deblock: Option<Deblock>,
     budget: Option<DecodeBudget>,
 }
 
 thread_local! {
     /// Each thread's aligned face, as RGB bytes.
     static ALIGNED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Each thread's softened copy of a small picture ([`Preprocessor::seen`]).
+    static SEEN: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Preprocessor {
@@ -199,6 +204,7 @@ impl Preprocessor {
             ],
             limits,
             face: None,
+            deblock: None,
             budget: None,
         }
     }
@@ -230,7 +236,16 @@ impl Preprocessor {
     /// The same preprocessing with face detection in front: pictures are
     /// framed by [`fn@crate::face::align`] around their largest face.
     pub fn with_faces(mut self, stage: FaceStage) -> Self {
+        self.deblock = stage.crop.deblock;
         self.face = Some(stage);
+        self
+    }
+
+    /// The same preprocessing softening the small, heavily compressed JPEGs
+    /// `deblock` names as soon as they are decoded ([`Deblock`]); the face
+    /// stage sets its crop's own.
+    pub fn with_deblock(mut self, deblock: Option<Deblock>) -> Self {
+        self.deblock = deblock;
         self
     }
 
@@ -304,12 +319,33 @@ impl Preprocessor {
         let Some(first) = decode(pixels, Some(shrink))? else {
             return Ok(None);
         };
+        let reduced = (first.w, first.h) != first.full;
+        let (fw, fh) = first.full;
+        if self.deblock.is_some_and(|d| fw.max(fh) <= d.longest) {
+            // Looked at for blocks at its own scale only: decoded again
+            // there if need be.
+            let full = if reduced {
+                drop(first);
+                decode(pixels, None)?
+            } else {
+                Some(first)
+            };
+            let Some(full) = full else {
+                return Ok(None);
+            };
+            let picture = Rgb {
+                pixels,
+                w: full.w,
+                h: full.h,
+            };
+            return Ok(Some(self.frame(picture, out)));
+        }
         let picture = Rgb {
             pixels,
             w: first.w,
             h: first.h,
         };
-        let (Some(stage), true) = (&self.face, (first.w, first.h) != first.full) else {
+        let (Some(stage), true) = (&self.face, reduced) else {
             return Ok(Some(self.frame(picture, out)));
         };
         let (sx, sy) = (
@@ -378,11 +414,11 @@ impl Preprocessor {
         }
     }
 
-    /// The largest of `faces` that `stage` takes ([`FaceFinder::confirmed`])
-    /// and that has the contrast of a face ([`FaceCrop::has_features`])
-    /// aligned into `out`, or [`Framing::NoFace`]; the faces counted are
-    /// those taken with it. `scale`: the picture's own pixels per pixel of
-    /// `picture`.
+    /// The largest of `faces` that `stage` takes ([`FaceFinder::confirmed`]
+    /// in `picture` itself, whatever the faces were found in) and that has
+    /// the contrast of a face ([`FaceCrop::has_features`]) aligned into
+    /// `out`, or [`Framing::NoFace`]; the faces counted are those taken with
+    /// it. `scale`: the picture's own pixels per pixel of `picture`.
     fn cut_out(
         &self,
         stage: &FaceStage,
@@ -410,19 +446,24 @@ impl Preprocessor {
     }
 
     /// Frames a decoded picture into `out`: around its largest face when
-    /// detection is on, the whole picture otherwise.
+    /// detection is on (looked for in what [`Preprocessor::seen`] makes of
+    /// it, confirmed and cut out of the picture itself), the whole picture
+    /// otherwise.
     pub fn frame(&self, picture: Rgb<'_>, out: &mut [f32]) -> Framing {
         let Some(stage) = &self.face else {
             self.resize_normalise_raw(picture.pixels, picture.w, picture.h, out);
             return Framing::Whole;
         };
-        let faces = stage.finder.find(
-            picture,
-            stage.threshold,
-            stage.crop.first_look,
-            stage.crop.closer_look,
-        );
-        self.cut_out(stage, (picture, 1.0), &faces, out)
+        SEEN.with_borrow_mut(|buf| {
+            let seen = self.seen(picture, buf);
+            let faces = stage.finder.find(
+                seen,
+                stage.threshold,
+                stage.crop.first_look,
+                stage.crop.closer_look,
+            );
+            self.cut_out(stage, (picture, 1.0), &faces, out)
+        })
     }
 
     /// [`crate::face::align`] into the model's input size, the one way a
@@ -460,6 +501,31 @@ impl Preprocessor {
             decode_with_limits(bytes, format, self.limits, budget)
         })
         .map(|(rgb, _)| rgb)
+    }
+
+    /// What the detector first looks for faces in: a softened copy of
+    /// `picture` in `buf` where the picture is one
+    /// [`Preprocessor::with_deblock`]'s settings name ([`Deblock`]), the
+    /// picture itself otherwise. The mirror confirmation of a small face
+    /// and the crop are made on the picture itself either way.
+    pub fn seen<'a>(&self, picture: Rgb<'a>, buf: &'a mut Vec<u8>) -> Rgb<'a> {
+        let Some(deblock) = self
+            .deblock
+            .filter(|d| d.applies(picture.pixels, picture.w, picture.h))
+        else {
+            return picture;
+        };
+        let n = picture.w as usize * picture.h as usize * 3;
+        buf.clear();
+        buf.extend_from_slice(&picture.pixels[..n.min(picture.pixels.len())]);
+        if !deblock.blur(buf, picture.w, picture.h) {
+            return picture;
+        }
+        Rgb {
+            pixels: buf,
+            w: picture.w,
+            h: picture.h,
+        }
     }
 
     /// The checks made before any decoder sees the bytes: not empty, not

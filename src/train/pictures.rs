@@ -28,7 +28,7 @@ pub struct Pictures {
 
 impl Pictures {
     /// Reads every folder: pictures decoded with `pre`'s limits, faces found
-    /// by `finder` at `threshold`, first looked for at `first_look`, then
+    /// by `finder` in what [`Preprocessor::seen`] makes of them at `threshold`, first looked for at `first_look`, then
     /// closer at `closer_look` ([`FaceFinder::find`]). Rows labelled
     /// `none` are left out.
     pub fn load(
@@ -51,8 +51,14 @@ impl Pictures {
             let decoded = dataset::par_map(&todo, |path| {
                 let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
                 let img = pre.decode(&bytes).map_err(|e| e.to_string())?;
+                let mut soft = Vec::new();
                 let face = finder
-                    .find(rgb_view(&img), threshold, first_look, closer_look)
+                    .find(
+                        pre.seen(rgb_view(&img), &mut soft),
+                        threshold,
+                        first_look,
+                        closer_look,
+                    )
                     .first()
                     .copied();
                 Ok((img, face))
@@ -132,6 +138,7 @@ impl Pictures {
             min_contrast: Some(crate::face::align::MIN_CONTRAST),
             min_face: Some(crate::face::align::MIN_FACE),
             confirm_below: Some(crate::face::align::CONFIRM_BELOW),
+            deblock: Some(crate::preprocess::DEBLOCK),
             side: median(&mut sides)?,
             dx: median(&mut dxs)?,
             dy: median(&mut dys)?,

@@ -29,7 +29,7 @@ use super::pictures::Pictures;
 use crate::face::{FaceCrop, FaceFinder, Look};
 use crate::model::backprop::{Batch, Workspace};
 use crate::model::{self, Cnn, ConvImpl, ModelMeta, Precision};
-use crate::preprocess::{FaceStage, Limits, Preprocessor, rgb_view};
+use crate::preprocess::{DEBLOCK, FaceStage, Limits, Preprocessor, rgb_view};
 
 /// Where the validation pictures come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -239,7 +239,8 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
     let threshold = cfg
         .face_threshold
         .unwrap_or_else(|| finder.net().default_threshold());
-    let decoder = Preprocessor::new(&meta, Limits::default());
+    // Training pictures are softened as the worker softens uploads.
+    let decoder = Preprocessor::new(&meta, Limits::default()).with_deblock(Some(DEBLOCK));
     let pictures = Pictures::load(
         &cfg.data,
         &cfg.labels,
