@@ -52,9 +52,10 @@ pub struct FaceCrop {
     /// before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confirm_below: Option<f32>,
-    /// Which small, heavily compressed JPEGs are softened before their
-    /// faces are looked for, and how much; `None` softens none (files
-    /// written before it existed).
+    /// Which small blocky pictures are first looked for faces in a
+    /// softened copy, and how much they are softened
+    /// (`Preprocessor::seen`); `None` softens none (files written before it
+    /// existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deblock: Option<crate::preprocess::Deblock>,
 }

@@ -4,7 +4,8 @@
 //! the picture stays at least the model's input; everything else through
 //! `image`, with limits
 //! set in the decoder itself and EXIF orientation applied), convert to RGB,
-//! frame the picture (find the face and cut it out with [`crate::face`], or
+//! frame the picture (find the face, in a softened copy where `deblock`
+//! says, and cut it out with [`crate::face`], or
 //! take the whole picture when face detection is off), resize to the model's
 //! input and normalise as the model's metadata says.
 //!
@@ -241,9 +242,9 @@ impl Preprocessor {
         self
     }
 
-    /// The same preprocessing softening the small, heavily compressed JPEGs
-    /// `deblock` names as soon as they are decoded ([`Deblock`]); the face
-    /// stage sets its crop's own.
+    /// The same preprocessing looking for faces in a softened copy of the
+    /// small blocky pictures `deblock` names ([`Preprocessor::seen`]); the
+    /// face stage sets its crop's own.
     pub fn with_deblock(mut self, deblock: Option<Deblock>) -> Self {
         self.deblock = deblock;
         self
@@ -321,16 +322,11 @@ impl Preprocessor {
         };
         let reduced = (first.w, first.h) != first.full;
         let (fw, fh) = first.full;
-        if self.deblock.is_some_and(|d| fw.max(fh) <= d.longest) {
-            // Looked at for blocks at its own scale only: decoded again
-            // there if need be.
-            let full = if reduced {
-                drop(first);
-                decode(pixels, None)?
-            } else {
-                Some(first)
-            };
-            let Some(full) = full else {
+        if reduced && self.deblock.is_some_and(|d| fw.max(fh) <= d.longest) {
+            // A picture that may be softened is looked at for blocks at its
+            // own scale only.
+            drop(first);
+            let Some(full) = decode(pixels, None)? else {
                 return Ok(None);
             };
             let picture = Rgb {
