@@ -28,9 +28,10 @@ pub struct Pictures {
 
 impl Pictures {
     /// Reads every folder: pictures decoded with `pre`'s limits, faces found
-    /// by `finder` in what [`Preprocessor::seen`] makes of them at `threshold`, first looked for at `first_look`, then
-    /// closer at `closer_look` ([`FaceFinder::find`]). Rows labelled
-    /// `none` are left out.
+    /// by `finder` in what [`Preprocessor::seen`] makes of them, at
+    /// `threshold`, first looked for at `first_look`, then closer at
+    /// `closer_look` ([`FaceFinder::find`]). Rows labelled `none` are left
+    /// out.
     pub fn load(
         dirs: &[PathBuf],
         labels: &[String],

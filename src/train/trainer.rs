@@ -239,7 +239,8 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
     let threshold = cfg
         .face_threshold
         .unwrap_or_else(|| finder.net().default_threshold());
-    // Training pictures are softened as the worker softens uploads.
+    // Faces are looked for as the worker looks for them in uploads (small
+    // blocky pictures softened for the detector).
     let decoder = Preprocessor::new(&meta, Limits::default()).with_deblock(Some(DEBLOCK));
     let pictures = Pictures::load(
         &cfg.data,
