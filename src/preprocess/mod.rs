@@ -320,37 +320,28 @@ impl Preprocessor {
         let Some(first) = decode(pixels, Some(shrink))? else {
             return Ok(None);
         };
-        let reduced = (first.w, first.h) != first.full;
-        let (fw, fh) = first.full;
-        if reduced && self.deblock.is_some_and(|d| fw.max(fh) <= d.longest) {
-            // A picture that may be softened is looked at for blocks at its
-            // own scale only.
-            drop(first);
-            let Some(full) = decode(pixels, None)? else {
-                return Ok(None);
-            };
-            let picture = Rgb {
-                pixels,
-                w: full.w,
-                h: full.h,
-            };
-            return Ok(Some(self.frame(picture, out)));
-        }
         let picture = Rgb {
             pixels,
             w: first.w,
             h: first.h,
         };
-        let (Some(stage), true) = (&self.face, reduced) else {
+        let (Some(stage), true) = (&self.face, (first.w, first.h) != first.full) else {
             return Ok(Some(self.frame(picture, out)));
         };
         let (sx, sy) = (
             first.full.0 as f32 / first.w as f32,
             first.full.1 as f32 / first.h as f32,
         );
-        let looked = match self.frame_reduced(stage, (picture, sx.max(sy)), out) {
-            Reduced::Framed(framing) => return Ok(Some(framing.stretched(sx, sy))),
-            other => other,
+        let (fw, fh) = first.full;
+        let looked = if self.deblock.is_some_and(|d| fw.max(fh) <= d.longest) {
+            // A picture that may be softened is looked at for blocks at its
+            // own scale only.
+            Reduced::Unsure
+        } else {
+            match self.frame_reduced(stage, (picture, sx.max(sy)), out) {
+                Reduced::Framed(framing) => return Ok(Some(framing.stretched(sx, sy))),
+                other => other,
+            }
         };
         drop(first);
         let Some(again) = decode(pixels, None)? else {
