@@ -4,11 +4,14 @@
 # by bench/make_uploads.py (built first when missing; needs python3 with
 # Pillow and numpy, installed into target/uploads-venv when absent).
 #
-#   bench/eval_uploads.sh [--hard] [WEIGHTS] [extra profile-trainer eval flags...]
+#   bench/eval_uploads.sh [--hard] [--seed N] [WEIGHTS] [extra profile-trainer eval flags...]
 #
 # --hard evaluates the harder copy instead (`make_uploads.py --hard --seed 11`,
 # in target/uploads-hard): the same kinds with smaller, further-off, more
 # rotated, darker and more compressed faces.
+# --seed N evaluates another draw of the same kinds from the same faces
+# (`make_uploads.py --seed N`, in target/uploads[-hard]-seedN), to see how
+# far the figures move between draws; the defaults are 7 and 11 (--hard).
 #
 # Prints one Markdown table: pictures, accuracy, "no face" answers, faces
 # missed, faces found where there is none. `noface` holds pictures without a
@@ -18,12 +21,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 uploads=target/uploads
-make=()
+hard=()
+seed=7
 if [ "${1:-}" = --hard ]; then
   uploads=target/uploads-hard
-  make=(--hard --seed 11)
+  hard=(--hard)
+  seed=11
   shift
 fi
+if [ "${1:-}" = --seed ]; then
+  [[ "${2:-}" =~ ^[0-9]+$ ]] || { echo "--seed takes a number" >&2; exit 2; }
+  seed=$2
+  uploads=$uploads-seed$seed
+  shift 2
+fi
+make=("${hard[@]}" --seed "$seed")
 weights=${1:-weights/gender-cnn.safetensors}
 shift || true
 if [ ! -f "$uploads/noface_small/profile.csv" ]; then
