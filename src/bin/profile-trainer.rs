@@ -196,6 +196,10 @@ struct TrainArgs {
     /// Share of each target spread over every label (0: plain cross-entropy).
     #[arg(long, default_value_t = 0.1)]
     label_smoothing: f32,
+    /// Chance of cutting a training picture down to 62-90% of its sides, as
+    /// a tight upload is (0: never, the shipped recipe).
+    #[arg(long, default_value_t = 0.0)]
+    tight: f64,
     /// Per-step decay of the weights' moving average, validated beside the
     /// raw weights every epoch (0: none).
     #[arg(long, default_value_t = 0.998)]
@@ -258,6 +262,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 channels: a.channels,
                 labels: a.labels,
                 dropout: a.dropout,
+                tight: a.tight,
                 label_smoothing: a.label_smoothing,
                 ema_decay: a.ema_decay,
                 seed: a.seed,

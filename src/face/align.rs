@@ -225,6 +225,17 @@ impl Face {
             eyes: [at(self.eyes[0]), at(self.eyes[1])],
         }
     }
+
+    /// The same face in a picture whose origin moved by `-dx`, `-dy` (the
+    /// face `dx` across and `dy` down from where it was).
+    pub fn moved(&self, dx: f32, dy: f32) -> Face {
+        Face {
+            x: self.x + dx,
+            y: self.y + dy,
+            eyes: self.eyes.map(|[ex, ey]| [ex + dx, ey + dy]),
+            ..*self
+        }
+    }
 }
 
 /// An RGB picture borrowed as bytes.

@@ -1,7 +1,8 @@
 //! Training-time augmentation that makes aligned training faces look like
 //! uploads: the picture set into a larger one on a plain, gradient, striped
 //! or noisy background (so a crop around the face reaches past the original
-//! picture as it does in an upload), an imperfect detection (the crop moved,
+//! picture as it does in an upload) or, when asked for, cut down as a tight
+//! upload is (the crop then runs past its edges), an imperfect detection (the crop moved,
 //! scaled and turned before alignment), a mirror image, a small picture blown
 //! up or a blurred one, light (brightness, contrast, a dim room), greyscale,
 //! and JPEG re-compression. Deterministic for a given random generator; never
@@ -25,6 +26,11 @@ pub struct Augment {
     pub roll_degrees: f32,
     /// Chance of setting the picture on a larger background first.
     pub backdrop: f64,
+    /// Chance of cutting the picture down to 62-90% of its sides where it
+    /// is not set on a background (a tight upload: the crop around the face
+    /// runs past its edges). Off by default; drawing nothing when off, so
+    /// the default recipe's pictures are the same with or without it.
+    pub tight: f64,
     /// Chance of greyscale.
     pub grey: f64,
     /// Chance of a blur.
@@ -48,6 +54,7 @@ impl Default for Augment {
             scale: 0.12,
             roll_degrees: 10.0,
             backdrop: 0.3,
+            tight: 0.0,
             grey: 0.15,
             blur: 0.15,
             small: 0.15,
@@ -67,6 +74,7 @@ impl Augment {
             scale: 0.0,
             roll_degrees: 0.0,
             backdrop: 0.0,
+            tight: 0.0,
             grey: 0.0,
             blur: 0.0,
             small: 0.0,
@@ -129,14 +137,30 @@ impl Augment {
                 }
             }
         }
-        let (dx, dy) = (x0 as f32, y0 as f32);
-        let moved = Face {
-            x: face.x + dx,
-            y: face.y + dy,
-            eyes: face.eyes.map(|[ex, ey]| [ex + dx, ey + dy]),
-            ..*face
-        };
-        Some((canvas, moved))
+        Some((canvas, face.moved(x0 as f32, y0 as f32)))
+    }
+
+    /// Sometimes (`tight`) the picture cut down to a random 62-90% of its
+    /// sides at a random place, and the face moved with it; `None`
+    /// otherwise.
+    pub fn tighten<R: Rng>(
+        &self,
+        img: &RgbImage,
+        face: &Face,
+        rng: &mut R,
+    ) -> Option<(RgbImage, Face)> {
+        if self.tight <= 0.0 || !rng.random_bool(self.tight) {
+            return None;
+        }
+        let (w, h) = (img.width(), img.height());
+        let k = rng.random_range(0.62f32..0.9);
+        let (cw, ch) = (
+            ((w as f32 * k) as u32).max(1),
+            ((h as f32 * k) as u32).max(1),
+        );
+        let (x0, y0) = (rng.random_range(0..=w - cw), rng.random_range(0..=h - ch));
+        let cut = image::imageops::crop_imm(img, x0, y0, cw, ch).to_image();
+        Some((cut, face.moved(-(x0 as f32), -(y0 as f32))))
     }
 
     /// Changes an aligned `n x n` RGB crop in place.
@@ -309,6 +333,44 @@ mod tests {
             assert!(dst == src || dst == mirrored);
             assert_eq!(none.face(&face(), &mut rng), face());
         }
+    }
+
+    #[test]
+    fn a_tight_cut_moves_the_face_with_it() {
+        let img = RgbImage::from_fn(200, 200, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        let aug = Augment {
+            tight: 1.0,
+            ..Augment::none()
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for _ in 0..16 {
+            let Some((cut, moved)) = aug.tighten(&img, &face(), &mut rng) else {
+                panic!("tight 1.0 always cuts");
+            };
+            let (w, h) = cut.dimensions();
+            assert!(
+                (124..=180).contains(&w) && (124..=180).contains(&h),
+                "{w}x{h}"
+            );
+            // The pixel under the face's corner is the same picture's.
+            let (x0, y0) = (face().x - moved.x, face().y - moved.y);
+            assert_eq!(*cut.get_pixel(0, 0), *img.get_pixel(x0 as u32, y0 as u32));
+            assert_eq!(moved.eyes[0][0] - moved.x, face().eyes[0][0] - face().x);
+            assert_eq!((moved.w, moved.h), (face().w, face().h));
+        }
+    }
+
+    #[test]
+    fn no_tight_cut_draws_nothing() {
+        let img = RgbImage::new(50, 50);
+        let mut used = rand::rngs::StdRng::seed_from_u64(5);
+        let mut fresh = rand::rngs::StdRng::seed_from_u64(5);
+        assert!(
+            Augment::default()
+                .tighten(&img, &face(), &mut used)
+                .is_none()
+        );
+        assert_eq!(used.random::<u64>(), fresh.random::<u64>());
     }
 
     #[test]

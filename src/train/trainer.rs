@@ -75,6 +75,8 @@ pub struct TrainConfig {
     pub labels: Vec<String>,
     /// Dropout probability before the linear layer.
     pub dropout: f32,
+    /// Chance of a picture cut down to a tight upload ([`Augment::tight`]).
+    pub tight: f64,
     /// Share of the target moved evenly onto every label (0: plain
     /// cross-entropy); the source labels are partly wrong.
     pub label_smoothing: f32,
@@ -225,6 +227,11 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
         cfg.label_smoothing
     );
     anyhow::ensure!(
+        (0.0..=1.0).contains(&cfg.tight),
+        "the chance of a tight cut must be in [0, 1], not {}",
+        cfg.tight
+    );
+    anyhow::ensure!(
         (0.0..1.0).contains(&cfg.ema_decay),
         "the moving average's decay must be in [0, 1) (0: none), not {}",
         cfg.ema_decay
@@ -338,7 +345,10 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
     let len = pre.input_len();
     let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
     let total_steps = steps_per_epoch * cfg.epochs;
-    let augment = Augment::default();
+    let augment = Augment {
+        tight: cfg.tight,
+        ..Augment::default()
+    };
     let feature_dim = *cfg.channels.last().unwrap_or(&1);
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut batch = vec![0f32; cfg.batch_size * len];
@@ -487,6 +497,7 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<TrainReport> {
         "weight_decay": cfg.weight_decay,
         "dropout": cfg.dropout,
         "label_smoothing": cfg.label_smoothing,
+        "tight": cfg.tight,
         "ema_decay": cfg.ema_decay,
         "best_is_ema": best_is_ema,
         "seed": cfg.seed,
@@ -642,7 +653,9 @@ fn prepare_batch(
                 for ((&i, &seed), out) in part.iter().zip(seeds).zip(out.chunks_exact_mut(len)) {
                     let mut rng = StdRng::seed_from_u64(seed);
                     let face = train.face_or_whole(i, crop);
-                    let placed = augment.backdrop(&train.images[i], &face, &mut rng);
+                    let placed = augment
+                        .backdrop(&train.images[i], &face, &mut rng)
+                        .or_else(|| augment.tighten(&train.images[i], &face, &mut rng));
                     let (img, face) = match &placed {
                         Some((img, face)) => (img, *face),
                         None => (&train.images[i], face),
