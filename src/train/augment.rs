@@ -352,7 +352,8 @@ mod tests {
                 (124..=180).contains(&w) && (124..=180).contains(&h),
                 "{w}x{h}"
             );
-            // The pixel under the face's corner is the same picture's.
+            // The cut starts where the face moved from: its first pixel is
+            // the picture's at that offset.
             let (x0, y0) = (face().x - moved.x, face().y - moved.y);
             assert_eq!(*cut.get_pixel(0, 0), *img.get_pixel(x0 as u32, y0 as u32));
             assert_eq!(moved.eyes[0][0] - moved.x, face().eyes[0][0] - face().x);
