@@ -109,7 +109,7 @@ impl Augment {
         face: &Face,
         rng: &mut R,
     ) -> Option<(RgbImage, Face)> {
-        if self.backdrop <= 0.0 || !rng.random_bool(self.backdrop) {
+        if !drawn(self.backdrop, rng) {
             return None;
         }
         let (w, h) = (img.width(), img.height());
@@ -149,7 +149,7 @@ impl Augment {
         face: &Face,
         rng: &mut R,
     ) -> Option<(RgbImage, Face)> {
-        if self.tight <= 0.0 || !rng.random_bool(self.tight) {
+        if !drawn(self.tight, rng) {
             return None;
         }
         let (w, h) = (img.width(), img.height());
@@ -169,10 +169,10 @@ impl Augment {
             rgb.chunks_exact_mut(n * 3)
                 .for_each(crate::face::mirror_row);
         }
-        if self.small > 0.0 && rng.random_bool(self.small) {
+        if drawn(self.small, rng) {
             let m = rng.random_range((n / 5).max(8)..=(n / 2).max(8)) as u32;
             resample(rgb, n, m);
-        } else if self.blur > 0.0 && rng.random_bool(self.blur) {
+        } else if drawn(self.blur, rng) {
             box_blur(rgb, n);
         }
         let contrast = 1.0
@@ -186,7 +186,7 @@ impl Augment {
         } else {
             0.0
         };
-        let dim = if self.dim > 0.0 && rng.random_bool(self.dim) {
+        let dim = if drawn(self.dim, rng) {
             rng.random_range(0.3..0.8)
         } else {
             1.0
@@ -197,16 +197,23 @@ impl Augment {
                 *v = x.clamp(0.0, 255.0) as u8;
             }
         }
-        if self.grey > 0.0 && rng.random_bool(self.grey) {
+        if drawn(self.grey, rng) {
             for px in rgb.chunks_exact_mut(3) {
                 let y = crate::face::align::luma(px).round() as u8;
                 px.fill(y);
             }
         }
-        if self.jpeg > 0.0 && rng.random_bool(self.jpeg) {
+        if drawn(self.jpeg, rng) {
             recompress(rgb, n, rng.random_range(10..=70));
         }
     }
+}
+
+/// Whether an augmentation of chance `p` happens to this picture; a chance
+/// of 0 draws nothing, so switching one off leaves the others' draws as
+/// they were.
+fn drawn<R: Rng>(p: f64, rng: &mut R) -> bool {
+    p > 0.0 && rng.random_bool(p)
 }
 
 /// A `w x h` background: a flat colour, a gradient, stripes or smooth noise.
