@@ -61,11 +61,17 @@ impl Deblock {
         Ok(())
     }
 
-    /// Whether a `w` x `h` RGB picture is one to soften: at most
-    /// [`Deblock::longest`] on its longer side, and at least
-    /// [`Deblock::blockiness`] blocky.
+    /// Whether a `w` x `h` picture is small enough to be softened (at most
+    /// [`Deblock::longest`] on its longer side), before its pixels are read.
+    pub fn fits(&self, w: u32, h: u32) -> bool {
+        w.max(h) <= self.longest
+    }
+
+    /// Whether a `w` x `h` RGB picture is one to soften: it
+    /// [`fits`](Deblock::fits), and is at least [`Deblock::blockiness`]
+    /// blocky.
     pub fn applies(&self, pixels: &[u8], w: u32, h: u32) -> bool {
-        w.max(h) <= self.longest && blockiness(pixels, w, h).is_some_and(|b| b >= self.blockiness)
+        self.fits(w, h) && blockiness(pixels, w, h).is_some_and(|b| b >= self.blockiness)
     }
 
     /// Blurs `pixels` (interleaved RGB, `w` x `h`) in place, whatever the

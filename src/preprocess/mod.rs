@@ -333,7 +333,7 @@ impl Preprocessor {
             first.full.1 as f32 / first.h as f32,
         );
         let (fw, fh) = first.full;
-        let looked = if self.deblock.is_some_and(|d| fw.max(fh) <= d.longest) {
+        let looked = if self.deblock.is_some_and(|d| d.fits(fw, fh)) {
             // A picture that may be softened is looked at for blocks at its
             // own scale only.
             Reduced::Unsure
